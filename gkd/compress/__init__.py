@@ -1,0 +1,1 @@
+"""Distillation losses, objectives, stages and the training loop."""

@@ -1,0 +1,37 @@
+"""Settings of the training loop (recipe blocks of every training stage, and `training:`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class OptimConfig(BaseModel):
+    """Optimisation of one training stage: AdamW + warm-up + cosine/poly decay."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(gt=0, description="optimizer steps")
+    batch_size: int = Field(8, gt=0, description="global batch size (split across DDP ranks)")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "poly", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm; null = off")
+    accumulate: int = Field(1, gt=0, description="gradient accumulation micro-steps per optimizer step")
+    layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise lr decay for ViT blocks")
+    checkpoint_every: int = Field(100, gt=0, description="steps between resumable checkpoints")
+    log_every: int = Field(10, gt=0)
+
+
+class TrainingConfig(BaseModel):
+    """Settings shared by every training stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
+    teacher_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    num_workers: int = Field(0, ge=0)

@@ -1,0 +1,133 @@
+"""Training objectives of the stages: what is computed on one batch, and what is trained.
+
+A frozen teacher is held outside the module tree (``self._frozen``): it is never trained, never
+wrapped by DDP and never written into a training checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gkd.compress.losses.base import DistillLoss
+from gkd.data.base import IGNORE_INDEX
+from gkd.models.backbone import Backbone
+from gkd.models.features import ViTFeatures
+from gkd.models.segmentor import Segmentor
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode, no gradients."""
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def select_layers(features: ViTFeatures, layers: tuple[int, ...]) -> ViTFeatures:
+    """The subset of ``features`` for ``layers`` (each must be present)."""
+    where = [features.layers.index(layer) for layer in layers]
+    return ViTFeatures(
+        patch_tokens=[features.patch_tokens[i] for i in where],
+        cls_tokens=[features.cls_tokens[i] for i in where],
+        grid=features.grid,
+        layers=tuple(layers),
+    )
+
+
+class _WithFrozenTeacher(nn.Module):
+    def __init__(self, teacher: nn.Module, teacher_dtype: torch.dtype) -> None:
+        super().__init__()
+        self._frozen = (freeze(teacher).to(teacher_dtype),)
+        self.teacher_dtype = teacher_dtype
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._frozen[0]
+
+
+class DistillObjective(_WithFrozenTeacher):
+    """Stage 1 (GKD 1a/1b): ``L_distill(F_t(x), F_s(x))``; trains the student encoder and the loss's
+    own heads (projectors, mask token)."""
+
+    def __init__(self, student: Backbone, loss: DistillLoss, teacher: Backbone, teacher_dtype: torch.dtype) -> None:
+        super().__init__(teacher, teacher_dtype)
+        self.student = student
+        self.loss = loss
+        self.teacher_layers = teacher.resolve_layers(loss.teacher_layers)
+        self.student_layers = student.resolve_layers(loss.student_layers)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        images = batch["image"]
+        with torch.no_grad():
+            teacher_features = self.teacher(images.to(self.teacher_dtype), layers=self.teacher_layers)
+        student_features = self.student(images, layers=self.student_layers)
+        return self.loss(student_features, teacher_features, self.student, images)
+
+
+class TaskObjective(nn.Module):
+    """Cross-entropy (ignore 255) of a segmentor; with ``freeze_encoder`` only the decoder trains
+    (GKD stage 2)."""
+
+    def __init__(self, segmentor: Segmentor, freeze_encoder: bool) -> None:
+        super().__init__()
+        self.segmentor = segmentor
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            freeze(segmentor.encoder)
+
+    def train(self, mode: bool = True) -> TaskObjective:
+        super().train(mode)
+        if self.freeze_encoder:
+            self.segmentor.encoder.eval()
+        return self
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        images = batch["image"]
+        if self.freeze_encoder:
+            with torch.no_grad():
+                maps = self.segmentor.encoder(images, layers=self.segmentor.layers).maps()
+            logits = self.segmentor.decode(maps, images.shape[-2:])
+        else:
+            logits = self.segmentor(images)
+        loss = F.cross_entropy(logits.float(), batch["label"], ignore_index=IGNORE_INDEX)
+        return {"loss": loss, "loss_ce": loss.detach()}
+
+
+class JointObjective(_WithFrozenTeacher):
+    """The conventional one-stage schedule: ``CE(H(F_s(x)), y) + w * L_distill`` on source data.
+
+    Feature losses compare encoder tokens (one student pass serves decoder and loss); logit losses
+    compare the segmentor's logits with a teacher segmentor's.
+    """
+
+    def __init__(
+        self, student: Segmentor, loss: DistillLoss, teacher: nn.Module, weight: float, teacher_dtype: torch.dtype
+    ) -> None:
+        super().__init__(teacher, teacher_dtype)
+        self.student = student
+        self.loss = loss
+        self.weight = weight
+        if loss.kind == "feature":
+            self.teacher_layers = teacher.resolve_layers(loss.teacher_layers)
+            self.loss_layers = student.encoder.resolve_layers(loss.student_layers)
+            self.all_layers = tuple(sorted(set(self.loss_layers) | set(student.layers)))
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        images, labels = batch["image"], batch["label"]
+        with torch.no_grad():
+            if self.loss.kind == "feature":
+                teacher_out = self.teacher(images.to(self.teacher_dtype), layers=self.teacher_layers)
+            else:
+                teacher_out = self.teacher(images.to(self.teacher_dtype)).float()
+        if self.loss.kind == "feature":
+            features = self.student.encoder(images, layers=self.all_layers)
+            logits = self.student.decode(select_layers(features, self.student.layers).maps(), images.shape[-2:])
+            distill = self.loss(select_layers(features, self.loss_layers), teacher_out, self.student.encoder, images)
+        else:
+            logits = self.student(images)
+            distill = self.loss(logits.float(), teacher_out)
+        ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+        outputs = {f"distill_{k}": v.detach() for k, v in distill.items()}
+        outputs.update(loss=ce + self.weight * distill["loss"], loss_ce=ce.detach())
+        return outputs

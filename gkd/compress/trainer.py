@@ -1,0 +1,357 @@
+"""The training loop every stage uses: DDP (torchrun), mixed precision, gradient accumulation and
+clipping, AdamW with optional layer-wise lr decay, warm-up + cosine/poly schedule, atomic resumable
+checkpoints (model, optimizer, scheduler, scaler, sampler position, RNG), JSONL + TensorBoard metrics,
+a progress bar, and a hard stop on a non-finite loss.
+
+An *objective* is an ``nn.Module`` whose ``forward(batch) -> dict[str, Tensor]`` returns the total
+under ``"loss"``; its parameters with ``requires_grad`` are what the stage trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from gkd.compress.config import OptimConfig, TrainingConfig
+from gkd.utils.io import torch_save
+from gkd.utils.runtime import DistInfo, rng_state, set_rng_state
+
+log = logging.getLogger("gkd.train")
+
+_NO_DECAY_NAMES = ("cls_token", "reg_token", "pos_embed", "mask_token", "register_tokens")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+class ResumableSampler(Sampler):
+    """Seeded shuffling sharded over ranks that can restart mid-epoch.
+
+    torch's ``DistributedSampler`` cannot resume inside an epoch, so this one keeps (epoch, position).
+    It yields ``(index, sample_seed)``: each sample's augmentation is seeded by (seed, epoch, index),
+    making data identical whatever the worker count, the world size, or an interruption.
+    Rank ``r`` takes positions ``r, r + W, ...`` of the epoch's permutation, so a global batch over
+    ``W`` ranks holds the same samples as one process with the same global batch.
+    """
+
+    def __init__(self, length: int, seed: int, info: DistInfo) -> None:
+        self.length, self.seed, self.info = length, seed, info
+        self.epoch = 0
+        self.position = 0
+
+    def _indices(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        permutation = torch.randperm(self.length, generator=generator).tolist()
+        usable = len(permutation) - len(permutation) % self.info.world_size
+        return permutation[self.info.rank : usable : self.info.world_size]
+
+    def __len__(self) -> int:
+        return len(self._indices()) - self.position
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self._indices()[self.position :]:
+            yield index, (self.seed * 1_000_003 + self.epoch * 7_919 + index) % 2**31
+
+
+class SeededDataset(Dataset):
+    """Runs ``dataset[index]`` with torch/numpy/python RNGs seeded by the sampler's sample seed, without
+    disturbing the caller's RNG streams."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, sample_seed = key
+        numpy_state, python_state = np.random.get_state(), random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            np.random.seed(sample_seed)
+            random.seed(sample_seed)
+            sample = self.dataset[index]
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+        return sample
+
+
+def param_groups(module: nn.Module, config: OptimConfig) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms and tokens; optional layer-wise lr decay where
+    parameter names carry ViT block indices (``blocks.<i>.``)."""
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    depth = 1 + max((_block_index(name) for name, _ in named), default=-1)
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, param in named:
+        decay = 0.0 if param.ndim <= 1 or any(token in name for token in _NO_DECAY_NAMES) else config.weight_decay
+        scale = 1.0
+        if config.layer_decay is not None and depth:
+            layer = _layer_id(name, depth)
+            scale = config.layer_decay ** (depth + 1 - layer)
+        groups.setdefault((decay, scale), []).append(param)
+    return [{"params": ps, "weight_decay": wd, "lr": config.lr * s, "lr_scale": s} for (wd, s), ps in groups.items()]
+
+
+def _block_index(name: str) -> int:
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "blocks" and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return -1
+
+
+def _layer_id(name: str, depth: int) -> int:
+    """0 for embeddings, i + 1 for block i, depth + 1 for everything after the blocks (heads, projectors)."""
+    block = _block_index(name)
+    if block >= 0:
+        return block + 1
+    if any(key in name for key in ("patch_embed", *_NO_DECAY_NAMES)):
+        return 0
+    return depth + 1
+
+
+def lr_factor(step: int, config: OptimConfig) -> float:
+    """Linear warm-up, then cosine / poly (power 1.0, as mmseg) decay to ``min_lr_ratio``."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else (1 - progress)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * shape
+
+
+def autocast_dtype(training: TrainingConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None = fp32): ``auto`` picks bf16 on GPU, fp32 on CPU."""
+    precision = training.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def fingerprint(*parts: object) -> str:
+    """Short hash of the settings a checkpoint belongs to (a resumed run must use the same ones)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Trainer:
+    """Trains one objective for ``config.steps`` optimizer steps, resuming from ``checkpoint_dir``."""
+
+    def __init__(
+        self,
+        name: str,
+        objective: nn.Module,
+        dataset: Dataset,
+        config: OptimConfig,
+        training: TrainingConfig,
+        run_dir: Path,
+        device: torch.device,
+        info: DistInfo,
+        seed: int,
+        settings_fingerprint: str,
+    ) -> None:
+        self.name, self.objective, self.config, self.training = name, objective, config, training
+        self.run_dir, self.device, self.info, self.seed = Path(run_dir), device, info, seed
+        self.checkpoint_path = self.run_dir / "checkpoints" / name / "last.pt"
+        self.fingerprint = settings_fingerprint
+        per_step = info.world_size * config.accumulate
+        if config.batch_size % per_step:
+            raise ValueError(
+                f"{name}: batch_size {config.batch_size} is not divisible by world size x accumulate ({per_step})"
+            )
+        self.micro_batch = config.batch_size // per_step
+        if len(dataset) < self.micro_batch * info.world_size:
+            raise ValueError(f"{name}: {len(dataset)} samples are fewer than one global batch ({config.batch_size})")
+        self.sampler = ResumableSampler(len(dataset), seed, info)
+        self.loader = DataLoader(
+            SeededDataset(dataset),
+            batch_size=self.micro_batch,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=training.num_workers,
+            pin_memory=device.type == "cuda",
+            # its own generator: creating an iterator must not consume the global RNG that resume restores
+            generator=torch.Generator().manual_seed(seed),
+        )
+        self.amp_dtype = autocast_dtype(training, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        groups = param_groups(objective, config)
+        if not groups:
+            raise ValueError(f"{name}: the objective has no trainable parameters")
+        fused = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), fused=fused)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, config))
+        # find_unused_parameters: distillers switch terms (and their heads) on and off by recipe.
+        self.model: nn.Module = (
+            DistributedDataParallel(objective, find_unused_parameters=True) if info.enabled else objective
+        )
+        self.forward_module = torch.compile(self.model) if training.compile else self.model
+        self.step = 0
+        self.batches_in_epoch = 0
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def finished(self) -> bool:
+        """True when a checkpoint of a completed run of this stage exists."""
+        state = self._load_checkpoint_file()
+        return state is not None and state["finished"]
+
+    def _load_checkpoint_file(self) -> dict | None:
+        if not self.checkpoint_path.is_file():
+            return None
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") != self.fingerprint:
+            raise RuntimeError(
+                f"{self.checkpoint_path} belongs to other settings than this recipe's stage {self.name}; "
+                "use a new --out directory or delete the checkpoint"
+            )
+        return state
+
+    def _save_checkpoint(self, finished: bool) -> None:
+        if self.info.is_main:
+            torch_save(
+                self.checkpoint_path,
+                {
+                    "fingerprint": self.fingerprint,
+                    "finished": finished,
+                    "step": self.step,
+                    "epoch": self.sampler.epoch,
+                    "batches_in_epoch": self.batches_in_epoch,
+                    "objective": self.objective.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "rng": rng_state(),
+                },
+            )
+        if self.info.enabled:
+            dist.barrier()
+
+    def _resume(self) -> None:
+        state = self._load_checkpoint_file()
+        if state is None:
+            return
+        self.objective.load_state_dict(state["objective"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.step, self.batches_in_epoch = state["step"], state["batches_in_epoch"]
+        self.sampler.epoch = state["epoch"]
+        log.info("%s: resumed at step %d from %s", self.name, self.step, self.checkpoint_path)
+
+    # -- loop --------------------------------------------------------------------------------------
+    def _batches(self) -> Iterator[dict]:
+        while True:
+            self.sampler.position = self.batches_in_epoch * self.micro_batch
+            for batch in self.loader:
+                self.batches_in_epoch += 1
+                yield batch
+            self.sampler.epoch += 1
+            self.batches_in_epoch = 0
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def fit(self) -> dict[str, float]:
+        """Train to ``config.steps`` (resuming if a checkpoint exists); returns the last logged metrics."""
+        self._resume()
+        metrics: dict[str, float] = {}
+        if self.step >= self.config.steps:
+            return metrics
+        self.objective.train()
+        logs = self.run_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(str(self.run_dir / "tensorboard" / self.name)) if self.info.is_main else None
+        jsonl = (logs / f"{self.name}.jsonl").open("a") if self.info.is_main else None
+        progress = tqdm(
+            total=self.config.steps,
+            initial=self.step,
+            desc=self.name,
+            disable=not self.info.is_main,
+            dynamic_ncols=True,
+            leave=True,
+        )
+        batches = self._batches()
+        window_start, window_images, sums = time.perf_counter(), 0, {}
+        try:
+            while self.step < self.config.steps:
+                for micro in range(self.config.accumulate):
+                    batch = self._to_device(next(batches))
+                    sync = (
+                        nullcontext()
+                        if micro == self.config.accumulate - 1 or not self.info.enabled
+                        else self.model.no_sync()
+                    )
+                    with sync:
+                        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                            outputs = self.forward_module(batch)
+                        loss = outputs["loss"]
+                        if not torch.isfinite(loss.detach()):
+                            raise NonFiniteLossError(
+                                f"{self.name}: non-finite loss ({loss.item()}) at step {self.step + 1}; last good "
+                                f"checkpoint: {self.checkpoint_path if self.checkpoint_path.is_file() else 'none'}"
+                            )
+                        self.scaler.scale(loss / self.config.accumulate).backward()
+                    for key, value in outputs.items():
+                        sums[key] = sums.get(key, 0.0) + float(value.detach()) / self.config.accumulate
+                    window_images += batch["image"].shape[0] * self.info.world_size
+                if self.config.grad_clip is not None:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.config.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                self.step += 1
+                progress.update(1)
+                if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+                    metrics = self._log(
+                        sums, window_images, time.perf_counter() - window_start, writer, jsonl, progress
+                    )
+                    window_start, window_images, sums = time.perf_counter(), 0, {}
+                if self.step % self.config.checkpoint_every == 0 and self.step < self.config.steps:
+                    self._save_checkpoint(finished=False)
+            self._save_checkpoint(finished=True)
+        finally:
+            progress.close()
+            if writer:
+                writer.close()
+            if jsonl:
+                jsonl.close()
+        return metrics
+
+    def _log(self, sums: dict, images: int, seconds: float, writer, jsonl, progress) -> dict[str, float]:
+        steps = self.step % self.config.log_every or self.config.log_every
+        values = torch.tensor([sums[k] / steps for k in sorted(sums)], dtype=torch.float64)
+        if self.info.enabled:
+            dist.all_reduce(values)
+            values /= self.info.world_size
+        metrics = dict(zip(sorted(sums), values.tolist(), strict=True))
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0]["lr_scale"]
+        metrics["images_per_s"] = images / max(seconds, 1e-9)
+        if self.info.is_main:
+            jsonl.write(json.dumps({"step": self.step, **metrics}) + "\n")
+            jsonl.flush()
+            for key, value in metrics.items():
+                writer.add_scalar(f"{self.name}/{key}", value, self.step)
+            progress.set_postfix(
+                loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", ips=f"{metrics['images_per_s']:.1f}"
+            )
+        return metrics

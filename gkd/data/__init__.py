@@ -1,0 +1,1 @@
+"""Datasets (labeled segmentation sets and unlabeled image folders) and transforms."""

@@ -1,0 +1,1 @@
+"""mIoU metric, whole-image and sliding-window inference, cross-domain evaluation."""

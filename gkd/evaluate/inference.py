@@ -1,0 +1,99 @@
+"""Inference at the segmentor's fixed input size over images of any size, and split-level mIoU.
+
+``whole``: resize the image to the input size, predict, resize logits back (mmseg ``mode='whole'``).
+``slide``: windows of the input size with a stride, logits averaged where windows overlap
+(mmseg ``slide_inference``); images smaller than a window are padded. Both only ever call the model
+at its input size, so the same code evaluates PyTorch, ONNX Runtime, TensorRT and AOTInductor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from gkd.evaluate.metrics import ConfusionMatrix
+
+Predict = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, H, W) in [0, 1] -> (B, K, H, W) logits
+
+
+def _windows(length: int, window: int, stride: int) -> list[int]:
+    if length <= window:
+        return [0]
+    return sorted({*range(0, length - window, stride), length - window})
+
+
+def slide_logits(
+    predict: Predict, image: torch.Tensor, size: tuple[int, int], stride: tuple[int, int], batch: int
+) -> torch.Tensor:
+    """``(3, H, W)`` -> ``(K, H, W)`` logits averaged over overlapping windows of ``size``."""
+    _, height, width = image.shape
+    pad_h, pad_w = max(0, size[0] - height), max(0, size[1] - width)
+    padded = F.pad(image, (0, pad_w, 0, pad_h))
+    boxes = [
+        (y, x)
+        for y in _windows(padded.shape[1], size[0], stride[0])
+        for x in _windows(padded.shape[2], size[1], stride[1])
+    ]
+    total, count = None, torch.zeros(1, padded.shape[1], padded.shape[2])
+    for start in range(0, len(boxes), batch):
+        chunk = boxes[start : start + batch]
+        crops = torch.stack([padded[:, y : y + size[0], x : x + size[1]] for y, x in chunk])
+        logits = predict(crops).float().cpu()
+        if total is None:
+            total = torch.zeros(logits.shape[1], padded.shape[1], padded.shape[2])
+        for (y, x), crop_logits in zip(chunk, logits, strict=True):
+            total[:, y : y + size[0], x : x + size[1]] += crop_logits
+            count[:, y : y + size[0], x : x + size[1]] += 1
+    return (total / count)[:, :height, :width]
+
+
+def _collate(samples: list[dict]) -> list[dict]:
+    return samples  # images of one split may differ in size
+
+
+@torch.no_grad()
+def evaluate_predictor(
+    predict: Predict,
+    dataset: Dataset,
+    num_classes: int,
+    size: tuple[int, int],
+    mode: str = "whole",
+    stride: tuple[int, int] | None = None,
+    batch_size: int = 8,
+    description: str = "evaluate",
+    show_progress: bool = True,
+) -> dict:
+    """mIoU of ``predict`` over ``dataset`` (labels at native resolution), one confusion matrix."""
+    confusion = ConfusionMatrix(num_classes)
+    stride = stride or (max(1, size[0] * 2 // 3), max(1, size[1] * 2 // 3))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate)
+    for samples in tqdm(loader, desc=description, disable=not show_progress, leave=False):
+        if mode == "slide":
+            for sample in samples:
+                logits = slide_logits(predict, sample["image"], size, stride, batch_size)
+                confusion.update(logits.argmax(0), sample["label"])
+            continue
+        resized = torch.stack(
+            [F.interpolate(s["image"][None], size=size, mode="bilinear", align_corners=False)[0] for s in samples]
+        )
+        logits = predict(resized).float().cpu()
+        for sample, sample_logits in zip(samples, logits, strict=True):
+            label = sample["label"]
+            full = F.interpolate(sample_logits[None], size=label.shape[-2:], mode="bilinear", align_corners=False)[0]
+            confusion.update(full.argmax(0), label)
+    return confusion.compute()
+
+
+def torch_predictor(model: torch.nn.Module, device: torch.device) -> Predict:
+    """A `Predict` for a PyTorch segmentor in eval mode on ``device``."""
+    model.eval()
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(images.to(device)).float()
+
+    return predict

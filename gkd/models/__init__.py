@@ -1,0 +1,1 @@
+"""Teacher/student zoo on timm, the feature interface, decoders and the segmentor."""

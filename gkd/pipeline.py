@@ -1,0 +1,374 @@
+"""The stages of a run and their files in the run directory.
+
+Data flows recipe -> models + data -> compress -> evaluate -> export -> benchmark -> report; each stage
+reads the previous stages' files, so any one can be re-run alone. A stage is complete when its outputs
+exist (each is written atomically, last); ``run`` skips complete stages, and training stages resume
+from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from gkd.compress.losses import build_loss, loss_kind
+from gkd.compress.objectives import DistillObjective, JointObjective, TaskObjective
+from gkd.compress.trainer import Trainer, fingerprint
+from gkd.data.config import DatasetConfig, build_dataset, dataset_info
+from gkd.data.transforms import build_eval_transform, build_train_transform
+from gkd.evaluate.inference import evaluate_predictor, torch_predictor
+from gkd.export.stage import benchmark_artifacts, export_artifacts
+from gkd.models.backbone import Backbone
+from gkd.models.checkpoint import build_segmentor, load_segmentor, load_strict, save_segmentor
+from gkd.models.segmentor import Segmentor
+from gkd.models.zoo import create_backbone_from_config
+from gkd.recipe import OptimConfig, Recipe
+from gkd.utils.io import load_state_dict, read_json, save_state_dict, write_json
+from gkd.utils.runtime import DistInfo
+
+log = logging.getLogger("gkd")
+
+TEACHER_FILE = "teacher_segmentor.safetensors"
+ENCODER_FILE = "student_encoder.safetensors"
+SEGMENTOR_FILE = "segmentor.safetensors"
+NO_KD_FILE = "no_kd_segmentor.safetensors"
+EVAL_FILE = "eval.json"
+EXPORT_FILE = "export.json"
+BENCHMARK_FILE = "benchmark.json"
+
+
+@dataclass
+class Run:
+    """One run directory, its recipe and where it executes."""
+
+    recipe: Recipe
+    dir: Path
+    device: torch.device
+    info: DistInfo
+
+    def file(self, name: str) -> Path:
+        return self.dir / name
+
+    @property
+    def num_classes(self) -> int:
+        return dataset_info(self.recipe.data.source.name)[0]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(dataset_info(self.recipe.data.source.name)[1])
+
+    @property
+    def teacher_dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            self.recipe.training.teacher_dtype
+        ]
+
+    def dataset(self, config: DatasetConfig, train: bool, labeled: bool = True):
+        data = self.recipe.data
+        transform = build_train_transform(data.train_transform) if train else build_eval_transform(data.eval_transform)
+        return build_dataset(config, transform=transform, labeled=labeled)
+
+    def trainer(self, name: str, objective: torch.nn.Module, dataset, config: OptimConfig) -> Trainer:
+        recipe = self.recipe
+        settings = fingerprint(
+            name,
+            recipe.seed,
+            self.info.world_size,
+            config.model_dump(mode="json"),
+            recipe.models.model_dump(mode="json"),
+            recipe.data.model_dump(mode="json"),
+            recipe.distill.loss.model_dump(mode="json"),
+            recipe.training.model_dump(mode="json"),
+        )
+        return Trainer(
+            name,
+            objective.to(self.device),
+            dataset,
+            config,
+            recipe.training,
+            self.dir,
+            self.device,
+            self.info,
+            recipe.seed,
+            settings,
+        )
+
+
+# -- models --------------------------------------------------------------------------------------------
+def teacher_segmentor(run: Run, trained: bool) -> Segmentor:
+    """The teacher with its head; ``trained`` loads the teacher stage's file."""
+    models = run.recipe.models
+    if trained:
+        return load_segmentor(run.file(TEACHER_FILE))[0].to(run.device)
+    torch.manual_seed(run.recipe.seed + 1)
+    return build_segmentor(models.teacher, models.teacher_decoder or models.decoder, run.num_classes).to(run.device)
+
+
+def teacher_backbone(run: Run) -> Backbone:
+    """The frozen teacher encoder: the recipe's weights, or the teacher stage's encoder when it trained one."""
+    if run.recipe.models.teacher.train_encoder:
+        return teacher_segmentor(run, trained=True).encoder
+    return create_backbone_from_config(run.recipe.models.teacher).to(run.device)
+
+
+def student_segmentor(run: Run) -> Segmentor:
+    """The student with a new head; every method starts from the same seeded initialisation."""
+    torch.manual_seed(run.recipe.seed + 2)
+    return build_segmentor(run.recipe.models.student, run.recipe.models.decoder, run.num_classes).to(run.device)
+
+
+def save_encoder(run: Run, encoder: Backbone) -> None:
+    """The distilled student encoder as a plain timm state dict (loads into ``timm.create_model``)."""
+    student = run.recipe.models.student
+    save_state_dict(run.file(ENCODER_FILE), encoder.model.state_dict(), {"model": student.model_dump(mode="json")})
+
+
+def load_encoder(run: Run, encoder: Backbone) -> None:
+    state, _ = load_state_dict(run.file(ENCODER_FILE))
+    load_strict(encoder.model, state, run.file(ENCODER_FILE))
+
+
+# -- stages --------------------------------------------------------------------------------------------
+def stage_train_teacher(run: Run) -> None:
+    """The teacher's head (and encoder, for recipes without VFM weights) trained on labeled source."""
+    recipe = run.recipe
+    segmentor = teacher_segmentor(run, trained=False)
+    objective = TaskObjective(segmentor, freeze_encoder=not recipe.models.teacher.train_encoder)
+    run.trainer("teacher", objective, run.dataset(recipe.data.source, train=True), recipe.teacher_training).fit()
+    if run.info.is_main:
+        save_segmentor(
+            run.file(TEACHER_FILE),
+            segmentor,
+            recipe.models.teacher,
+            recipe.models.teacher_decoder or recipe.models.decoder,
+            run.num_classes,
+        )
+
+
+def stage_distill(run: Run) -> None:
+    """GKD stage 1 (1a task-agnostic on proxy images, 1b domain-agnostic on source images), or the
+    one-stage joint schedule of the conventional baselines."""
+    recipe, distill = run.recipe, run.recipe.distill
+    student = student_segmentor(run)
+    if distill.schedule == "one_stage":
+        if loss_kind(distill.loss.name) == "feature":
+            teacher = teacher_backbone(run)
+            teacher_dim = teacher.embed_dim
+        else:
+            teacher = teacher_segmentor(run, trained=True)
+            teacher_dim = teacher.encoder.embed_dim
+        loss = build_loss(
+            distill.loss.name, distill.loss.options, student.encoder.embed_dim, teacher_dim, run.num_classes
+        )
+        objective = JointObjective(student, loss, teacher, distill.distill_weight, run.teacher_dtype)
+        run.trainer("distill_joint", objective, run.dataset(recipe.data.source, train=True), distill.joint).fit()
+        if run.info.is_main:
+            save_segmentor(
+                run.file(SEGMENTOR_FILE), student, recipe.models.student, recipe.models.decoder, run.num_classes
+            )
+            save_encoder(run, student.encoder)
+        return
+    teacher = teacher_backbone(run)
+    loss = build_loss(
+        distill.loss.name, distill.loss.options, student.encoder.embed_dim, teacher.embed_dim, run.num_classes
+    )
+    objective = DistillObjective(student.encoder, loss, teacher, run.teacher_dtype)
+    phases = [
+        ("distill_task_agnostic", distill.task_agnostic, recipe.data.proxy),
+        ("distill_domain_agnostic", distill.domain_agnostic, recipe.data.source),
+    ]
+    for name, config, data in phases:
+        if config is not None:
+            run.trainer(name, objective, run.dataset(data, train=True, labeled=False), config).fit()
+    if run.info.is_main:
+        save_encoder(run, student.encoder)
+
+
+def stage_train_head(run: Run) -> None:
+    """GKD stage 2: the student encoder frozen, a decoder trained with cross-entropy on source."""
+    recipe = run.recipe
+    segmentor = student_segmentor(run)
+    load_encoder(run, segmentor.encoder)
+    run.trainer(
+        "head", TaskObjective(segmentor, freeze_encoder=True), run.dataset(recipe.data.source, train=True), recipe.head
+    ).fit()
+    if run.info.is_main:
+        save_segmentor(
+            run.file(SEGMENTOR_FILE), segmentor, recipe.models.student, recipe.models.decoder, run.num_classes
+        )
+
+
+def stage_train_no_kd(run: Run) -> None:
+    """Reference: the same student fine-tuned end to end on source, without distillation."""
+    recipe = run.recipe
+    segmentor = student_segmentor(run)
+    run.trainer(
+        "no_kd",
+        TaskObjective(segmentor, freeze_encoder=False),
+        run.dataset(recipe.data.source, train=True),
+        recipe.compare.no_kd,
+    ).fit()
+    if run.info.is_main:
+        save_segmentor(run.file(NO_KD_FILE), segmentor, recipe.models.student, recipe.models.decoder, run.num_classes)
+
+
+def evaluation_domains(run: Run) -> dict[str, DatasetConfig]:
+    """``source`` (held-out source split) first, then every target domain."""
+    return {"source": run.recipe.data.source_val, **run.recipe.data.targets}
+
+
+def make_domain_evaluator(run: Run) -> Callable[[Callable], dict[str, dict]]:
+    """``evaluate(predict) -> {domain: metrics}`` over every domain; datasets built once."""
+    recipe = run.recipe
+    datasets = {name: run.dataset(config, train=False) for name, config in evaluation_domains(run).items()}
+
+    def evaluate(predict: Callable, label: str = "") -> dict[str, dict]:
+        return {
+            name: evaluate_predictor(
+                predict,
+                dataset,
+                run.num_classes,
+                recipe.data.img_size,
+                recipe.evaluate.mode,
+                recipe.evaluate.stride,
+                recipe.evaluate.batch_size,
+                description=f"{label} {name}".strip(),
+                show_progress=run.info.is_main,
+            )
+            for name, dataset in datasets.items()
+        }
+
+    return evaluate
+
+
+def stage_evaluate(run: Run) -> None:
+    """mIoU and per-class IoU of every trained model on the source split and each target domain."""
+    evaluate = make_domain_evaluator(run)
+    models = {"teacher": TEACHER_FILE, "no_kd": NO_KD_FILE, "student": SEGMENTOR_FILE}
+    results = {}
+    for name, file in models.items():
+        if run.file(file).is_file():
+            segmentor = load_segmentor(run.file(file))[0].to(run.device)
+            results[name] = {
+                "params_m": sum(p.numel() for p in segmentor.parameters()) / 1e6,
+                "encoder_params_m": sum(p.numel() for p in segmentor.encoder.parameters()) / 1e6,
+                "domains": evaluate(torch_predictor(segmentor, run.device), name),
+            }
+    write_json(run.file(EVAL_FILE), {"class_names": run.class_names, "models": results})
+
+
+def _images(run: Run, config: DatasetConfig, count: int, seed: int) -> torch.Tensor:
+    """``count`` images of a split, resized to the input size (calibration and parity inputs)."""
+    dataset = run.dataset(config, train=False)
+    picks = np.random.default_rng(seed).permutation(len(dataset))[:count]
+    size = run.recipe.data.img_size
+    return torch.stack(
+        [
+            F.interpolate(dataset[int(i)]["image"][None], size=size, mode="bilinear", align_corners=False)[0]
+            for i in picks
+        ]
+    )
+
+
+def stage_export(run: Run) -> None:
+    """ONNX (fp32 / fp16 / int8 QDQ), TensorRT engines where possible, AOTInductor; parity checked."""
+    recipe = run.recipe
+    segmentor = load_segmentor(run.file(SEGMENTOR_FILE))[0].to(run.device).eval()
+    calibration = _images(run, recipe.data.source, recipe.export.calibration_images, recipe.seed)
+    parity = _images(run, recipe.data.source_val, 4, recipe.seed + 1)
+    summary = export_artifacts(segmentor, recipe.data.img_size, run.dir, recipe.export, calibration, parity, run.device)
+    write_json(run.file(EXPORT_FILE), summary)
+
+
+def stage_benchmark(run: Run) -> None:
+    """Latency of every runtime x precision x batch size, and each artifact's mIoU on every domain."""
+    recipe = run.recipe
+    segmentor = load_segmentor(run.file(SEGMENTOR_FILE))[0].to(run.device).eval()
+    evaluate_domains = make_domain_evaluator(run)
+
+    def evaluate(predict_numpy: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
+        def predict(images: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(predict_numpy(images.numpy().astype(np.float32))))
+
+        return {name: metrics["miou"] for name, metrics in evaluate_domains(predict).items() if name != "source"}
+
+    summary = benchmark_artifacts(
+        segmentor,
+        recipe.data.img_size,
+        run.dir,
+        read_json(run.file(EXPORT_FILE)),
+        recipe.benchmark,
+        run.device,
+        evaluate,
+    )
+    write_json(run.file(BENCHMARK_FILE), summary)
+
+
+def stage_report(run: Run) -> None:
+    from gkd.report.report import write_report
+
+    write_report(run)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[Run], None]
+    outputs: Callable[[Recipe], tuple[str, ...]]
+    needed: Callable[[Recipe], bool]
+    distributed: bool  # runs on every rank (training) or on rank 0 only
+
+    def complete(self, run: Run) -> bool:
+        return all(run.file(name).is_file() for name in self.outputs(run.recipe))
+
+
+def _two_stage(recipe: Recipe) -> bool:
+    return recipe.distill.schedule == "two_stage"
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "train-teacher", stage_train_teacher, lambda r: (TEACHER_FILE,), lambda r: r.teacher_training is not None, True
+    ),
+    Stage(
+        "distill",
+        stage_distill,
+        lambda r: (ENCODER_FILE,) if _two_stage(r) else (ENCODER_FILE, SEGMENTOR_FILE),
+        lambda r: True,
+        True,
+    ),
+    Stage("train-head", stage_train_head, lambda r: (SEGMENTOR_FILE,), _two_stage, True),
+    Stage("train-no-kd", stage_train_no_kd, lambda r: (NO_KD_FILE,), lambda r: r.compare.no_kd is not None, True),
+    Stage("evaluate", stage_evaluate, lambda r: (EVAL_FILE,), lambda r: True, False),
+    Stage("export", stage_export, lambda r: (EXPORT_FILE,), lambda r: True, False),
+    Stage("benchmark", stage_benchmark, lambda r: (BENCHMARK_FILE,), lambda r: True, False),
+    Stage("report", stage_report, lambda r: ("report.json", "report.md"), lambda r: True, False),
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+
+
+def run_stage(run: Run, stage: Stage) -> None:
+    """Run one stage on the ranks it belongs to; everyone waits for it to finish."""
+    if stage.distributed or run.info.is_main:
+        log.info("stage %s", stage.name)
+        stage.run(run)
+    if run.info.enabled:
+        dist.barrier()
+
+
+def run_all(run: Run, force: tuple[str, ...] = ()) -> None:
+    """Every needed stage in order, skipping those whose outputs are complete."""
+    for stage in STAGES:
+        if not stage.needed(run.recipe):
+            continue
+        if stage.complete(run) and stage.name not in force:
+            log.info("stage %s: complete, skipped", stage.name)
+            continue
+        run_stage(run, stage)

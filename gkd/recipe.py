@@ -1,0 +1,181 @@
+"""The recipe: one YAML file validated by pydantic, resolved over defaults, saved in the run dir.
+
+Unknown keys and bad values are errors naming the key (``extra="forbid"`` everywhere). The embedded
+default recipe (``gkd/recipes/default.yaml``) runs every stage on generated data on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gkd.compress.config import OptimConfig, TrainingConfig
+from gkd.compress.losses import loss_kind, validate_loss_options
+from gkd.data.config import DatasetConfig
+from gkd.data.transforms import EvalTransformConfig, TrainTransformConfig
+from gkd.export.config import BenchmarkConfig, ExportConfig
+from gkd.models.decoders import DecoderConfig
+from gkd.models.zoo import ModelConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LossConfig(_Strict):
+    name: str = "qsd"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> LossConfig:
+        self.options = validate_loss_options(self.name, self.options)
+        return self
+
+
+class TeacherConfig(ModelConfig):
+    """The frozen teacher. ``train_encoder`` is for recipes without VFM weights: the encoder is then
+    first trained on the labeled source (it stands in for a VFM, and the report says so)."""
+
+    train_encoder: bool = False
+
+
+class ModelsConfig(_Strict):
+    teacher: TeacherConfig
+    student: ModelConfig
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
+    teacher_decoder: DecoderConfig | None = Field(None, description="the teacher's head; default: same as decoder")
+
+
+class DataConfig(_Strict):
+    img_size: tuple[int, int] = Field((512, 512), description="(H, W) the segmentor is trained, exported and run at")
+    source: DatasetConfig = Field(description="labeled source domain, train split")
+    source_val: DatasetConfig = Field(description="labeled source domain, held-out split")
+    proxy: DatasetConfig | None = Field(None, description="unlabeled proxy images (task-agnostic distillation)")
+    targets: dict[str, DatasetConfig] = Field(description="unseen target domains, by name (evaluation only)")
+    train_transform: TrainTransformConfig = Field(default_factory=TrainTransformConfig)
+    eval_transform: EvalTransformConfig = Field(default_factory=EvalTransformConfig)
+
+    @model_validator(mode="after")
+    def _crop_is_img_size(self) -> DataConfig:
+        if tuple(self.train_transform.crop_size) != tuple(self.img_size):
+            raise ValueError(
+                f"data.train_transform.crop_size {self.train_transform.crop_size} must equal data.img_size"
+            )
+        return self
+
+
+class DistillConfig(_Strict):
+    """Stage 1 (two-stage schedule) or the joint objective (one-stage schedule)."""
+
+    schedule: Literal["two_stage", "one_stage"] = "two_stage"
+    loss: LossConfig = Field(default_factory=LossConfig)
+    task_agnostic: OptimConfig | None = Field(None, description="1a: distill on the proxy set; null = skip")
+    domain_agnostic: OptimConfig | None = Field(None, description="1b: distill on source images; null = skip")
+    joint: OptimConfig | None = Field(None, description="one_stage: task loss + distillation loss, jointly")
+    distill_weight: float = Field(1.0, gt=0, description="one_stage: weight of the distillation loss")
+
+
+class EvaluateConfig(_Strict):
+    batch_size: int = Field(8, gt=0)
+    mode: Literal["whole", "slide"] = "whole"
+    stride: tuple[int, int] | None = Field(None, description="slide: window stride (H, W); default 2/3 of img_size")
+
+
+class CompareConfig(_Strict):
+    """Reference rows of the report."""
+
+    no_kd: OptimConfig | None = Field(None, description="student fine-tuned on source without distillation")
+
+
+class Recipe(_Strict):
+    name: str = "recipe"
+    seed: int = 0
+    models: ModelsConfig
+    data: DataConfig
+    teacher_training: OptimConfig | None = Field(
+        None, description="train the teacher's head (and encoder if models.teacher.train_encoder) on source"
+    )
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    head: OptimConfig | None = Field(None, description="stage 2: decoder on the frozen student encoder")
+    compare: CompareConfig = Field(default_factory=CompareConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+
+    @field_validator("data")
+    @classmethod
+    def _has_targets(cls, data: DataConfig) -> DataConfig:
+        if not data.targets:
+            raise ValueError("data.targets: name at least one target domain")
+        return data
+
+    @model_validator(mode="after")
+    def _schedule_is_complete(self) -> Recipe:
+        distill = self.distill
+        kind = loss_kind(distill.loss.name)
+        if distill.schedule == "two_stage":
+            if kind != "feature":
+                raise ValueError(f"distill.loss: {distill.loss.name} distils logits; it needs schedule one_stage")
+            if distill.task_agnostic is None and distill.domain_agnostic is None:
+                raise ValueError("distill: two_stage needs task_agnostic and/or domain_agnostic")
+            if distill.task_agnostic is not None and self.data.proxy is None:
+                raise ValueError("data.proxy: task_agnostic distillation needs a proxy image set")
+            if self.head is None:
+                raise ValueError("head: two_stage needs stage 2 (head) settings")
+        else:
+            if distill.joint is None:
+                raise ValueError("distill.joint: one_stage needs its optimisation settings")
+            if kind == "logit" and self.teacher_training is None:
+                raise ValueError("teacher_training: logit distillation needs a teacher with a trained head")
+        if self.models.teacher.train_encoder and self.teacher_training is None:
+            raise ValueError("teacher_training: models.teacher.train_encoder needs teacher_training settings")
+        return self
+
+
+class RecipeError(ValueError):
+    """A recipe that does not validate; the message names each bad key."""
+
+
+def format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(recipe)"
+        lines.append(f"  {key}: {item['msg']}")
+    return "invalid recipe:\n" + "\n".join(lines)
+
+
+def parse_recipe(data: dict) -> Recipe:
+    """Validate a recipe mapping; `RecipeError` lists every bad key."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(format_validation_error(error)) from None
+
+
+def load_recipe(path: str | Path | None = None) -> Recipe:
+    """Load a recipe file, or the embedded default when ``path`` is None."""
+    if path is None:
+        text = resources.files("gkd").joinpath("recipes/default.yaml").read_text()
+        source = "embedded default recipe"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe {path} not found")
+        text, source = path.read_text(), str(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{source}: not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of keys")
+    return parse_recipe(data)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe (defaults filled in) as YAML."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,142 @@
+"""`report.json` + `report.md` (+ plots) of a run, from the files the other stages wrote."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from gkd.utils.io import read_json
+
+if TYPE_CHECKING:
+    from gkd.pipeline import Run
+
+MODEL_LABELS = {
+    "teacher": "Teacher",
+    "no_kd": "Student, no distillation",
+    "student": "Student, distilled",
+}
+
+
+def _read(path: Path) -> Any:
+    return read_json(path) if path.is_file() else None
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def build_report(run: Run) -> dict:
+    """Everything a reader needs in one JSON document."""
+    from gkd.pipeline import BENCHMARK_FILE, EVAL_FILE, EXPORT_FILE
+
+    recipe = run.recipe
+    evaluation = _read(run.file(EVAL_FILE)) or {"models": {}, "class_names": run.class_names}
+    targets = list(recipe.data.targets)
+    models = {}
+    for name, result in evaluation["models"].items():
+        domains = result["domains"]
+        target_mious = [domains[t]["miou"] for t in targets if t in domains]
+        mean_target = sum(target_mious) / len(target_mious) if target_mious else float("nan")
+        models[name] = {
+            "label": MODEL_LABELS.get(name, name),
+            "params_m": result["params_m"],
+            "encoder_params_m": result["encoder_params_m"],
+            "miou": {domain: metrics["miou"] for domain, metrics in domains.items()},
+            "mean_target_miou": mean_target,
+            "drop_source_to_targets": domains["source"]["miou"] - mean_target if "source" in domains else None,
+            "per_class_iou": {domain: metrics["iou"] for domain, metrics in domains.items()},
+        }
+    teacher = recipe.models.teacher
+    return {
+        "recipe": recipe.name,
+        "teacher_note": (
+            f"The teacher ({teacher.name}, {teacher.kwargs}) was trained in this run on the labeled source "
+            "domain: it stands in for a vision foundation model, which this recipe has no weights for."
+            if teacher.train_encoder
+            else f"Teacher: {teacher.name} from {teacher.weights}, frozen."
+        ),
+        "domains": {
+            "source": recipe.data.source_val.model_dump(mode="json"),
+            **{k: v.model_dump(mode="json") for k, v in recipe.data.targets.items()},
+        },
+        "class_names": evaluation["class_names"],
+        "models": models,
+        "export": _read(run.file(EXPORT_FILE)),
+        "benchmark": _read(run.file(BENCHMARK_FILE)),
+        "recipe_resolved": recipe.model_dump(mode="json"),
+    }
+
+
+def plot_domain_miou(report: dict, path: Path) -> None:
+    """Grouped bars: mIoU of each model on each domain."""
+    models = report["models"]
+    domains = list(report["domains"])
+    figure, axes = plt.subplots(figsize=(1.8 + 1.6 * len(domains), 3.6))
+    width = 0.8 / max(1, len(models))
+    for i, result in enumerate(models.values()):
+        xs = [d + (i - (len(models) - 1) / 2) * width for d in range(len(domains))]
+        values = [result["miou"].get(domain, float("nan")) for domain in domains]
+        bars = axes.bar(xs, values, width, label=result["label"])
+        axes.bar_label(bars, fmt="%.1f", fontsize=7)
+    axes.set_xticks(range(len(domains)), domains)
+    axes.set_ylabel("mIoU (%)")
+    axes.set_title(f"{report['recipe']}: mIoU per domain")
+    axes.legend(fontsize=8, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def render_markdown(report: dict) -> str:
+    domains = list(report["domains"])
+    lines = [
+        f"# gkd-compress report: {report['recipe']}",
+        "",
+        report["teacher_note"],
+        "",
+        "## mIoU per domain (%)",
+        "",
+        "| model | params (M) | " + " | ".join(domains) + " | mean target | drop |",
+        "|---|---:|" + "---:|" * len(domains) + "---:|---:|",
+    ]
+    for result in report["models"].values():
+        cells = [_fmt(result["miou"].get(d)) for d in domains]
+        lines.append(
+            f"| {result['label']} | {result['params_m']:.2f} | "
+            + " | ".join(cells)
+            + f" | {_fmt(result['mean_target_miou'])} | {_fmt(result['drop_source_to_targets'])} |"
+        )
+    lines += [
+        "",
+        "'source' is the held-out split of the training domain; the other domains were never seen in "
+        "training. drop = source mIoU - mean target mIoU.",
+        "",
+    ]
+    student = report["models"].get("student")
+    if student:
+        lines += [
+            "## Distilled student: IoU per class (%)",
+            "",
+            "| class | " + " | ".join(domains) + " |",
+            "|---|" + "---:|" * len(domains),
+        ]
+        for c, name in enumerate(report["class_names"]):
+            cells = [_fmt(student["per_class_iou"][d][c]) if d in student["per_class_iou"] else "n/a" for d in domains]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += _export_markdown(report.get("export"))
+    lines += _benchmark_markdown(report.get("benchmark"))
+    lines += [
+        "## Files",
+        "",
+        "`report.json` holds every figure above, the per-class IoU of every model and the "
+        "resolved recipe; `recipe.resolved.yaml` re-runs it.",
+        "",
+    ]
+    return "\n".join(lines)

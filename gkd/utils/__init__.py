@@ -1,0 +1,1 @@
+"""Small shared helpers: atomic files, devices, distributed set-up, seeding, logging."""

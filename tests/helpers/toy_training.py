@@ -1,0 +1,79 @@
+"""A tiny regression objective and dataset for trainer tests (importable by torchrun workers)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from gkd.compress.config import OptimConfig, TrainingConfig
+from gkd.compress.trainer import Trainer
+from gkd.utils.runtime import DistInfo, init_distributed
+
+
+class ToyData(Dataset):
+    """x ~ N(0, 1) in R^4 per sample (fixed), plus augmentation noise drawn from the seeded RNG."""
+
+    def __init__(self, n: int = 32) -> None:
+        self.x = torch.randn(n, 4, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.x[index] + 0.1 * torch.randn(4), "target": self.x[index].sum(0, keepdim=True)}
+
+
+class ToyObjective(nn.Module):
+    """MSE of a small MLP with dropout (so the RNG state matters); NaN and kill injection."""
+
+    def __init__(self, dropout: float = 0.1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.GELU(), nn.Dropout(dropout), nn.Linear(16, 1))
+        self.nan_at_step: int | None = None
+        self.crash_at_step: int | None = None
+        self.calls = 0
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        if self.crash_at_step is not None and self.calls >= self.crash_at_step:
+            raise KeyboardInterrupt("simulated kill")
+        loss = (self.net(batch["image"]) - batch["target"]).pow(2).mean()
+        if self.nan_at_step is not None and self.calls >= self.nan_at_step:
+            loss = loss * float("nan")
+        return {"loss": loss}
+
+
+def make_trainer(run_dir: Path, steps: int, info: DistInfo | None = None, dropout: float = 0.1, **optim) -> Trainer:
+    """8 samples a step; dropout makes per-rank RNG streams matter, so DDP comparisons switch it off."""
+    config = OptimConfig(steps=steps, batch_size=8, lr=1e-2, warmup_steps=2, checkpoint_every=3, log_every=1, **optim)
+    info = info or DistInfo()
+    return Trainer(
+        "toy",
+        ToyObjective(dropout),
+        ToyData(),
+        config,
+        TrainingConfig(),
+        run_dir,
+        torch.device("cpu"),
+        info,
+        seed=0,
+        settings_fingerprint="toy",
+    )
+
+
+def read_losses(run_dir: Path) -> list[float]:
+    lines = (Path(run_dir) / "logs" / "toy.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+if __name__ == "__main__":  # torchrun entry: python -m tests.helpers.toy_training RUN_DIR STEPS
+    info = init_distributed("cpu")
+    trainer = make_trainer(Path(sys.argv[1]), int(sys.argv[2]), info, dropout=0.0, accumulate=2)
+    trainer.fit()
+    torch.distributed.destroy_process_group()

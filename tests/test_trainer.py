@@ -1,0 +1,124 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gkd.compress.config import OptimConfig
+from gkd.compress.trainer import NonFiniteLossError, ResumableSampler, Trainer, lr_factor, param_groups
+from gkd.utils.runtime import DistInfo
+from tests.helpers.toy_training import ToyData, ToyObjective, make_trainer, read_losses
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    straight = make_trainer(tmp_path / "straight", steps=8)
+    straight.fit()
+
+    killed = make_trainer(tmp_path / "resumed", steps=8)
+    killed.objective.crash_at_step = 6  # killed during step 6; the last checkpoint is step 3's
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    resumed = make_trainer(tmp_path / "resumed", steps=8)
+    resumed.fit()
+    assert resumed.objective.calls == 5  # steps 4..8 only
+    torch.testing.assert_close(resumed.objective.state_dict(), straight.objective.state_dict(), rtol=0, atol=0)
+    straight_losses = read_losses(tmp_path / "straight")
+    resumed_losses = read_losses(tmp_path / "resumed")  # steps 1..5 of the killed run, then 4..8 resumed
+    assert resumed_losses[:5] + resumed_losses[5:] == straight_losses[:5] + straight_losses[3:]
+
+
+def test_finished_stage_does_no_training_again(tmp_path):
+    make_trainer(tmp_path, steps=4).fit()
+    again = make_trainer(tmp_path, steps=4)
+    assert again.finished()
+    again.fit()
+    assert again.objective.calls == 0
+
+
+def test_checkpoint_of_other_settings_is_refused(tmp_path):
+    make_trainer(tmp_path, steps=3).fit()
+    other = Trainer(
+        "toy",
+        ToyObjective(),
+        ToyData(),
+        OptimConfig(steps=3, batch_size=8),
+        make_trainer(tmp_path, 1).training,
+        tmp_path,
+        torch.device("cpu"),
+        DistInfo(),
+        seed=0,
+        settings_fingerprint="other",
+    )
+    with pytest.raises(RuntimeError, match="other settings"):
+        other.fit()
+
+
+def test_non_finite_loss_names_step_and_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, steps=10)
+    trainer.objective.nan_at_step = 5
+    with pytest.raises(NonFiniteLossError, match=r"step 5.*last good checkpoint: .*last\.pt"):
+        trainer.fit()
+
+
+def test_sampler_shards_a_global_batch_like_one_process():
+    single = list(ResumableSampler(10, seed=3, info=DistInfo()))
+    rank0 = list(ResumableSampler(10, seed=3, info=DistInfo(0, 2)))
+    rank1 = list(ResumableSampler(10, seed=3, info=DistInfo(1, 2)))
+    # global batch of 4 = two ranks x 2 samples
+    for b in range(2):
+        assert sorted(single[4 * b : 4 * b + 4]) == sorted(rank0[2 * b : 2 * b + 2] + rank1[2 * b : 2 * b + 2])
+    resumed = ResumableSampler(10, seed=3, info=DistInfo())
+    resumed.position = 6
+    assert list(resumed) == single[6:]
+
+
+def test_lr_schedule_and_param_groups():
+    config = OptimConfig(steps=10, warmup_steps=2, lr=1.0, schedule="cosine", min_lr_ratio=0.1, layer_decay=0.5)
+    assert lr_factor(0, config) == pytest.approx(0.5)
+    assert lr_factor(2, config) == pytest.approx(1.0)
+    assert lr_factor(10, config) == pytest.approx(0.1)
+    poly = config.model_copy(update={"schedule": "poly", "min_lr_ratio": 0.0})
+    assert lr_factor(6, poly) == pytest.approx(0.5)
+
+    module = torch.nn.Module()
+    module.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
+    module.head = torch.nn.Linear(2, 2)
+    groups = param_groups(module, config)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert scale_of[id(module.head.weight)] == 1.0
+    assert scale_of[id(module.blocks[1].weight)] == 0.5
+    assert scale_of[id(module.blocks[0].weight)] == 0.25
+    assert decay_of[id(module.head.bias)] == 0.0 and decay_of[id(module.head.weight)] == config.weight_decay
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(tmp_path):
+    """torchrun, 2 CPU processes (gloo), global batch 8 = 2 ranks x 2 accumulation steps x 2: the same
+    loss curve as 1 process with batch 8."""
+    make_trainer(tmp_path / "single", steps=6, dropout=0.0).fit()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "tests.helpers.toy_training",
+            str(tmp_path / "ddp"),
+            "6",
+        ],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    assert read_losses(tmp_path / "ddp") == pytest.approx(read_losses(tmp_path / "single"), rel=1e-5)
