@@ -157,23 +157,45 @@ def parse_recipe(data: dict) -> Recipe:
         raise RecipeError(format_validation_error(error)) from None
 
 
-def load_recipe(path: str | Path | None = None) -> Recipe:
-    """Load a recipe file, or the embedded default when ``path`` is None."""
-    if path is None:
-        text = resources.files("gkd").joinpath("recipes/default.yaml").read_text()
-        source = "embedded default recipe"
-    else:
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe {path} not found")
-        text, source = path.read_text(), str(path)
+BASE_KEY = "base"
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep merge: mappings merge key by key, anything else in ``override`` replaces ``base``."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = (
+            merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
+    return merged
+
+
+def _read_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A recipe file as a mapping, with its ``base:`` files (paths relative to it) merged underneath."""
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} not found" + (f" (base of {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise RecipeError(f"recipe {path}: circular base chain")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise RecipeError(f"{source}: not valid YAML ({error})") from None
+        raise RecipeError(f"{path}: not valid YAML ({error})") from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{source}: a recipe is a mapping of keys")
-    return parse_recipe(data)
+        raise RecipeError(f"{path}: a recipe is a mapping of keys")
+    bases = data.pop(BASE_KEY, None) or []
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = merge(merged, _read_mapping(path.parent / base, (*chain, path.resolve())))
+    return merge(merged, data)
+
+
+def load_recipe(path: str | Path | None = None) -> Recipe:
+    """Load a recipe file (``base:`` names files it extends, merged like mmseg/DINOv2 configs), or the
+    embedded default when ``path`` is None."""
+    if path is None:
+        with resources.as_file(resources.files("gkd").joinpath("recipes/default.yaml")) as default:
+            return parse_recipe(_read_mapping(default))
+    return parse_recipe(_read_mapping(Path(path)))
 
 
 def dump_recipe(recipe: Recipe) -> str:
