@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -287,6 +288,7 @@ class Trainer:
             disable=not self.info.is_main,
             dynamic_ncols=True,
             leave=True,
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not every step
         )
         batches = self._batches()
         window_start, window_images, sums = time.perf_counter(), 0, {}

@@ -1,0 +1,129 @@
+"""The whole pipeline on the tiny recipe: files, report contents, resume, and no re-training."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from gkd.cli import main
+from gkd.compress.objectives import DistillObjective
+from gkd.models.checkpoint import load_segmentor
+
+TINY = Path(__file__).parent / "data" / "tiny_recipe.yaml"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    assert main(["run", str(TINY), "--out", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+def test_run_writes_every_artifact(finished_run):
+    for name in (
+        "recipe.resolved.yaml",
+        "teacher_segmentor.safetensors",
+        "student_encoder.safetensors",
+        "segmentor.safetensors",
+        "no_kd_segmentor.safetensors",
+        "model.onnx",
+        "report.json",
+        "report.md",
+    ):
+        assert (finished_run / name).is_file(), name
+    assert not list(finished_run.rglob("*.tmp"))  # nothing half-written
+
+
+def test_report_has_domains_parity_and_latency(finished_run):
+    report = json.loads((finished_run / "report.json").read_text())
+    for model in ("teacher", "no_kd", "student"):
+        mious = report["models"][model]["miou"]
+        assert set(mious) == {"source", "dusk", "fog"}
+        assert all(0.0 <= value <= 100.0 for value in mious.values())
+    assert "stands in for a vision foundation model" in report["teacher_note"]
+    parity = report["export"]["artifacts"]["onnx_fp32"]["parity"]
+    assert parity["max_abs_diff"] < 1e-3 and parity["argmax_agreement"] > 0.99
+    runtimes = {row["runtime"] for row in report["benchmark"]["latency"]}
+    assert {"torch", "onnxruntime"} <= runtimes
+    for row in report["benchmark"]["latency"]:
+        assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+    markdown = (finished_run / "report.md").read_text()
+    assert "dusk" in markdown and "p50" in markdown
+
+
+def test_student_encoder_loads_into_plain_timm(finished_run):
+    import timm
+    from safetensors.torch import load_file
+
+    model = timm.create_model(
+        "vit_small_patch16_224", pretrained=False, num_classes=0, img_size=112, embed_dim=32, depth=4, num_heads=2
+    )
+    model.load_state_dict(load_file(finished_run / "student_encoder.safetensors"), strict=True)
+    segmentor, metadata = load_segmentor(finished_run / "segmentor.safetensors")
+    assert metadata["num_classes"] == 6
+    images = torch.rand(2, 3, 112, 112)
+    torch.testing.assert_close(
+        model.eval().forward_features(images), segmentor.encoder.model.eval().forward_features(images)
+    )
+
+
+def test_rerun_after_finish_trains_nothing(finished_run, monkeypatch):
+    stamps = {p: p.stat().st_mtime_ns for p in finished_run.glob("*.safetensors")}
+    logs = {p: p.read_text() for p in (finished_run / "logs").glob("*.jsonl")}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training ran again")
+
+    monkeypatch.setattr("gkd.compress.trainer.Trainer.fit", refuse)
+    assert main(["run", "--out", str(finished_run), "--device", "cpu"]) == 0  # its own recipe, from the run dir
+    assert stamps == {p: p.stat().st_mtime_ns for p in finished_run.glob("*.safetensors")}
+    assert logs == {p: p.read_text() for p in (finished_run / "logs").glob("*.jsonl")}
+
+
+def test_killed_distillation_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert main(["train-teacher", str(TINY), "--out", str(out), "--device", "cpu"]) == 0
+    original = DistillObjective.forward
+    calls = {"n": 0}
+
+    def killed_at_call_10(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 10:  # 1a done (6 steps), 1b killed during its step 4; checkpoint at 1b step 2
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(DistillObjective, "forward", killed_at_call_10)
+    with pytest.raises(KeyboardInterrupt):
+        main(["distill", "--out", str(out), "--device", "cpu"])
+    assert not (out / "student_encoder.safetensors").exists()
+    monkeypatch.setattr(DistillObjective, "forward", original)
+    calls["n"] = 0
+
+    def counting(self, batch):
+        calls["n"] += 1
+        return original(self, batch)
+
+    monkeypatch.setattr(DistillObjective, "forward", counting)
+    assert main(["distill", "--out", str(out), "--device", "cpu"]) == 0
+    assert calls["n"] == 4  # 1b steps 3..6 only
+    assert "distill_domain_agnostic: resumed at step 2" in (out / "logs" / "gkd.log").read_text()
+    assert (out / "student_encoder.safetensors").is_file()
+
+
+def test_run_dir_of_another_recipe_is_refused(finished_run, capsys):
+    assert main(["run", "--out", str(finished_run), "--dry-run"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                os.fspath(Path(__file__).parents[1] / "gkd" / "recipes" / "default.yaml"),
+                "--out",
+                str(finished_run),
+            ]
+        )
+        == 2
+    )
+    assert "another recipe" in capsys.readouterr().err

@@ -1,0 +1,84 @@
+import copy
+
+import pytest
+import yaml
+
+from gkd.cli import main
+from gkd.recipe import RecipeError, dump_recipe, load_recipe, parse_recipe
+
+
+@pytest.fixture(scope="module")
+def default_data() -> dict:
+    return load_recipe().model_dump(mode="json")
+
+
+def _with(data: dict, dotted: str, value) -> dict:
+    data = copy.deepcopy(data)
+    *parents, last = dotted.split(".")
+    node = data
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return data
+
+
+def test_embedded_default_validates_and_round_trips(default_data):
+    recipe = load_recipe()
+    assert recipe.name == "default"
+    assert set(recipe.data.targets) == {"dusk", "fog"}
+    assert parse_recipe(yaml.safe_load(dump_recipe(recipe))) == recipe
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "message"),
+    [
+        ("distill.task_agnostic.stepz", 3, r"distill\.task_agnostic\.stepz: Extra inputs are not permitted"),
+        ("distill.task_agnostic.steps", -1, r"distill\.task_agnostic\.steps: Input should be greater than 0"),
+        ("models.decoder.name", "segformer", r"models\.decoder\.name: Input should be 'uper' or 'linear'"),
+        ("training.precision", "fp8", r"training\.precision"),
+        ("distill.loss.options", {"temprature": 2.0}, r"distill\.loss.*temprature"),
+        ("distill.loss.name", "kd_of_my_dreams", r"distill\.loss.*kd_of_my_dreams"),
+        ("data.targets", {}, r"data: .*at least one target domain"),
+    ],
+)
+def test_bad_keys_and_values_are_named(default_data, dotted, value, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(_with(default_data, dotted, value))
+
+
+def test_schedule_consistency_is_checked(default_data):
+    logit_two_stage = _with(default_data, "distill.loss", {"name": "vanilla_kd", "options": {}})
+    with pytest.raises(RecipeError, match="one_stage"):
+        parse_recipe(logit_two_stage)
+    no_proxy = _with(default_data, "data.proxy", None)
+    with pytest.raises(RecipeError, match=r"data\.proxy"):
+        parse_recipe(no_proxy)
+
+
+def test_cli_reports_a_bad_recipe_and_exits_2(tmp_path, capsys, default_data):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_with(default_data, "head.lr", "fast")))
+    assert main(["run", str(path), "--dry-run"]) == 2
+    assert "head.lr" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "absent.yaml"), "--dry-run"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_plan_and_names_missing_files(tmp_path, capsys, default_data):
+    assert main(["run", "--dry-run", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    for expected in ("train-teacher", "distill", "train-head", "evaluate", "export", "benchmark", "report", "to run"):
+        assert expected in out
+    assert not (tmp_path / "run").exists()  # nothing written, nothing loaded
+
+    recipe = _with(default_data, "models.teacher.weights", str(tmp_path / "dinov2_vitl14.pth"))
+    recipe = _with(recipe, "models.teacher.train_encoder", False)
+    recipe = _with(
+        recipe, "data.source", {"name": "cityscapes", "root": str(tmp_path / "cityscapes"), "split": "train"}
+    )
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "--dry-run", "--out", str(tmp_path / "run2")]) == 2
+    out = capsys.readouterr().out
+    assert "dinov2_vitl14.pth MISSING" in out
+    assert str(tmp_path / "cityscapes") in out
