@@ -324,13 +324,29 @@ class Stage:
     outputs: Callable[[Recipe], tuple[str, ...]]
     needed: Callable[[Recipe], bool]
     distributed: bool  # runs on every rank (training) or on rank 0 only
+    inputs: Callable[[Recipe], tuple[str, ...]] = lambda recipe: ()
 
     def complete(self, run: Run) -> bool:
         return all(run.file(name).is_file() for name in self.outputs(run.recipe))
 
+    def check_inputs(self, run: Run) -> None:
+        """Files of earlier stages this one reads; a clear error naming the stage that writes each."""
+        for name in self.inputs(run.recipe):
+            if not run.file(name).is_file():
+                writer = next(s.name for s in STAGES if name in s.outputs(run.recipe))
+                raise FileNotFoundError(
+                    f"stage {self.name} needs {run.file(name)}, written by stage {writer}: "
+                    f"run `gkd-compress {writer}` (or `gkd-compress run`) on this run directory first"
+                )
+
 
 def _two_stage(recipe: Recipe) -> bool:
     return recipe.distill.schedule == "two_stage"
+
+
+def _distill_inputs(recipe: Recipe) -> tuple[str, ...]:
+    teacher_head = recipe.distill.schedule == "one_stage" and loss_kind(recipe.distill.loss.name) == "logit"
+    return (TEACHER_FILE,) if recipe.models.teacher.train_encoder or teacher_head else ()
 
 
 STAGES: tuple[Stage, ...] = (
@@ -343,19 +359,30 @@ STAGES: tuple[Stage, ...] = (
         lambda r: (ENCODER_FILE,) if _two_stage(r) else (ENCODER_FILE, SEGMENTOR_FILE),
         lambda r: True,
         True,
+        _distill_inputs,
     ),
-    Stage("train-head", stage_train_head, lambda r: (SEGMENTOR_FILE,), _two_stage, True),
+    Stage("train-head", stage_train_head, lambda r: (SEGMENTOR_FILE,), _two_stage, True, lambda r: (ENCODER_FILE,)),
     Stage("train-no-kd", stage_train_no_kd, lambda r: (NO_KD_FILE,), lambda r: r.compare.no_kd is not None, True),
-    Stage("evaluate", stage_evaluate, lambda r: (EVAL_FILE,), lambda r: True, False),
-    Stage("export", stage_export, lambda r: (EXPORT_FILE,), lambda r: True, False),
-    Stage("benchmark", stage_benchmark, lambda r: (BENCHMARK_FILE,), lambda r: True, False),
-    Stage("report", stage_report, lambda r: ("report.json", "report.md"), lambda r: True, False),
+    Stage("evaluate", stage_evaluate, lambda r: (EVAL_FILE,), lambda r: True, False, lambda r: (SEGMENTOR_FILE,)),
+    Stage("export", stage_export, lambda r: (EXPORT_FILE,), lambda r: True, False, lambda r: (SEGMENTOR_FILE,)),
+    Stage(
+        "benchmark",
+        stage_benchmark,
+        lambda r: (BENCHMARK_FILE,),
+        lambda r: True,
+        False,
+        lambda r: (SEGMENTOR_FILE, EXPORT_FILE),
+    ),
+    Stage(
+        "report", stage_report, lambda r: ("report.json", "report.md"), lambda r: True, False, lambda r: (EVAL_FILE,)
+    ),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 
 def run_stage(run: Run, stage: Stage) -> None:
     """Run one stage on the ranks it belongs to; everyone waits for it to finish."""
+    stage.check_inputs(run)
     if stage.distributed or run.info.is_main:
         log.info("stage %s", stage.name)
         stage.run(run)

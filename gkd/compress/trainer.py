@@ -168,6 +168,8 @@ class Trainer:
         seed: int,
         settings_fingerprint: str,
     ) -> None:
+        if info.enabled and device.type == "cuda":  # decoder BatchNorm statistics over the global batch, as mmseg
+            objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
         self.name, self.objective, self.config, self.training = name, objective, config, training
         self.run_dir, self.device, self.info, self.seed = Path(run_dir), device, info, seed
         self.checkpoint_path = self.run_dir / "checkpoints" / name / "last.pt"
