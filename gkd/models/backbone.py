@@ -75,8 +75,11 @@ class Backbone(nn.Module):
         position embedding, as in masked image modelling.
         """
         layers = self.resolve_layers(layers)
-        x = (images - self.mean) / self.std
         grid = self.grid_size(*images.shape[-2:])
+        # timm's patch embedding rejects sizes that are not a multiple of the patch (512 at patch 14); its
+        # stride-p convolution ignores the remainder pixels anyway, so crop them: the grid is floor(H/p) x floor(W/p).
+        images = images[..., : grid[0] * self.patch_size, : grid[1] * self.patch_size]
+        x = (images - self.mean) / self.std
         with self._masked_patches(mask, mask_token):
             outputs = self.model.forward_intermediates(
                 x,
