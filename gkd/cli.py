@@ -200,13 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from gkd.data.base import DataError
-    from gkd.models.checkpoint import CheckpointMismatchError
+    from gkd.models.weights import WeightsMismatchError
     from gkd.recipe import RecipeError
 
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (RecipeError, DataError, CheckpointMismatchError, FileNotFoundError, ValueError) as error:
+    except (RecipeError, DataError, WeightsMismatchError, FileNotFoundError, ValueError) as error:
         print(f"gkd-compress: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -26,11 +26,12 @@ from gkd.data.transforms import build_eval_transform, build_train_transform
 from gkd.evaluate.inference import evaluate_predictor, torch_predictor
 from gkd.export.stage import benchmark_artifacts, export_artifacts
 from gkd.models.backbone import Backbone
-from gkd.models.checkpoint import build_segmentor, load_segmentor, load_strict, save_segmentor
+from gkd.models.checkpoint import build_segmentor, load_segmentor, save_segmentor
 from gkd.models.segmentor import Segmentor
+from gkd.models.weights import check_fit, save_encoder
 from gkd.models.zoo import create_backbone_from_config
 from gkd.recipe import OptimConfig, Recipe
-from gkd.utils.io import load_state_dict, read_json, save_state_dict, write_json
+from gkd.utils.io import load_state_dict, read_json, write_json
 from gkd.utils.runtime import DistInfo
 
 log = logging.getLogger("gkd")
@@ -124,15 +125,15 @@ def student_segmentor(run: Run) -> Segmentor:
     return build_segmentor(run.recipe.models.student, run.recipe.models.decoder, run.num_classes).to(run.device)
 
 
-def save_encoder(run: Run, encoder: Backbone) -> None:
-    """The distilled student encoder as a plain timm state dict (loads into ``timm.create_model``)."""
-    student = run.recipe.models.student
-    save_state_dict(run.file(ENCODER_FILE), encoder.model.state_dict(), {"model": student.model_dump(mode="json")})
+def save_student_encoder(run: Run, encoder: Backbone) -> None:
+    """The distilled student encoder: a plain timm state dict that ``timm.create_model`` takes back."""
+    save_encoder(encoder, run.file(ENCODER_FILE), {"model": run.recipe.models.student.model_dump(mode="json")})
 
 
-def load_encoder(run: Run, encoder: Backbone) -> None:
+def load_student_encoder(run: Run, encoder: Backbone) -> None:
     state, _ = load_state_dict(run.file(ENCODER_FILE))
-    load_strict(encoder.model, state, run.file(ENCODER_FILE))
+    check_fit(encoder.model, state, run.file(ENCODER_FILE))
+    encoder.model.load_state_dict(state, strict=True)
 
 
 # -- stages --------------------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ def stage_distill(run: Run) -> None:
             save_segmentor(
                 run.file(SEGMENTOR_FILE), student, recipe.models.student, recipe.models.decoder, run.num_classes
             )
-            save_encoder(run, student.encoder)
+            save_student_encoder(run, student.encoder)
         return
     teacher = teacher_backbone(run)
     loss = build_loss(
@@ -188,14 +189,14 @@ def stage_distill(run: Run) -> None:
         if config is not None:
             run.trainer(name, objective, run.dataset(data, train=True, labeled=False), config).fit()
     if run.info.is_main:
-        save_encoder(run, student.encoder)
+        save_student_encoder(run, student.encoder)
 
 
 def stage_train_head(run: Run) -> None:
     """GKD stage 2: the student encoder frozen, a decoder trained with cross-entropy on source."""
     recipe = run.recipe
     segmentor = student_segmentor(run)
-    load_encoder(run, segmentor.encoder)
+    load_student_encoder(run, segmentor.encoder)
     run.trainer(
         "head", TaskObjective(segmentor, freeze_encoder=True), run.dataset(recipe.data.source, train=True), recipe.head
     ).fit()
