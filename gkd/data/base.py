@@ -1,5 +1,6 @@
 """Reading images and label maps with errors that name the file; the generic labeled and unlabeled
-datasets every concrete dataset builds on.
+datasets every concrete dataset builds on; the selection (label fraction, limit, skipped samples)
+that ``build_dataset`` returns.
 
 A sample is a dict: ``image`` float ``(3, H, W)`` in ``[0, 1]`` (normalisation belongs to each model),
 ``label`` int64 ``(H, W)`` with train ids and ``IGNORE_INDEX`` (labeled sets only), ``path`` str.
@@ -7,8 +8,13 @@ A sample is a dict: ``image`` float ``(3, H, W)`` in ``[0, 1]`` (normalisation b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -20,6 +26,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 Sample = dict
 Transform = Callable[[Sample], Sample]
+RGB = tuple[int, int, int]
+LabelReader = Callable[[Path], np.ndarray]
+T = TypeVar("T")
+R = TypeVar("R")
+
+log = logging.getLogger("gkd.data")
 
 
 class DataError(Exception):
@@ -32,14 +44,14 @@ def _open(path: Path) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()  # decode now so a truncated file fails here, naming itself
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DataError(f"{path}: corrupt or unreadable image ({error})") from error
     return image
 
 
 def read_image(path: str | Path) -> np.ndarray:
     """RGB ``uint8 (H, W, 3)``."""
-    return np.asarray(_open(Path(path)).convert("RGB"))
+    return np.array(_open(Path(path)).convert("RGB"))
 
 
 def read_label(path: str | Path) -> np.ndarray:
@@ -48,6 +60,34 @@ def read_label(path: str | Path) -> np.ndarray:
     if image.mode not in ("L", "P", "I", "I;16"):
         raise DataError(f"{path}: label map has mode {image.mode}, expected single-channel ids")
     return np.asarray(image).astype(np.int64)
+
+
+def _color_codes(colors: np.ndarray) -> np.ndarray:
+    colors = colors.astype(np.int64)
+    return (colors[..., 0] << 16) | (colors[..., 1] << 8) | colors[..., 2]
+
+
+class ColorLabelReader:
+    """Reads a colour-coded label map (RGB) into ids with a ``{colour: id}`` table; a colour missing
+    from the table is an error naming the file, never a silent id."""
+
+    def __init__(self, colors: Mapping[RGB, int]) -> None:
+        codes = _color_codes(np.array(list(colors), dtype=np.int64))
+        order = np.argsort(codes)
+        self.codes = codes[order]
+        self.ids = np.array(list(colors.values()), dtype=np.int64)[order]
+
+    def __call__(self, path: Path) -> np.ndarray:
+        image = _open(Path(path))
+        if image.mode not in ("RGB", "RGBA", "P"):
+            raise DataError(f"{path}: label map has mode {image.mode}, expected colour-coded RGB")
+        codes = _color_codes(np.asarray(image.convert("RGB")))
+        slot = np.minimum(np.searchsorted(self.codes, codes), len(self.codes) - 1)
+        known = self.codes[slot] == codes
+        if not known.all():
+            unknown = [((c >> 16) & 255, (c >> 8) & 255, c & 255) for c in np.unique(codes[~known])[:5].tolist()]
+            raise DataError(f"{path}: label colours {unknown} are not in the dataset's colour table")
+        return self.ids[slot]
 
 
 def identity_label_map(num_classes: int, ignore_ids: Sequence[int] = (IGNORE_INDEX,)) -> dict[int, int]:
@@ -68,11 +108,12 @@ class LabelMapper:
             self.lookup[raw] = train_id
 
     def __call__(self, raw: np.ndarray, path: str | Path) -> np.ndarray:
-        if raw.min() < 0 or raw.max() >= len(self.lookup):
-            raise DataError(f"{path}: label id {int(raw.max())} outside the dataset's table")
+        outside = (raw < 0) | (raw >= len(self.lookup))
+        if outside.any():
+            raise DataError(f"{path}: label ids {sorted(np.unique(raw[outside]).tolist())} outside the dataset's table")
         mapped = self.lookup[raw]
         if (mapped < 0).any():
-            unknown = sorted(set(np.unique(raw[mapped < 0]).tolist()))
+            unknown = sorted(np.unique(raw[mapped < 0]).tolist())
             raise DataError(f"{path}: label ids {unknown} are not in the dataset's table")
         return mapped
 
@@ -86,7 +127,8 @@ def to_sample(image: np.ndarray, label: np.ndarray | None, path: str) -> Sample:
 
 
 class SegmentationDataset(Dataset):
-    """Pairs of (image file, label file), a label mapping, and a transform."""
+    """Pairs of (image file, label file), a label mapping, and a transform. ``label_reader`` turns a
+    label file into raw ids (default: the stored ids; ``ColorLabelReader`` for colour-coded maps)."""
 
     def __init__(
         self,
@@ -95,6 +137,7 @@ class SegmentationDataset(Dataset):
         num_classes: int,
         class_names: Sequence[str],
         transform: Transform | None = None,
+        label_reader: LabelReader = read_label,
     ) -> None:
         if not pairs:
             raise DataError("dataset has no samples")
@@ -103,6 +146,7 @@ class SegmentationDataset(Dataset):
         self.num_classes = num_classes
         self.class_names = list(class_names)
         self.transform = transform
+        self.label_reader = label_reader
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -111,7 +155,7 @@ class SegmentationDataset(Dataset):
         """The sample at native resolution, before the transform."""
         image_path, label_path = self.pairs[index]
         image = read_image(image_path)
-        label = self.label_mapper(read_label(label_path), label_path)
+        label = self.label_mapper(self.label_reader(label_path), label_path)
         if label.shape != image.shape[:2]:
             raise DataError(f"{label_path}: label size {label.shape[::-1]} differs from image {image.shape[1::-1]}")
         return to_sample(image, label, str(image_path))
@@ -121,21 +165,108 @@ class SegmentationDataset(Dataset):
         return self.transform(sample) if self.transform else sample
 
 
-class ImageFolderDataset(Dataset):
+class ImageListDataset(Dataset):
+    """Unlabeled images from a list of files (the images-only view of a labeled split, or a folder)."""
+
+    def __init__(self, paths: Sequence[Path], transform: Transform | None = None) -> None:
+        if not paths:
+            raise DataError("dataset has no images")
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Sample:
+        """The image at native resolution, before the transform."""
+        return to_sample(read_image(self.paths[index]), None, str(self.paths[index]))
+
+    def __getitem__(self, index: int) -> Sample:
+        sample = self.load(index)
+        return self.transform(sample) if self.transform else sample
+
+
+def list_images(root: Path) -> list[Path]:
+    """Image files under ``root`` (any depth: flat folders and ImageNet-style class folders), sorted."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+class ImageFolderDataset(ImageListDataset):
     """Unlabeled images under a folder (flat, or ImageNet-style class sub-folders), sorted by path."""
 
     def __init__(self, root: str | Path, transform: Transform | None = None) -> None:
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"{root}: image folder not found")
-        self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.paths:
+        paths = list_images(root)
+        if not paths:
             raise DataError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-        self.transform = transform
+        super().__init__(paths, transform)
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], chunk: int = 64) -> Iterator[R]:
+    """``fn(item)`` for each item, in order, computed on a few threads (image decoding releases the
+    GIL); chunk by chunk, so an exception surfaces after at most one chunk of extra work."""
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(items), chunk):
+            yield from pool.map(fn, items[start : start + chunk])
+
+
+class Selection(Dataset):
+    """The samples of a split that a run uses: the seeded label fraction, then the first ``limit``,
+    minus bad samples when ``skip_bad`` (each listed in ``skipped``, the message naming the file).
+
+    ``fraction_indices`` index the split's sorted sample list (``names``), before ``limit`` and skipping;
+    ``indices`` are the ones actually served. ``save_fraction_indices`` writes them for the run dir.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        names: Sequence[str],
+        fraction_indices: Sequence[int],
+        indices: Sequence[int],
+        skipped: Sequence[str],
+        info: dict,
+    ) -> None:
+        if not indices:
+            raise DataError(f"{info.get('name')} {info.get('split')}: no samples left to use")
+        self.dataset = dataset
+        self.names = list(names)
+        self.fraction_indices = list(fraction_indices)
+        self.indices = list(indices)
+        self.skipped = list(skipped)
+        self.info = dict(info)
+        self.num_classes: int = info["num_classes"]
+        self.class_names: list[str] = list(info["class_names"])
+        self.palette: list[RGB] = list(info["palette"])
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.indices)
+
+    def load(self, index: int) -> Sample:
+        """The sample at native resolution, before the transform."""
+        return self.dataset.load(self.indices[index])
 
     def __getitem__(self, index: int) -> Sample:
-        sample = to_sample(read_image(self.paths[index]), None, str(self.paths[index]))
-        return self.transform(sample) if self.transform else sample
+        return self.dataset[self.indices[index]]
+
+    def save_fraction_indices(self, path: str | Path) -> None:
+        """JSON: the settings, the split's size, the chosen indices and their sample names."""
+        record = {
+            **{key: self.info[key] for key in ("name", "root", "split", "fraction", "fraction_seed", "limit")},
+            "num_total": len(self.names),
+            "fraction_indices": self.fraction_indices,
+            "fraction_names": [self.names[i] for i in self.fraction_indices],
+            "used_indices": self.indices,
+            "skipped": self.skipped,
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1))
+
+
+def default_palette(num_classes: int) -> list[RGB]:
+    """Distinct colours for datasets that declare none (mmseg draws random ones; these are fixed)."""
+    rng = np.random.default_rng(0)
+    return [tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(num_classes)]

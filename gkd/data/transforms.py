@@ -1,12 +1,21 @@
 """Training and evaluation transforms on samples (image + label jointly), built on
-torchvision.transforms.v2, which resizes/crops/flips a `Mask` with its image (nearest for the mask)."""
+torchvision.transforms.v2, which resizes/crops/flips a ``Mask`` with its image (nearest for the mask).
+All randomness comes from torch's RNG (the trainer seeds it per sample).
+
+Training (mmseg's pipeline): ``RandomResize`` (one ratio in ``scale_range`` of ``base_size``, or of the
+native size) -> ``RandomCrop`` (``cat_max_ratio``: retry up to 10 crops until no class covers more than
+that share of the labeled pixels) padded to ``crop_size`` (image 0, label ignore) -> flip -> colour jitter.
+Evaluation: resize the image (to ``size``, or its short side to ``short_side``); the label keeps its
+native resolution unless ``resize_label`` (mmseg evaluates predictions resized back to the label).
+Sliding-window inference belongs to the evaluate module, not here.
+"""
 
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torchvision import tv_tensors
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from gkd.data.base import IGNORE_INDEX, Sample
 
@@ -17,10 +26,19 @@ class TrainTransformConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     base_size: tuple[int, int] | None = Field(None, description="(H, W) the scale range is relative to; None = native")
+    keep_ratio: bool = Field(True, description="fit the image in base_size keeping its aspect ratio (mmseg)")
     scale_range: tuple[float, float] = Field((0.5, 2.0), description="random resize ratio range")
     crop_size: tuple[int, int] = Field((512, 512), description="(H, W) of the random crop, padded if needed")
+    cat_max_ratio: float = Field(1.0, gt=0, le=1, description="max share of one class in a crop (1 = off)")
     hflip: bool = True
     photometric: bool = Field(True, description="brightness/contrast/saturation/hue jitter")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TrainTransformConfig:
+        low, high = self.scale_range
+        if not 0 < low <= high:
+            raise ValueError(f"scale_range {self.scale_range}: need 0 < low <= high")
+        return self
 
 
 class EvalTransformConfig(BaseModel):
@@ -28,7 +46,15 @@ class EvalTransformConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    size: tuple[int, int] | None = Field(None, description="(H, W) to resize to; None keeps native size")
+    size: tuple[int, int] | None = Field(None, description="(H, W) to resize the image to; None keeps native size")
+    short_side: int | None = Field(None, gt=0, description="resize the image's short side to this, keeping ratio")
+    resize_label: bool = Field(False, description="resize the label too (nearest); default: native labels")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> EvalTransformConfig:
+        if self.size is not None and self.short_side is not None:
+            raise ValueError("give size or short_side, not both")
+        return self
 
 
 class _SampleTransform:
@@ -46,14 +72,11 @@ class _SampleTransform:
 
 
 def build_train_transform(config: TrainTransformConfig) -> _SampleTransform:
-    steps: list[v2.Transform] = []
-    low, high = config.scale_range
-    if config.base_size is not None:
-        steps.append(v2.Resize(config.base_size, antialias=True))
-    steps.append(_RandomRescale(low, high))
-    steps.append(
-        v2.RandomCrop(config.crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE_INDEX})
-    )
+    """Random resize -> crop (padded) -> optional flip -> optional colour jitter, on image and label."""
+    steps: list[v2.Transform] = [
+        _RandomResize(config.base_size, config.scale_range, config.keep_ratio),
+        _RandomCrop(config.crop_size, config.cat_max_ratio),
+    ]
     if config.hflip:
         steps.append(v2.RandomHorizontalFlip())
     if config.photometric:
@@ -61,24 +84,96 @@ def build_train_transform(config: TrainTransformConfig) -> _SampleTransform:
     return _SampleTransform(v2.Compose(steps))
 
 
-def build_eval_transform(config: EvalTransformConfig) -> _SampleTransform | None:
-    if config.size is None:
+def build_eval_transform(config: EvalTransformConfig) -> _EvalResize | None:
+    """The evaluation resize, or ``None`` when images are evaluated at native size."""
+    if config.size is None and config.short_side is None:
         return None
-    return _SampleTransform(v2.Resize(config.size, antialias=True))
+    return _EvalResize(config.size, config.short_side, config.resize_label)
 
 
-class _RandomRescale(v2.Transform):
-    """Resize by one random ratio in ``[low, high]`` (mmseg's ``RandomResize`` with ``ratio_range``);
-    torchvision's ``RandomResize`` draws a side length, not a ratio of the current size."""
+def _uniform(low: float, high: float) -> float:
+    return float(torch.empty(1).uniform_(low, high))
 
-    def __init__(self, low: float, high: float) -> None:
+
+def _randint(high: int) -> int:
+    """Uniform in ``[0, high]``."""
+    return int(torch.randint(0, high + 1, ()))
+
+
+class _RandomResize(v2.Transform):
+    """mmseg's ``RandomResize(scale=base_size, ratio_range=scale_range, keep_ratio)``: one random ratio
+    of the target scale (of the native size when ``base_size`` is None), applied in a single resize.
+    With ``keep_ratio`` the image is fitted in the scaled box: factor = min(long box edge / long image
+    edge, short box edge / short image edge)."""
+
+    def __init__(self, base_size: tuple[int, int] | None, scale_range: tuple[float, float], keep_ratio: bool) -> None:
         super().__init__()
-        self.low, self.high = low, high
+        self.base_size, self.scale_range, self.keep_ratio = base_size, scale_range, keep_ratio
 
     def make_params(self, flat_inputs: list) -> dict:
         height, width = v2.functional.get_size(flat_inputs[0])
-        ratio = float(torch.empty(1).uniform_(self.low, self.high))
-        return {"size": [max(1, round(height * ratio)), max(1, round(width * ratio))]}
+        ratio = _uniform(*self.scale_range)
+        if self.base_size is None:
+            size = (height * ratio, width * ratio)
+        elif self.keep_ratio:
+            box = (self.base_size[0] * ratio, self.base_size[1] * ratio)
+            factor = min(max(box) / max(height, width), min(box) / min(height, width))
+            size = (height * factor, width * factor)
+        else:
+            size = (self.base_size[0] * ratio, self.base_size[1] * ratio)
+        return {"size": [max(1, round(size[0])), max(1, round(size[1]))]}
 
     def transform(self, inpt, params: dict):
         return self._call_kernel(v2.functional.resize, inpt, size=params["size"], antialias=True)
+
+
+class _RandomCrop(v2.Transform):
+    """mmseg's ``RandomCrop`` (with ``cat_max_ratio``) then ``Pad`` to the crop size, bottom/right,
+    image with 0 and label with ``IGNORE_INDEX``."""
+
+    def __init__(self, size: tuple[int, int], cat_max_ratio: float) -> None:
+        super().__init__()
+        self.size, self.cat_max_ratio = size, cat_max_ratio
+
+    def make_params(self, flat_inputs: list) -> dict:
+        height, width = v2.functional.get_size(flat_inputs[0])
+        crop_h, crop_w = min(height, self.size[0]), min(width, self.size[1])
+        mask = next((x for x in flat_inputs if isinstance(x, tv_tensors.Mask)), None)
+        for _ in range(10):
+            top, left = _randint(height - crop_h), _randint(width - crop_w)
+            if mask is None or self.cat_max_ratio >= 1.0:
+                break
+            window = mask[..., top : top + crop_h, left : left + crop_w]
+            _, counts = torch.unique(window[window != IGNORE_INDEX], return_counts=True)
+            if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                break
+        return {"box": (top, left, crop_h, crop_w), "pad": [0, 0, self.size[1] - crop_w, self.size[0] - crop_h]}
+
+    def transform(self, inpt, params: dict):
+        cropped = self._call_kernel(v2.functional.crop, inpt, *params["box"])
+        if not any(params["pad"]):
+            return cropped
+        fill = IGNORE_INDEX if isinstance(inpt, tv_tensors.Mask) else 0.0
+        return self._call_kernel(v2.functional.pad, cropped, padding=params["pad"], fill=fill)
+
+
+class _EvalResize:
+    """Resizes a sample's image (bilinear, antialiased) to ``size`` or to a short side; the label too
+    (nearest) when ``resize_label``."""
+
+    def __init__(self, size: tuple[int, int] | None, short_side: int | None, resize_label: bool) -> None:
+        self.size, self.short_side, self.resize_label = size, short_side, resize_label
+
+    def target_size(self, height: int, width: int) -> list[int]:
+        if self.size is not None:
+            return list(self.size)
+        factor = self.short_side / min(height, width)
+        return [max(1, round(height * factor)), max(1, round(width * factor))]
+
+    def __call__(self, sample: Sample) -> Sample:
+        size = self.target_size(*sample["image"].shape[-2:])
+        resized = {**sample, "image": v2.functional.resize(sample["image"], size, antialias=True)}
+        if self.resize_label and "label" in sample:
+            label = v2.functional.resize(sample["label"][None], size, interpolation=InterpolationMode.NEAREST)[0]
+            resized["label"] = label
+        return resized

@@ -1,0 +1,63 @@
+"""CamVid from the shared SegNet copy (read in place, never copied): split and domain sizes, labels,
+and ``inspect_dataset`` against a direct numpy count."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gkd.data.base import DataError
+from gkd.data.benchmarks import BENCHMARKS
+from gkd.data.config import DatasetConfig, build_dataset, inspect_dataset
+
+CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "CamVid"
+pytestmark = pytest.mark.skipif(not CAMVID.is_dir(), reason=f"{CAMVID} not present")
+
+
+def camvid(split: str, **options) -> DatasetConfig:
+    return DatasetConfig(name="camvid", root=CAMVID, split=split, options=options)
+
+
+@pytest.mark.parametrize(
+    ("split", "day", "dusk"),
+    [("train", 305, 62), ("val", 101, 0), ("test", 171, 62)],  # counted from the folders' file-name prefixes
+)
+def test_split_and_domain_sizes(split, day, dusk):
+    assert len(build_dataset(camvid(split))) == day + dusk
+    assert len(build_dataset(camvid(split, domain="day"))) == day
+    if dusk:
+        dataset = build_dataset(camvid(split, domain="dusk"))
+        assert len(dataset) == dusk and all(name.split("/")[1].startswith("0001TP_") for name in dataset.names)
+    else:
+        with pytest.raises(DataError, match="no camvid samples in split 'val'"):
+            build_dataset(camvid(split, domain="dusk"))
+
+
+def test_split_files_agree_with_folders():
+    listed = build_dataset(camvid("test")).names
+    assert listed == sorted(f"test/{p.name}" for p in (CAMVID / "test").glob("*.png"))
+
+
+def test_sequences_option_and_benchmark():
+    assert len(build_dataset(camvid("test", sequences=["Seq05VD"]))) == 171
+    data = BENCHMARKS["camvid_day2dusk"].configs({"camvid": CAMVID})
+    sizes = [len(build_dataset(c)) for c in (data.source, data.source_val, data.targets["dusk"])]
+    assert sizes == [305, 101, 62]
+
+
+def test_void_is_ignored_and_inspect_matches_numpy():
+    config = camvid("train", domain="dusk").model_copy(update={"limit": 3})
+    dataset = build_dataset(config)
+    expected = np.zeros(12, dtype=np.int64)
+    for index in range(3):
+        raw = np.asarray(Image.open(CAMVID / "trainannot" / Path(dataset.names[index]).name)).astype(np.int64)
+        label = dataset[index]["label"].numpy()
+        np.testing.assert_array_equal(label == 255, raw == 11)
+        np.testing.assert_array_equal(label[raw != 11], raw[raw != 11])
+        expected += np.bincount(raw.ravel(), minlength=12)
+    result = inspect_dataset(config)
+    assert result["num_samples"] == 3 and result["num_classes"] == 11
+    assert result["class_pixels"] == expected[:11].tolist() and result["ignored_pixels"] == expected[11]
+    assert result["image_sizes"] == {"480x360": 3}
+    assert sum(result["class_pixels"]) + result["ignored_pixels"] == 3 * 480 * 360
