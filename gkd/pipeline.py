@@ -43,6 +43,7 @@ NO_KD_FILE = "no_kd_segmentor.safetensors"
 EVAL_FILE = "eval.json"
 EXPORT_FILE = "export.json"
 BENCHMARK_FILE = "benchmark.json"
+SOURCE_SELECTION_FILE = "source_selection.json"
 
 
 @dataclass
@@ -74,7 +75,10 @@ class Run:
     def dataset(self, config: DatasetConfig, train: bool, labeled: bool = True):
         data = self.recipe.data
         transform = build_train_transform(data.train_transform) if train else build_eval_transform(data.eval_transform)
-        return build_dataset(config, transform=transform, labeled=labeled)
+        dataset = build_dataset(config, transform=transform, labeled=labeled)
+        if config == data.source and self.info.is_main and not self.file(SOURCE_SELECTION_FILE).is_file():
+            dataset.save_fraction_indices(self.file(SOURCE_SELECTION_FILE))  # which labeled samples were used
+        return dataset
 
     def trainer(self, name: str, objective: torch.nn.Module, dataset, config: OptimConfig) -> Trainer:
         recipe = self.recipe

@@ -142,11 +142,25 @@ class RecipeError(ValueError):
 
 
 def format_validation_error(error: ValidationError) -> str:
+    """One line per bad key, ``dotted.key: message``; errors of nested ``options`` (validated by a loss's or
+    a dataset's own model) are expanded to their own keys."""
     lines = []
-    for item in error.errors():
+    for item in _flatten(error.errors(), ()):
         key = ".".join(str(part) for part in item["loc"]) or "(recipe)"
         lines.append(f"  {key}: {item['msg']}")
     return "invalid recipe:\n" + "\n".join(lines)
+
+
+def _flatten(items: list, prefix: tuple) -> list[dict]:
+    flat = []
+    for item in items:
+        loc = (*prefix, *item["loc"])
+        cause = getattr(item.get("ctx", {}).get("error"), "__cause__", None)
+        if isinstance(cause, ValidationError):
+            flat += _flatten(cause.errors(), (*loc, "options"))
+        else:
+            flat.append({**item, "loc": loc})
+    return flat
 
 
 def parse_recipe(data: dict) -> Recipe:

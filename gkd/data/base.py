@@ -8,7 +8,6 @@ A sample is a dict: ``image`` float ``(3, H, W)`` in ``[0, 1]`` (normalisation b
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+
+from gkd.utils.io import write_json
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -261,9 +262,7 @@ class Selection(Dataset):
             "used_indices": self.indices,
             "skipped": self.skipped,
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=1))
+        write_json(path, record)
 
 
 def default_palette(num_classes: int) -> list[RGB]:

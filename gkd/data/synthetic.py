@@ -14,7 +14,7 @@ import zlib
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.data import Dataset
 
 from gkd.data.base import Sample, Transform, to_sample
@@ -32,6 +32,13 @@ class SyntheticOptions(BaseModel):
     num_samples: int = Field(128, gt=0)
     size: tuple[int, int] = Field((96, 128), description="(H, W) of the generated images")
     seed: int = 0
+
+    @field_validator("size")
+    @classmethod
+    def _large_enough(cls, size: tuple[int, int]) -> tuple[int, int]:
+        if min(size) < 32:  # the scene layout (horizon, car and person placement) needs room
+            raise ValueError(f"size {size}: each side must be at least 32 pixels")
+        return size
 
 
 def _ellipse(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:

@@ -51,6 +51,13 @@ def slide_logits(
     return (total / count)[:, :height, :width]
 
 
+def _to_label_size(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """``(K, h, w)`` logits resized (bilinear) to the label's native resolution, where predictions are scored."""
+    if logits.shape[-2:] == label.shape[-2:]:
+        return logits
+    return F.interpolate(logits[None], size=label.shape[-2:], mode="bilinear", align_corners=False)[0]
+
+
 def _collate(samples: list[dict]) -> list[dict]:
     return samples  # images of one split may differ in size
 
@@ -75,16 +82,14 @@ def evaluate_predictor(
         if mode == "slide":
             for sample in samples:
                 logits = slide_logits(predict, sample["image"], size, stride, batch_size)
-                confusion.update(logits.argmax(0), sample["label"])
+                confusion.update(_to_label_size(logits, sample["label"]).argmax(0), sample["label"])
             continue
         resized = torch.stack(
             [F.interpolate(s["image"][None], size=size, mode="bilinear", align_corners=False)[0] for s in samples]
         )
         logits = predict(resized).float().cpu()
         for sample, sample_logits in zip(samples, logits, strict=True):
-            label = sample["label"]
-            full = F.interpolate(sample_logits[None], size=label.shape[-2:], mode="bilinear", align_corners=False)[0]
-            confusion.update(full.argmax(0), label)
+            confusion.update(_to_label_size(sample_logits, sample["label"]).argmax(0), sample["label"])
     return confusion.compute()
 
 

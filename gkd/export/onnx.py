@@ -1,0 +1,226 @@
+"""ONNX export of a segmentor at a baked input size with a dynamic batch, and parity checks against PyTorch.
+
+Every exported graph has one float32 input ``images`` ``(B, 3, H, W)`` in ``[0, 1]`` and one float32 output
+``logits`` ``(B, K, H, W)``, whatever its internal precision, so every runtime is called the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import timm.layers
+import torch
+from onnx import helper
+from timm.layers import Format
+from torch import nn
+
+from gkd.models.segmentor import Segmentor
+from gkd.utils.io import atomic_path
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+# The protobuf limit: above it ONNX needs external data files, which no student of this project reaches.
+MAX_SINGLE_FILE_BYTES = 2**31
+# Normalisations computed in fp32 inside the fp16 graph (see `half_precision`).
+FP32_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, timm.layers.RmsNorm)
+
+
+class ExportError(RuntimeError):
+    """An export that produced no usable artifact (a failed check, an unsupported graph)."""
+
+
+class ParityError(RuntimeError):
+    """An exported artifact whose outputs differ from PyTorch's beyond the tolerance."""
+
+
+def baked_size(segmentor: Segmentor, img_size: Sequence[int]) -> tuple[int, int]:
+    """The pixels the encoder sees at ``img_size``: the backbone crops to a multiple of the patch."""
+    patch = segmentor.encoder.patch_size
+    return img_size[0] // patch * patch, img_size[1] // patch * patch
+
+
+def prepare_for_export(segmentor: Segmentor, img_size: Sequence[int]) -> Segmentor:
+    """A deep copy in eval mode whose ViT runs at ``img_size`` only, with constant position embeddings.
+
+    Our backbones are built with ``dynamic_img_size=True``: every forward resamples the position embedding
+    (antialiased bicubic), and while exporting timm's ``resample_abs_pos_embed`` skips its same-size
+    early-out, so the graph would carry a cubic, antialiased Resize that TensorRT's parser does not honour.
+    ``set_input_size`` resamples once here, in PyTorch; switching the dynamic path off then leaves the
+    embedding (and EVA02's RoPE table) a constant of the graph. Fused SDPA attention stays on: the dynamo
+    exporter decomposes it (EVA02 included), only the legacy exporter needed it off.
+    """
+    model = copy.deepcopy(segmentor).eval()
+    vit = model.encoder.model
+    if getattr(vit, "dynamic_img_size", False):
+        rope = getattr(vit, "rope", None)
+        vit.set_input_size(img_size=baked_size(model, img_size))
+        vit.dynamic_img_size = False
+        # timm builds a dynamic-size patch embedding as NHWC without flattening (the flatten happens after the
+        # position embedding); the fixed-size path expects flattened NLC tokens, as a fixed-size model has.
+        patch_embed = vit.patch_embed
+        patch_embed.flatten = True
+        patch_embed.output_fmt = Format.NCHW
+        patch_embed.strict_img_size = True
+        if rope is not None and getattr(rope, "pos_embed", None) is None:
+            _bake_rope(rope, list(patch_embed.grid_size))
+    return model
+
+
+def _bake_rope(rope: nn.Module, grid: list[int]) -> None:
+    # A dynamic-size EVA builds its RoPE without a cached table (feat_shape=None) and rebuilds the table each
+    # forward, which exports as Range/If nodes; give it the cached-table mode a fixed-size EVA is built with.
+    table = rope.get_embed(shape=grid)
+    del rope.pos_embed
+    rope.register_buffer("pos_embed", table, persistent=False)
+    rope.feat_shape = grid
+    rope._use_cached_embed = True
+
+
+class _Float32(nn.Module):
+    """Runs ``module`` in fp32 inside an fp16 model: explicit Casts around it in the exported graph."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.float()).to(x.dtype)
+
+
+class _Float32IO(nn.Module):
+    """Float32 in and out around a reduced-precision model, so every artifact has the same interface."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.to(self.dtype)).float()
+
+
+def half_precision(prepared: nn.Module) -> nn.Module:
+    """An fp16 copy of a prepared segmentor for a strongly typed fp16 graph (fp32 input and logits).
+
+    Numerics: LayerNorm (and any other normalisation) computes in fp32 between explicit Casts, because the
+    variance of fp16 ViT activations overflows 65504; a strongly typed TensorRT network keeps those Casts.
+    Softmax stays fp16: the exporter's attention scales q and k by sqrt(1/sqrt(d)) each before their MatMul
+    (bounding the scores), Softmax subtracts the row maximum, and Casts around it would break TensorRT's
+    MatMul-Softmax-MatMul attention fusion.
+    """
+    model = copy.deepcopy(prepared).eval().half()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FP32_NORMS):
+                setattr(parent, name, _Float32(child))
+    return _Float32IO(model, torch.float16).eval()
+
+
+def unsafe_resizes(model: onnx.ModelProto) -> list[str]:
+    """Resize nodes TensorRT's parser does not honour: cubic or antialiased (a resampled position embedding)."""
+    unsafe = []
+    for node in model.graph.node:
+        if node.op_type != "Resize":
+            continue
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attributes.get("mode", b"nearest") == b"cubic" or attributes.get("antialias", 0):
+            unsafe.append(node.name)
+    return unsafe
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    img_size: Sequence[int],
+    opset: int = 18,
+    batch_range: Sequence[int] = (1, 8, 32),
+) -> dict:
+    """Export a prepared CPU model to ``path`` (dynamo exporter, dynamic batch in ``batch_range``).
+
+    The file is written atomically and only after `onnx.checker` and the Resize check pass.
+    """
+    path = Path(path)
+    low, _, high = batch_range
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if parameter_bytes >= MAX_SINGLE_FILE_BYTES:
+        raise ExportError(f"{parameter_bytes / 2**30:.1f} GiB of weights exceeds the 2 GiB single-file ONNX limit")
+    # torch.export specialises dimensions of size 1, so a dynamic batch needs an example batch of at least 2.
+    example = torch.rand(max(2, low) if high > 1 else 1, 3, *img_size)
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=low, max=high)},) if high > 1 else None
+    start = time.perf_counter()
+    with atomic_path(path) as temp, torch.inference_mode(False), torch.no_grad():
+        torch.onnx.export(
+            model,
+            (example,),
+            str(temp),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=dynamic_shapes,
+            external_data=False,
+            verbose=False,
+        )
+        onnx.checker.check_model(str(temp), full_check=True)
+        graph = onnx.load(str(temp))
+        unsafe = unsafe_resizes(graph)
+        if unsafe:
+            raise ExportError(
+                f"{path.name}: cubic/antialiased Resize nodes {unsafe} (a position-embedding resize: "
+                "was the model passed through prepare_for_export?)"
+            )
+    return {
+        "file": path.name,
+        "bytes": path.stat().st_size,
+        "opset": opset,
+        "batch_range": [low, high],
+        "export_s": round(time.perf_counter() - start, 2),
+        "ops": dict(sorted(Counter(node.op_type for node in graph.graph.node).items())),
+    }
+
+
+def onnx_session(path: str | Path, providers: Sequence[str | tuple[str, dict]] = ("CPUExecutionProvider",)):
+    """An ONNX Runtime session; intra-op threads follow torch's so the runtimes compare on equal terms."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+
+
+def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Max / mean |difference| and the fraction of pixels whose argmax class agrees."""
+    difference = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+    return {
+        "max_abs_diff": float(difference.max()),
+        "mean_abs_diff": float(difference.mean()),
+        "argmax_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
+    }
+
+
+@torch.no_grad()
+def check_parity(torch_model: nn.Module, onnx_path: str | Path, images: torch.Tensor, atol: float | None) -> dict:
+    """Compare ONNX Runtime (CPU provider: the graph, not a device) with ``torch_model`` on ``images``.
+
+    Raises `ParityError` when ``atol`` is given and the max |logit difference| exceeds it; reduced
+    precisions pass ``atol=None`` and are judged by argmax agreement and mIoU instead.
+    """
+    device = next(torch_model.parameters()).device
+    reference = torch_model(images.to(device, torch.float32)).float().cpu().numpy()
+    candidate = onnx_session(onnx_path).run([OUTPUT_NAME], {INPUT_NAME: images.float().cpu().numpy()})[0]
+    if candidate.shape != reference.shape:
+        raise ParityError(f"{Path(onnx_path).name}: logits {candidate.shape}, PyTorch {reference.shape}")
+    result = compare_logits(reference, candidate)
+    if atol is not None and not result["max_abs_diff"] <= atol:
+        raise ParityError(
+            f"{Path(onnx_path).name}: max |logit difference| {result['max_abs_diff']:.3g} vs PyTorch exceeds "
+            f"atol {atol:g} (mean {result['mean_abs_diff']:.3g}, argmax agreement {result['argmax_agreement']:.4f})"
+        )
+    return result

@@ -1,0 +1,235 @@
+"""The runtimes an exported segmentor runs in, behind one interface.
+
+``predict(batch)``: float32 numpy ``(B, 3, H, W)`` in ``[0, 1]`` -> float32 numpy logits ``(B, K, H, W)``.
+For timing, `Runtime.stage` puts a batch where the runtime reads it (a CUDA tensor, an ONNX Runtime value)
+and `Runtime.run` computes device-resident logits, so latency excludes host <-> device copies (as trtexec's
+GPU compute time does): full-resolution logits are large and their copy would dominate a small model.
+
+Every runtime runs on the benchmark device: PyTorch eager (fp32; bf16 / fp16 autocast on CUDA), ONNX Runtime
+(CUDA provider on a GPU, CPU provider otherwise), ONNX Runtime's TensorRT provider, TensorRT engines and
+AOTInductor packages.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gkd.export.aoti import load_aoti
+from gkd.export.onnx import INPUT_NAME, OUTPUT_NAME, onnx_session, prepare_for_export
+from gkd.models.segmentor import Segmentor
+
+RUNTIME_NAMES = ("torch", "onnxruntime", "onnxruntime-trt", "tensorrt", "aoti")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Runtime(ABC):
+    """One runtime x precision on one device."""
+
+    runtime: str
+
+    def __init__(self, precision: str, device: torch.device, info: dict | None = None) -> None:
+        self.precision = precision
+        self.device = device
+        self.info = {"runtime": self.runtime, "precision": precision, "device": str(device), **(info or {})}
+
+    @property
+    def key(self) -> str:
+        return f"{self.runtime}/{self.precision}"
+
+    def stage(self, batch: np.ndarray) -> Any:
+        """The batch where `run` reads it (default: a tensor on the device)."""
+        return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+
+    @abstractmethod
+    def run(self, staged: Any) -> Any:
+        """Logits for a staged batch, left on the device (asynchronous on CUDA: see `synchronize`)."""
+
+    def to_numpy(self, output: Any) -> np.ndarray:
+        return output.float().cpu().numpy()
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self.to_numpy(self.run(self.stage(batch)))
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class TorchRuntime(Runtime):
+    """PyTorch eager on the fixed-size model; bf16 / fp16 by autocast (CUDA only)."""
+
+    runtime = "torch"
+
+    def __init__(self, segmentor: Segmentor, img_size: Sequence[int], precision: str, device: torch.device) -> None:
+        if precision != "fp32" and device.type != "cuda":
+            raise ValueError(f"torch {precision} autocast is only benchmarked on CUDA")
+        super().__init__(precision, device, {"autocast": precision != "fp32"})
+        self.model = prepare_for_export(segmentor, img_size).to(device)
+
+    def run(self, staged: torch.Tensor) -> torch.Tensor:
+        autocast = torch.autocast(self.device.type, _AUTOCAST.get(self.precision), enabled=self.precision != "fp32")
+        with torch.inference_mode(), autocast:
+            return self.model(staged)
+
+
+class OnnxRuntime(Runtime):
+    """An ONNX file in ONNX Runtime, I/O bound on the device (``io_binding``), so no copies are timed."""
+
+    runtime = "onnxruntime"
+
+    def __init__(
+        self, path: Path, precision: str, device: torch.device, providers: Sequence[str | tuple[str, dict]]
+    ) -> None:
+        self.session = onnx_session(path, providers)
+        wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        if self.session.get_providers()[0] != wanted:
+            # ONNX Runtime falls back silently when a provider's libraries fail to load.
+            raise RuntimeError(f"{wanted} did not load (session runs on {self.session.get_providers()})")
+        self.ort_device = ("cuda", device.index or 0) if device.type == "cuda" else ("cpu", 0)
+        super().__init__(precision, device, {"artifact": path.name, "providers": self.session.get_providers()})
+
+    def stage(self, batch: np.ndarray) -> Any:
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch, dtype=np.float32), *self.ort_device)
+
+    def run(self, staged: Any) -> Any:
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(INPUT_NAME, staged)
+        binding.bind_output(OUTPUT_NAME, *self.ort_device)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
+
+    def to_numpy(self, output: Any) -> np.ndarray:
+        return output.numpy()
+
+
+class OnnxRuntimeTensorRT(OnnxRuntime):
+    """ONNX Runtime's TensorRT execution provider (it builds and caches its own engines)."""
+
+    runtime = "onnxruntime-trt"
+
+
+class TensorRTRuntime(Runtime):
+    """A serialized TensorRT engine (``gkd.export.tensorrt``)."""
+
+    runtime = "tensorrt"
+
+    def __init__(self, path: Path, precision: str, device: torch.device) -> None:
+        from gkd.export.tensorrt import TensorRTEngine
+
+        self.engine = TensorRTEngine(path, device)
+        super().__init__(precision, device, {"artifact": path.name})
+
+    def run(self, staged: torch.Tensor) -> torch.Tensor:
+        return self.engine(staged)
+
+
+class AOTIRuntime(Runtime):
+    """An AOTInductor package, on the device it was compiled for."""
+
+    runtime = "aoti"
+
+    def __init__(self, path: Path, device: torch.device) -> None:
+        self.model = load_aoti(path)
+        super().__init__("fp32", device, {"artifact": path.name})
+
+    def run(self, staged: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(staged)
+
+
+def _ort_providers(runtime: str, precision: str, device: torch.device, out_dir: Path, export_summary: dict) -> list:
+    """Providers for an ONNX Runtime session, or a `RuntimeError` saying why this runtime cannot run here."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if runtime == "onnxruntime" and device.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.type != "cuda":
+        raise RuntimeError(f"{runtime} needs a CUDA device; the device is {device.type}")
+    index = device.index or 0
+    if runtime == "onnxruntime":
+        if "CUDAExecutionProvider" not in available:
+            raise RuntimeError(f"CUDAExecutionProvider not available (providers: {available}; gpu extra)")
+        return [("CUDAExecutionProvider", {"device_id": index})]
+    if "TensorrtExecutionProvider" not in available:
+        raise RuntimeError(f"TensorrtExecutionProvider not available (providers: {available})")
+    low, opt, high = export_summary["batch_range"]
+    height, width = export_summary["img_size"]
+    shape = f"{INPUT_NAME}:{{}}x3x{height}x{width}"
+    options = {
+        "device_id": index,
+        "trt_fp16_enable": precision in ("fp16", "int8"),
+        "trt_int8_enable": precision == "int8",
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(out_dir / "ort_trt_cache"),
+        "trt_timing_cache_enable": True,
+        # One profile over the export batch range, so changing batch sizes does not rebuild engines.
+        "trt_profile_min_shapes": shape.format(low),
+        "trt_profile_opt_shapes": shape.format(opt),
+        "trt_profile_max_shapes": shape.format(high),
+    }
+    return [("TensorrtExecutionProvider", options), ("CUDAExecutionProvider", {"device_id": index})]
+
+
+def _candidates(
+    segmentor: Segmentor, img_size: Sequence[int], out_dir: Path, export_summary: dict, device: torch.device
+) -> dict[str, Any]:
+    """Runtime keys -> loaders (or the reason they cannot run); a loader raises when its runtime fails to load."""
+    artifacts = export_summary.get("artifacts", {})
+    candidates: dict[str, Any] = {"torch/fp32": lambda: TorchRuntime(segmentor, img_size, "fp32", device)}
+    if device.type == "cuda":
+        for precision in ("bf16", "fp16"):
+            candidates[f"torch/{precision}"] = lambda p=precision: TorchRuntime(segmentor, img_size, p, device)
+    for key, artifact in artifacts.items():
+        kind, precision = key.split("/")
+        path = out_dir / artifact["file"]
+        if kind == "onnx":
+            for runtime, cls in (("onnxruntime", OnnxRuntime), ("onnxruntime-trt", OnnxRuntimeTensorRT)):
+                candidates[f"{runtime}/{precision}"] = lambda r=runtime, c=cls, p=precision, f=path: c(
+                    f, p, device, _ort_providers(r, p, device, out_dir, export_summary)
+                )
+        elif kind == "tensorrt":
+            candidates[f"tensorrt/{precision}"] = lambda p=precision, f=path: TensorRTRuntime(f, p, device)
+        elif kind == "aoti" and artifact["device"] != device.type:
+            candidates[key] = f"the package was compiled for {artifact['device']}, the device is {device.type}"
+        elif kind == "aoti":
+            candidates[key] = lambda f=path: AOTIRuntime(f, device)
+    return candidates
+
+
+def available_runtimes(
+    segmentor: Segmentor,
+    img_size: Sequence[int],
+    out_dir: str | Path,
+    export_summary: dict,
+    device: torch.device,
+    names: str | Sequence[str] = "auto",
+) -> tuple[dict[str, Runtime], dict[str, str]]:
+    """Load every runtime x precision that can run here: ``(loaded, {key: why not})``.
+
+    ``names`` = ``"auto"`` or runtime names (``torch``, ``onnxruntime``, ...) to restrict to. Artifacts the
+    export stage skipped (``export_summary["skipped"]``) are reported with the export's reason.
+    """
+    wanted = set(RUNTIME_NAMES if names == "auto" else names)
+    loaded: dict[str, Runtime] = {}
+    # Export skips only engines and packages, whose kinds ("tensorrt", "aoti") are also their runtimes' names.
+    skipped = {key: why for key, why in export_summary.get("skipped", {}).items() if key.split("/")[0] in wanted}
+    for key, loader in _candidates(segmentor, img_size, Path(out_dir), export_summary, device).items():
+        if key.split("/")[0] not in wanted:
+            continue
+        if isinstance(loader, str):
+            skipped[key] = loader
+            continue
+        try:
+            loaded[key] = loader()
+        except Exception as error:  # a runtime that does not load is reported, never fatal
+            skipped[key] = f"{type(error).__name__}: {error}"
+    return loaded, skipped
