@@ -72,9 +72,10 @@ class Run:
             self.recipe.training.teacher_dtype
         ]
 
-    def dataset(self, config: DatasetConfig, train: bool, labeled: bool = True):
+    def dataset(self, config: DatasetConfig, train: bool, labeled: bool = True, for_teacher: bool = False):
         data = self.recipe.data
-        transform = build_train_transform(data.train_transform) if train else build_eval_transform(data.eval_transform)
+        train_transform = (data.teacher_transform if for_teacher else None) or data.train_transform
+        transform = build_train_transform(train_transform) if train else build_eval_transform(data.eval_transform)
         dataset = build_dataset(config, transform=transform, labeled=labeled)
         if config == data.source and self.info.is_main and not self.file(SOURCE_SELECTION_FILE).is_file():
             dataset.save_fraction_indices(self.file(SOURCE_SELECTION_FILE))  # which labeled samples were used
@@ -146,7 +147,8 @@ def stage_train_teacher(run: Run) -> None:
     recipe = run.recipe
     segmentor = teacher_segmentor(run, trained=False)
     objective = TaskObjective(segmentor, freeze_encoder=not recipe.models.teacher.train_encoder)
-    run.trainer("teacher", objective, run.dataset(recipe.data.source, train=True), recipe.teacher_training).fit()
+    source = run.dataset(recipe.data.source, train=True, for_teacher=True)
+    run.trainer("teacher", objective, source, recipe.teacher_training).fit()
     if run.info.is_main:
         save_segmentor(
             run.file(TEACHER_FILE),

@@ -57,6 +57,9 @@ class DataConfig(_Strict):
     proxy: DatasetConfig | None = Field(None, description="unlabeled proxy images (task-agnostic distillation)")
     targets: dict[str, DatasetConfig] = Field(description="unseen target domains, by name (evaluation only)")
     train_transform: TrainTransformConfig = Field(default_factory=TrainTransformConfig)
+    teacher_transform: TrainTransformConfig | None = Field(
+        None, description="the teacher stage's training transform; default: train_transform"
+    )
     eval_transform: EvalTransformConfig = Field(default_factory=EvalTransformConfig)
 
     @model_validator(mode="after")

@@ -12,6 +12,8 @@ Sliding-window inference belongs to the evaluate module, not here.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torchvision import tv_tensors
@@ -32,6 +34,13 @@ class TrainTransformConfig(BaseModel):
     cat_max_ratio: float = Field(1.0, gt=0, le=1, description="max share of one class in a crop (1 = off)")
     hflip: bool = True
     photometric: bool = Field(True, description="brightness/contrast/saturation/hue jitter")
+    appearance: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="strength of appearance-shift augmentation (exposure, gamma, colour cast, haze, sensor "
+        "noise), for a teacher that must stand in for a robust foundation model; 0 = off",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> TrainTransformConfig:
@@ -81,7 +90,40 @@ def build_train_transform(config: TrainTransformConfig) -> _SampleTransform:
         steps.append(v2.RandomHorizontalFlip())
     if config.photometric:
         steps.append(v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05))
+    if config.appearance > 0:
+        steps.append(_RandomAppearance(config.appearance))
     return _SampleTransform(v2.Compose(steps))
+
+
+class _RandomAppearance(v2.Transform):
+    """Random lighting/weather-like appearance shifts of the image (the label is untouched): exposure
+    ``x * e^a``, gamma ``x ** e^g``, a per-channel colour cast, haze (blend towards grey) and Gaussian sensor
+    noise, each range scaled by ``strength``. torchvision has no such transform (ColorJitter keeps the
+    exposure range narrow and adds no noise or haze)."""
+
+    def __init__(self, strength: float) -> None:
+        super().__init__()
+        self.strength = strength
+
+    def make_params(self, flat_inputs: list) -> dict:
+        s = self.strength
+        return {
+            "exposure": math.exp(_uniform(-1.6 * s, 0.4 * s)),
+            "gamma": math.exp(_uniform(-0.4 * s, 0.6 * s)),
+            "cast": torch.empty(3, 1, 1).uniform_(1 - 0.35 * s, 1 + 0.15 * s),
+            "haze": _uniform(0.0, 0.6 * s) if _uniform(0, 1) < 0.3 else 0.0,
+            "noise": _uniform(0.0, 0.05 * s),
+            "seed": int(torch.randint(0, 2**31 - 1, ())),
+        }
+
+    def transform(self, inpt, params: dict):
+        if not isinstance(inpt, tv_tensors.Image):
+            return inpt
+        image = (inpt.as_subclass(torch.Tensor) * params["exposure"]).clamp(0, 1) ** params["gamma"]
+        image = image * params["cast"]
+        image = image * (1 - params["haze"]) + params["haze"] * 0.75
+        noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(params["seed"]))
+        return tv_tensors.wrap((image + params["noise"] * noise).clamp(0, 1), like=inpt)
 
 
 def build_eval_transform(config: EvalTransformConfig) -> _EvalResize | None:
