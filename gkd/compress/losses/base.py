@@ -21,6 +21,9 @@ Conventions shared by every feature loss:
 
 from __future__ import annotations
 
+import functools
+import operator
+
 from typing import ClassVar
 
 import torch
@@ -127,7 +130,8 @@ def ln_linear(in_dim: int, out_dim: int) -> nn.Sequential:
 
 def total(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``{"loss": sum of terms, **terms detached}`` (the terms are for logging only)."""
-    out = {"loss": sum(terms.values())}
+    # reduce(add), not sum(): sum() starts from int 0, which torch.compile turns into a loss without grad
+    out = {"loss": functools.reduce(operator.add, terms.values())}
     out.update({key: value.detach() for key, value in terms.items()})
     return out
 

@@ -1,0 +1,287 @@
+"""Throughput and peak memory of one distillation training step, fp32 eager vs. tuned.
+
+One step is what GKD stage 1 (``distill.task_agnostic`` / ``distill.domain_agnostic``) repeats:
+the frozen teacher's forward pass without gradients, the student's forward and backward passes through
+the distillation loss (with the loss's own heads), gradient clipping at norm 1 (as the trainer does)
+and an AdamW step. It is built from the project's own parts, ``gkd.models.zoo.create_backbone``,
+``gkd.compress.losses.build_loss`` and ``gkd.compress.objectives.DistillObjective``, with random
+weights (speed does not depend on them) on a fixed random batch already on the device: data loading
+is not measured.
+
+Modes:
+
+* ``eager``: everything in float32, no compilation, AdamW with its default (for-each) kernels.
+* ``tuned``: on GPU the step under ``torch.autocast(bfloat16)`` with the teacher's weights in bfloat16;
+  the objective (student forward + loss; the teacher call inside it) compiled with ``torch.compile``;
+  fused AdamW. Attention is timm's default (``F.scaled_dot_product_attention``) in both modes;
+  channels-last does not apply to ViTs. On CPU the tuned precision defaults to float32 (compile + fused
+  AdamW only): bfloat16 pays off only on CPUs with native bf16 arithmetic (AVX512-BF16, AMX);
+  ``--tuned-precision bf16`` measures it.
+
+Each mode runs in its own child process, so peak memory is the mode's own:
+``torch.cuda.max_memory_allocated`` on GPU, the process's maximum resident set size
+(``resource.getrusage``) on CPU, each reported with its value before the first step (the models, and
+on CPU the imports too) so the step's share can be read off. Timing synchronises CUDA before starting
+and before stopping the clock; ``--warmup`` steps (compilation included) run first and are not timed;
+then ``--repeats`` windows of ``--steps`` steps are timed and the median window is reported (every
+window's rate is kept in the JSON).
+
+Examples::
+
+    # GPU, the paper's F2L pair at the paper's crop:
+    python benchmarks/distill_throughput.py --teacher dinov2_vitl14 --student deit_base --loss qsd \\
+        --img-size 512 --batch-size 8 --steps 20 --warmup 5 --device cuda --out results.json
+    # CPU smoke version with small widths:
+    python benchmarks/distill_throughput.py --tiny --device cpu --img-size 112 --batch-size 4 --steps 10 --warmup 3
+    # A recipe's teacher / student / loss / image size:
+    python benchmarks/distill_throughput.py --recipe recipes/gtav2real/f2l_dinov2l_deitb_gkd.yaml --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+# Small widths for --tiny (CPU smoke runs): architecture families and patch sizes are kept.
+TINY_TEACHER = {"embed_dim": 128, "depth": 4, "num_heads": 4}
+TINY_STUDENT = {"embed_dim": 64, "depth": 4, "num_heads": 2}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", help="take teacher, student, loss and image size from this recipe")
+    parser.add_argument("--teacher", default="dinov2_vitl14", help="zoo spec or timm ViT name")
+    parser.add_argument("--student", default="deit_base", help="zoo spec or timm ViT name")
+    parser.add_argument("--loss", default="qsd", help="distillation loss (feature kind): qsd, mse, cwd, vitkd, ...")
+    parser.add_argument("--loss-options", default="{}", help="loss options as JSON")
+    parser.add_argument("--img-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per window")
+    parser.add_argument("--repeats", type=int, default=1, help="timed windows; the median window is reported")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="small widths (CPU smoke runs)")
+    parser.add_argument("--modes", nargs="+", choices=("eager", "tuned"), default=["eager", "tuned"])
+    parser.add_argument(
+        "--tuned-precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="autocast dtype of the tuned mode (auto: bf16 on GPU, fp32 on CPU)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--child-mode", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def resolve_setup(args: argparse.Namespace) -> dict[str, Any]:
+    """Teacher / student / loss / image size, from the command line or a recipe."""
+    setup = {
+        "teacher": args.teacher,
+        "teacher_kwargs": {},
+        "student": args.student,
+        "student_kwargs": {},
+        "loss": args.loss,
+        "loss_options": json.loads(args.loss_options),
+        "img_size": args.img_size,
+    }
+    if args.recipe:
+        from gkd.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        setup.update(
+            teacher=recipe.models.teacher.name,
+            teacher_kwargs=dict(recipe.models.teacher.kwargs),
+            student=recipe.models.student.name,
+            student_kwargs=dict(recipe.models.student.kwargs),
+            loss=recipe.distill.loss.name,
+            loss_options=dict(recipe.distill.loss.options),
+            img_size=recipe.data.img_size[0],
+        )
+        if recipe.data.img_size[0] != recipe.data.img_size[1]:
+            raise SystemExit(f"--recipe: this benchmark uses square images, the recipe has {recipe.data.img_size}")
+    from gkd.compress.losses import loss_kind
+
+    if loss_kind(setup["loss"]) != "feature":
+        raise SystemExit(f"loss {setup['loss']}: stage-1 distillation takes a feature loss (qsd, mse, cwd, ...)")
+    if args.tiny:
+        setup["teacher_kwargs"] = {**setup["teacher_kwargs"], **TINY_TEACHER}
+        setup["student_kwargs"] = {**setup["student_kwargs"], **TINY_STUDENT}
+    return setup
+
+
+def _max_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def run_mode(mode: str, args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
+    """Build the step for ``mode``, warm it up, time ``args.steps`` steps; in this process."""
+    import torch
+
+    from gkd.compress.losses import build_loss
+    from gkd.compress.objectives import DistillObjective
+    from gkd.models.zoo import create_backbone
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    tuned = mode == "tuned"
+    precision = args.tuned_precision if tuned else "fp32"
+    if precision == "auto":
+        precision = "bf16" if cuda else "fp32"
+    autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+    teacher_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    torch.manual_seed(args.seed)
+    size = setup["img_size"]
+    teacher = create_backbone(setup["teacher"], **{"img_size": size, **setup["teacher_kwargs"]})
+    student = create_backbone(setup["student"], **{"img_size": size, **setup["student_kwargs"]})
+    loss = build_loss(setup["loss"], setup["loss_options"], student.embed_dim, teacher.embed_dim)
+    objective = DistillObjective(student, loss, teacher.to(device), teacher_dtype).to(device)
+    objective.train()
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, **({"fused": True} if tuned else {}))
+    step_fn = torch.compile(objective) if tuned else objective
+    images = torch.rand(args.batch_size, 3, size, size, device=device)
+    batch = {"image": images}
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            out = step_fn(batch)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out["loss"]
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    rss_before = _max_rss_mb()
+    if cuda:
+        sync()
+        gpu_before = torch.cuda.memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    sync()
+    warmup_s = time.perf_counter() - start
+    windows, last = [], None
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            last = step()
+        sync()
+        windows.append(time.perf_counter() - start)
+    elapsed = statistics.median(windows)
+    result = {
+        "mode": mode,
+        "autocast": precision,
+        "teacher_dtype": str(teacher_dtype).removeprefix("torch."),
+        "compiled": tuned,
+        "fused_adamw": tuned,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "seconds": elapsed,
+        "step_ms": 1000 * elapsed / args.steps,
+        "images_per_s": args.batch_size * args.steps / elapsed,
+        "images_per_s_windows": [args.batch_size * args.steps / seconds for seconds in windows],
+        "warmup_s": warmup_s,
+        "final_loss": float(last.detach().float()) if last is not None else None,
+        "trainable_params_m": sum(p.numel() for p in params) / 1e6,
+        "teacher_params_m": sum(p.numel() for p in teacher.parameters()) / 1e6,
+    }
+    if cuda:
+        result["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        result["gpu_mem_before_steps_mb"] = gpu_before
+    else:
+        result["peak_rss_mb"] = _max_rss_mb()
+        result["rss_before_steps_mb"] = rss_before
+    return result
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads or torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+    try:
+        import timm
+
+        env["timm"] = timm.__version__
+    except ImportError:
+        pass
+    if args.device == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup = resolve_setup(args)
+    if args.child_mode:
+        print(json.dumps(run_mode(args.child_mode, args, setup)))
+        return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    results = {}
+    for mode in args.modes:
+        child = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), *argv, "--child-mode", mode],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if child.returncode != 0:
+            sys.stderr.write(child.stderr)
+            raise SystemExit(f"mode {mode} failed (exit {child.returncode})")
+        results[mode] = json.loads(child.stdout.strip().splitlines()[-1])
+        print(
+            f"{mode:>5}: {results[mode]['images_per_s']:8.2f} img/s  {results[mode]['step_ms']:9.1f} ms/step  "
+            + (
+                f"peak GPU {results[mode]['peak_gpu_mem_mb']:.0f} MiB"
+                if "peak_gpu_mem_mb" in results[mode]
+                else f"peak RSS {results[mode]['peak_rss_mb']:.0f} MiB "
+                f"(before steps {results[mode]['rss_before_steps_mb']:.0f} MiB)"
+            ),
+            flush=True,
+        )
+    report = {
+        "benchmark": "distill_throughput",
+        "command": "python benchmarks/distill_throughput.py " + " ".join(argv),
+        "setup": {**setup, "batch_size": args.batch_size, "device": args.device, "warmup": args.warmup},
+        "environment": environment(args),
+        "modes": results,
+    }
+    if "eager" in results and "tuned" in results:
+        report["speedup"] = results["tuned"]["images_per_s"] / results["eager"]["images_per_s"]
+        print(f"speedup tuned / eager: {report['speedup']:.2f}x")
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(report, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
