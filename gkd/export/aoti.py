@@ -6,6 +6,7 @@ package runs only on the device type it was compiled for (C++ kernels on CPU, Tr
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ def compile_aoti(
     """Compile a prepared (fixed-size) segmentor for ``device`` into the package ``path``, atomically."""
     path = Path(path)
     low, _, high = batch_range
-    model = prepared.to(device).eval()
+    model = copy.deepcopy(prepared).to(device).eval()
     # torch.export specialises dimensions of size 1, so a dynamic batch needs an example batch of at least 2.
     example = torch.rand(max(2, low) if high > 1 else 1, 3, *img_size, device=device)
     dynamic_shapes = ({0: torch.export.Dim("batch", min=low, max=high)},) if high > 1 else None

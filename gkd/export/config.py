@@ -33,7 +33,9 @@ class ExportConfig(BaseModel):
     parity_atol: float = Field(
         1e-3, gt=0, description="max |logit difference| allowed between ONNX Runtime fp32 and PyTorch fp32"
     )
-    tensorrt: bool = Field(True, description="build model.fp16.engine / model.int8.engine where TensorRT and a GPU exist")
+    tensorrt: bool = Field(
+        True, description="build model.fp16.engine / model.int8.engine where TensorRT and a GPU exist"
+    )
     aoti: bool = Field(True, description="compile model.pt2 with AOTInductor on the export device")
     batch_range: tuple[int, int, int] = Field(
         (1, 8, 32), description="(min, opt, max) batch: the dynamic batch of every artifact and the TensorRT profile"

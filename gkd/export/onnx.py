@@ -7,10 +7,13 @@ Every exported graph has one float32 input ``images`` ``(B, 3, H, W)`` in ``[0, 
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -22,6 +25,9 @@ from torch import nn
 
 from gkd.models.segmentor import Segmentor
 from gkd.utils.io import atomic_path
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -134,6 +140,21 @@ def unsafe_resizes(model: onnx.ModelProto) -> list[str]:
     return unsafe
 
 
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    # The exporter's graph optimizer logs every rewrite and fold at INFO/WARNING (hundreds of lines per model)
+    # through loggers that propagate to the run's root logger; only its errors matter to a run's log.
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -154,7 +175,7 @@ def export_onnx(
     example = torch.rand(max(2, low) if high > 1 else 1, 3, *img_size)
     dynamic_shapes = ({0: torch.export.Dim("batch", min=low, max=high)},) if high > 1 else None
     start = time.perf_counter()
-    with atomic_path(path) as temp, torch.inference_mode(False), torch.no_grad():
+    with atomic_path(path) as temp, _quiet_exporter(), torch.no_grad():
         torch.onnx.export(
             model,
             (example,),
@@ -185,7 +206,9 @@ def export_onnx(
     }
 
 
-def onnx_session(path: str | Path, providers: Sequence[str | tuple[str, dict]] = ("CPUExecutionProvider",)):
+def onnx_session(
+    path: str | Path, providers: Sequence[str | tuple[str, dict]] = ("CPUExecutionProvider",)
+) -> onnxruntime.InferenceSession:
     """An ONNX Runtime session; intra-op threads follow torch's so the runtimes compare on equal terms."""
     import onnxruntime as ort
 
@@ -210,7 +233,8 @@ def check_parity(torch_model: nn.Module, onnx_path: str | Path, images: torch.Te
     """Compare ONNX Runtime (CPU provider: the graph, not a device) with ``torch_model`` on ``images``.
 
     Raises `ParityError` when ``atol`` is given and the max |logit difference| exceeds it; reduced
-    precisions pass ``atol=None`` and are judged by argmax agreement and mIoU instead.
+    precisions pass ``atol=None`` and are judged by argmax agreement and mIoU instead. For a tight fp32
+    check pass a CPU model (CUDA convolutions default to TF32).
     """
     device = next(torch_model.parameters()).device
     reference = torch_model(images.to(device, torch.float32)).float().cpu().numpy()

@@ -13,6 +13,7 @@ Choices for ViT segmentors (each also what TensorRT's explicit-quantization path
   (the classifier that produces the logits): the usual first/last-layer rule, a small share of the FLOPs.
 - Biases stay float (``QuantizeBias=False``): TensorRT adds them in its fp32 epilogue, it has no int32 bias DQ.
 - Calibration: min/max over the calibration images by default (``percentile`` / ``entropy`` selectable).
+- No ``quant_pre_process``: the exporter's optimizer already folded BatchNorm and constants into the graph.
 """
 
 from __future__ import annotations

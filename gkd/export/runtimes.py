@@ -13,7 +13,7 @@ AOTInductor packages.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,13 @@ class Runtime(ABC):
 
     runtime: str
 
-    def __init__(self, precision: str, device: torch.device, info: dict | None = None) -> None:
+    def __init__(
+        self, precision: str, device: torch.device, info: dict | None = None, max_batch: int | None = None
+    ) -> None:
         self.precision = precision
         self.device = device
+        # Artifacts take batches up to their export batch range; `predict` splits larger ones.
+        self.max_batch = max_batch
         self.info = {"runtime": self.runtime, "precision": precision, "device": str(device), **(info or {})}
 
     @property
@@ -54,6 +58,9 @@ class Runtime(ABC):
         return output.float().cpu().numpy()
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
+        step = self.max_batch or len(batch)
+        if len(batch) > step:
+            return np.concatenate([self.predict(batch[i : i + step]) for i in range(0, len(batch), step)])
         return self.to_numpy(self.run(self.stage(batch)))
 
     def synchronize(self) -> None:
@@ -84,7 +91,12 @@ class OnnxRuntime(Runtime):
     runtime = "onnxruntime"
 
     def __init__(
-        self, path: Path, precision: str, device: torch.device, providers: Sequence[str | tuple[str, dict]]
+        self,
+        path: Path,
+        precision: str,
+        device: torch.device,
+        providers: Sequence[str | tuple[str, dict]],
+        max_batch: int | None = None,
     ) -> None:
         self.session = onnx_session(path, providers)
         wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
@@ -92,7 +104,8 @@ class OnnxRuntime(Runtime):
             # ONNX Runtime falls back silently when a provider's libraries fail to load.
             raise RuntimeError(f"{wanted} did not load (session runs on {self.session.get_providers()})")
         self.ort_device = ("cuda", device.index or 0) if device.type == "cuda" else ("cpu", 0)
-        super().__init__(precision, device, {"artifact": path.name, "providers": self.session.get_providers()})
+        info = {"artifact": path.name, "providers": self.session.get_providers()}
+        super().__init__(precision, device, info, max_batch)
 
     def stage(self, batch: np.ndarray) -> Any:
         import onnxruntime as ort
@@ -121,11 +134,11 @@ class TensorRTRuntime(Runtime):
 
     runtime = "tensorrt"
 
-    def __init__(self, path: Path, precision: str, device: torch.device) -> None:
+    def __init__(self, path: Path, precision: str, device: torch.device, max_batch: int | None = None) -> None:
         from gkd.export.tensorrt import TensorRTEngine
 
         self.engine = TensorRTEngine(path, device)
-        super().__init__(precision, device, {"artifact": path.name})
+        super().__init__(precision, device, {"artifact": path.name}, max_batch)
 
     def run(self, staged: torch.Tensor) -> torch.Tensor:
         return self.engine(staged)
@@ -136,9 +149,9 @@ class AOTIRuntime(Runtime):
 
     runtime = "aoti"
 
-    def __init__(self, path: Path, device: torch.device) -> None:
+    def __init__(self, path: Path, device: torch.device, max_batch: int | None = None) -> None:
         self.model = load_aoti(path)
-        super().__init__("fp32", device, {"artifact": path.name})
+        super().__init__("fp32", device, {"artifact": path.name}, max_batch)
 
     def run(self, staged: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -179,30 +192,56 @@ def _ort_providers(runtime: str, precision: str, device: torch.device, out_dir: 
     return [("TensorrtExecutionProvider", options), ("CUDAExecutionProvider", {"device_id": index})]
 
 
-def _candidates(
-    segmentor: Segmentor, img_size: Sequence[int], out_dir: Path, export_summary: dict, device: torch.device
-) -> dict[str, Any]:
-    """Runtime keys -> loaders (or the reason they cannot run); a loader raises when its runtime fails to load."""
-    artifacts = export_summary.get("artifacts", {})
-    candidates: dict[str, Any] = {"torch/fp32": lambda: TorchRuntime(segmentor, img_size, "fp32", device)}
+Loader = Callable[[], Runtime]
+
+
+def runtime_loaders(
+    segmentor: Segmentor,
+    img_size: Sequence[int],
+    out_dir: str | Path,
+    export_summary: dict,
+    device: torch.device,
+    names: str | Sequence[str] = "auto",
+) -> tuple[dict[str, Loader], dict[str, str]]:
+    """Loaders of every runtime x precision wanted here, and ``{key: why not}`` for those known not to run.
+
+    ``names`` = ``"auto"`` or runtime names (``torch``, ``onnxruntime``, ...) to restrict to. Artifacts the
+    export stage skipped (``export_summary["skipped"]``) are reported with the export's reason. A loader
+    raises when its runtime does not load (missing provider, library, device); see `load_runtime`.
+    """
+    wanted = set(RUNTIME_NAMES if names == "auto" else names)
+    out_dir = Path(out_dir)
+    max_batch = export_summary.get("batch_range", [None])[-1]
+    # Export skips only engines and packages, whose kinds ("tensorrt", "aoti") are also their runtimes' names.
+    skipped = {key: why for key, why in export_summary.get("skipped", {}).items() if key.split("/")[0] in wanted}
+    loaders: dict[str, Loader] = {"torch/fp32": lambda: TorchRuntime(segmentor, img_size, "fp32", device)}
     if device.type == "cuda":
         for precision in ("bf16", "fp16"):
-            candidates[f"torch/{precision}"] = lambda p=precision: TorchRuntime(segmentor, img_size, p, device)
-    for key, artifact in artifacts.items():
+            loaders[f"torch/{precision}"] = lambda p=precision: TorchRuntime(segmentor, img_size, p, device)
+    for key, artifact in export_summary.get("artifacts", {}).items():
         kind, precision = key.split("/")
         path = out_dir / artifact["file"]
         if kind == "onnx":
             for runtime, cls in (("onnxruntime", OnnxRuntime), ("onnxruntime-trt", OnnxRuntimeTensorRT)):
-                candidates[f"{runtime}/{precision}"] = lambda r=runtime, c=cls, p=precision, f=path: c(
-                    f, p, device, _ort_providers(r, p, device, out_dir, export_summary)
+                loaders[f"{runtime}/{precision}"] = lambda r=runtime, c=cls, p=precision, f=path: c(
+                    f, p, device, _ort_providers(r, p, device, out_dir, export_summary), max_batch
                 )
         elif kind == "tensorrt":
-            candidates[f"tensorrt/{precision}"] = lambda p=precision, f=path: TensorRTRuntime(f, p, device)
+            loaders[key] = lambda p=precision, f=path: TensorRTRuntime(f, p, device, max_batch)
         elif kind == "aoti" and artifact["device"] != device.type:
-            candidates[key] = f"the package was compiled for {artifact['device']}, the device is {device.type}"
+            skipped[key] = f"the package was compiled for {artifact['device']}, the device is {device.type}"
         elif kind == "aoti":
-            candidates[key] = lambda f=path: AOTIRuntime(f, device)
-    return candidates
+            loaders[key] = lambda f=path: AOTIRuntime(f, device, max_batch)
+    loaders = {key: loader for key, loader in loaders.items() if key.split("/")[0] in wanted}
+    return loaders, {key: why for key, why in skipped.items() if key.split("/")[0] in wanted}
+
+
+def load_runtime(loader: Loader) -> tuple[Runtime | None, str | None]:
+    """``(runtime, None)``, or ``(None, why)`` when it does not load here."""
+    try:
+        return loader(), None
+    except Exception as error:  # a runtime that does not load is reported, never fatal
+        return None, f"{type(error).__name__}: {error}"
 
 
 def available_runtimes(
@@ -213,23 +252,13 @@ def available_runtimes(
     device: torch.device,
     names: str | Sequence[str] = "auto",
 ) -> tuple[dict[str, Runtime], dict[str, str]]:
-    """Load every runtime x precision that can run here: ``(loaded, {key: why not})``.
-
-    ``names`` = ``"auto"`` or runtime names (``torch``, ``onnxruntime``, ...) to restrict to. Artifacts the
-    export stage skipped (``export_summary["skipped"]``) are reported with the export's reason.
-    """
-    wanted = set(RUNTIME_NAMES if names == "auto" else names)
+    """Load every runtime x precision that runs here: ``(loaded, {key: why not})`` (see `runtime_loaders`)."""
+    loaders, skipped = runtime_loaders(segmentor, img_size, out_dir, export_summary, device, names)
     loaded: dict[str, Runtime] = {}
-    # Export skips only engines and packages, whose kinds ("tensorrt", "aoti") are also their runtimes' names.
-    skipped = {key: why for key, why in export_summary.get("skipped", {}).items() if key.split("/")[0] in wanted}
-    for key, loader in _candidates(segmentor, img_size, Path(out_dir), export_summary, device).items():
-        if key.split("/")[0] not in wanted:
-            continue
-        if isinstance(loader, str):
-            skipped[key] = loader
-            continue
-        try:
-            loaded[key] = loader()
-        except Exception as error:  # a runtime that does not load is reported, never fatal
-            skipped[key] = f"{type(error).__name__}: {error}"
+    for key, loader in loaders.items():
+        runtime, why = load_runtime(loader)
+        if runtime is None:
+            skipped[key] = why
+        else:
+            loaded[key] = runtime
     return loaded, skipped
