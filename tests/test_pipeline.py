@@ -44,12 +44,13 @@ def test_report_has_domains_parity_and_latency(finished_run):
         assert set(mious) == {"source", "dusk", "fog"}
         assert all(0.0 <= value <= 100.0 for value in mious.values())
     assert "stands in for a vision foundation model" in report["teacher_note"]
-    parity = report["export"]["artifacts"]["onnx_fp32"]["parity"]
+    parity = report["export"]["artifacts"]["onnx/fp32"]["parity"]
     assert parity["max_abs_diff"] < 1e-3 and parity["argmax_agreement"] > 0.99
-    runtimes = {row["runtime"] for row in report["benchmark"]["latency"]}
-    assert {"torch", "onnxruntime"} <= runtimes
-    for row in report["benchmark"]["latency"]:
-        assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+    runtimes = report["benchmark"]["runtimes"]
+    assert {"torch/fp32", "onnxruntime/fp32"} <= set(runtimes)
+    for entry in runtimes.values():
+        for latency in entry["latency"].values():
+            assert 0 < latency["p50_ms"] <= latency["p90_ms"] <= latency["p99_ms"]
     markdown = (finished_run / "report.md").read_text()
     assert "dusk" in markdown and "p50" in markdown
 

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from gkd.utils.io import read_json
+from gkd.utils.io import read_json, write_json, write_text
 
 if TYPE_CHECKING:
     from gkd.pipeline import Run
@@ -140,3 +140,73 @@ def render_markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _export_markdown(export: dict | None) -> list[str]:
+    if not export:
+        return []
+    lines = [
+        "## Export and parity with PyTorch fp32",
+        "",
+        f"Input `{export['input']['name']}` {export['input']['shape']} in [0, 1], opset {export['opset']}.",
+        "",
+        "| artifact | file | max abs diff | argmax agreement |",
+        "|---|---|---:|---:|",
+    ]
+    for key, artifact in export["artifacts"].items():
+        parity = artifact.get("parity", {})
+        lines.append(
+            f"| {key} | `{Path(artifact.get('file', '')).name}` | {_fmt(parity.get('max_abs_diff'), 6)}"
+            f" | {_fmt(100 * parity['argmax_agreement'] if 'argmax_agreement' in parity else None, 3)} % |"
+        )
+    for key, reason in {**export.get("skipped", {}), **export.get("failed", {})}.items():
+        lines.append(f"| {key} | not built: {reason} | | |")
+    return [*lines, ""]
+
+
+def _benchmark_markdown(benchmark: dict | None) -> list[str]:
+    if not benchmark:
+        return []
+    environment = benchmark.get("environment", {})
+    lines = [
+        "## Latency and accuracy of each runtime",
+        "",
+        f"Device `{benchmark['device']}`; {environment.get('cpu', '')} {environment.get('gpu', '') or ''}".rstrip(),
+        "",
+        "| runtime | batch | p50 ms | p90 ms | p99 ms | images/s | mean target mIoU | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for key, entry in benchmark["runtimes"].items():
+        miou = entry.get("miou")
+        mean_miou = sum(miou.values()) / len(miou) if miou else None
+        status = "FAILED (mIoU below tolerance)" if entry.get("failed") else "ok"
+        for batch, latency in entry["latency"].items():
+            if "error" in latency:
+                lines.append(f"| {key} | {batch} | {latency['error']} | | | | | |")
+                continue
+            lines.append(
+                f"| {key} | {batch} | {latency['p50_ms']:.2f} | {latency['p90_ms']:.2f} | {latency['p99_ms']:.2f} "
+                f"| {latency['images_per_s']:.1f} | {_fmt(mean_miou)} | {status} |"
+            )
+    for key, reason in benchmark.get("skipped", {}).items():
+        lines.append(f"| {key} | | | | | | | skipped: {reason} |")
+    lines.append("")
+    if benchmark.get("pareto_plot"):
+        lines += [f"![latency vs mIoU]({benchmark['pareto_plot']})", ""]
+    return lines
+
+
+def write_report(run: Run) -> None:
+    """`report.json`, `report.md` and `domain_miou.png` in the run directory."""
+    report = build_report(run)
+    if report["models"]:
+        plot_domain_miou(report, run.file("domain_miou.png"))
+        pareto = (report["benchmark"] or {}).get("pareto_plot")
+        report["plots"] = ["domain_miou.png", *([pareto] if pareto else [])]
+    write_json(run.file("report.json"), report)
+    markdown = render_markdown(report)
+    if report["models"]:
+        markdown = markdown.replace(
+            "## mIoU per domain (%)\n", "## mIoU per domain (%)\n\n![mIoU per domain](domain_miou.png)\n", 1
+        )
+    write_text(run.file("report.md"), markdown)
