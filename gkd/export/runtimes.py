@@ -42,10 +42,6 @@ class Runtime(ABC):
         self.max_batch = max_batch
         self.info = {"runtime": self.runtime, "precision": precision, "device": str(device), **(info or {})}
 
-    @property
-    def key(self) -> str:
-        return f"{self.runtime}/{self.precision}"
-
     def stage(self, batch: np.ndarray) -> Any:
         """The batch where `run` reads it (default: a tensor on the device)."""
         return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)

@@ -1,0 +1,409 @@
+"""Export: fixed-size preparation, ONNX fp32 / fp16 / int8 (QDQ) with parity and graph checks, TensorRT's
+absence and build logic (a stand-in module: no TensorRT here), AOTInductor, and the export / benchmark stages
+on a tiny segmentor trained on real CamVid frames."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+from pydantic import ValidationError
+
+from gkd.evaluate.metrics import ConfusionMatrix
+from gkd.export import tensorrt as trt_export
+from gkd.export.aoti import compile_aoti, load_aoti
+from gkd.export.config import BenchmarkConfig, ExportConfig
+from gkd.export.onnx import (
+    ExportError,
+    ParityError,
+    check_parity,
+    export_onnx,
+    onnx_session,
+    prepare_for_export,
+    unsafe_resizes,
+)
+from gkd.export.runtimes import available_runtimes
+from gkd.export.stage import benchmark_artifacts, export_artifacts
+from gkd.models.backbone import Backbone
+from gkd.models.decoders import DecoderConfig, build_decoder
+from gkd.models.segmentor import Segmentor
+
+CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "CamVid"
+SIZE = (96, 128)  # CamVid's 360 x 480 frames downsized, a multiple of the 16-pixel patch
+NUM_CLASSES = 11  # CamVid's classes; label 11 (void) -> 255
+
+
+def tiny_segmentor(
+    arch: str = "vit_small_patch16_224", depth: int = 4, decoder: str = "uper", seed: int = 0
+) -> Segmentor:
+    torch.manual_seed(seed)
+    vit = timm.create_model(
+        arch, pretrained=False, dynamic_img_size=True, img_size=64, embed_dim=64, depth=depth, num_heads=2
+    )
+    backbone = Backbone(vit, "tiny", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    return Segmentor(backbone, *build_decoder(DecoderConfig(name=decoder, channels=32), 64, depth, NUM_CLASSES)).eval()
+
+
+def load_camvid(split: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` frames of ``split`` resized to `SIZE` (images bilinear in [0, 1], labels nearest)."""
+    images, labels = [], []
+    for path in sorted((CAMVID / split).glob("*.png"))[:count]:
+        image = Image.open(path).convert("RGB").resize(SIZE[::-1], Image.BILINEAR)
+        label = Image.open(CAMVID / f"{split}annot" / path.name).resize(SIZE[::-1], Image.NEAREST)
+        images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255)
+        label_ids = torch.from_numpy(np.asarray(label).astype(np.int64))
+        labels.append(torch.where(label_ids == NUM_CLASSES, 255, label_ids))
+    return torch.stack(images), torch.stack(labels)
+
+
+def miou(logits: np.ndarray, labels: torch.Tensor) -> float:
+    confusion = ConfusionMatrix(NUM_CLASSES)
+    confusion.update(torch.from_numpy(logits.argmax(1)), labels)
+    return confusion.compute()["miou"]
+
+
+@pytest.fixture(scope="module")
+def camvid() -> dict[str, torch.Tensor]:
+    if not CAMVID.is_dir():
+        pytest.skip(f"{CAMVID} not present")
+    train_images, train_labels = load_camvid("train", 24)
+    val_images, val_labels = load_camvid("val", 16)
+    return {"train": train_images, "train_labels": train_labels, "val": val_images, "val_labels": val_labels}
+
+
+@pytest.fixture(scope="module")
+def trained(camvid) -> Segmentor:
+    """A tiny ViT-S/16-shaped segmentor trained for 100 steps on 24 CamVid frames (well above chance)."""
+    segmentor = tiny_segmentor().train()
+    optimizer = torch.optim.AdamW(segmentor.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        index = torch.randint(0, len(camvid["train"]), (8,), generator=generator)
+        loss = F.cross_entropy(segmentor(camvid["train"][index]), camvid["train_labels"][index], ignore_index=255)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return segmentor.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(trained, camvid, tmp_path_factory) -> tuple[Path, dict]:
+    """The export stage on CPU with TensorRT made unimportable, so its skip path runs on every machine."""
+    out_dir = tmp_path_factory.mktemp("export")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "tensorrt", None)
+        summary = export_artifacts(
+            trained,
+            SIZE,
+            out_dir,
+            ExportConfig(aoti=False, calibration_images=16),
+            camvid["train"][:16],
+            camvid["val"][:4],
+            torch.device("cpu"),
+        )
+    return out_dir, summary
+
+
+def test_configs_validate():
+    assert ExportConfig(precisions=("int8",)).precisions == ("fp32", "int8")  # fp32 is the reference, always
+    assert ExportConfig().opset == 18
+    with pytest.raises(ValidationError, match="extra"):
+        ExportConfig(opset_version=17)
+    with pytest.raises(ValidationError, match="min <= opt <= max"):
+        ExportConfig(batch_range=(4, 2, 8))
+    with pytest.raises(ValidationError):
+        ExportConfig(opset=16)  # LayerNormalization needs opset 17
+    config = BenchmarkConfig()
+    assert (config.batch_sizes, config.iterations, config.warmup_iterations) == ((1, 8), 20, 5)
+    assert (config.tolerance("fp16"), config.tolerance("bf16"), config.tolerance("int8")) == (0.5, 0.5, 1.5)
+    with pytest.raises(ValidationError):
+        BenchmarkConfig(runtimes=["onnxruntime", "tvm"])
+
+
+def _aten_ops(model: torch.nn.Module, images: torch.Tensor) -> set[str]:
+    program = torch.export.export(model, (images,))
+    return {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+
+
+def test_prepare_for_export_removes_the_position_embedding_resize():
+    segmentor = tiny_segmentor(depth=2, decoder="linear")
+    images = torch.rand(2, 3, *SIZE)
+    assert any("bicubic" in op for op in _aten_ops(segmentor, images))  # the dynamic model resamples every call
+    prepared = prepare_for_export(segmentor, SIZE)
+    assert not any("bicubic" in op for op in _aten_ops(prepared, images))
+    assert segmentor.encoder.model.dynamic_img_size  # the caller's model is left as it was
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(images), segmentor(images), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("arch", "size"),
+    [("vit_small_patch16_224", SIZE), ("vit_small_patch14_dinov2", (98, 126)), ("eva02_small_patch14_224", (90, 120))],
+)
+def test_onnx_dynamic_batch_at_baked_size(arch, size, tmp_path):
+    segmentor = tiny_segmentor(arch, depth=2, decoder="linear")
+    path = tmp_path / "model.onnx"
+    info = export_onnx(prepare_for_export(segmentor, size), path, size, opset=18, batch_range=(1, 4, 8))
+    model = onnx.load(str(path))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, *size]
+    assert not unsafe_resizes(model) and info["ops"]["LayerNormalization"] > 0
+    session = onnx_session(path)
+    for batch in (1, 3):
+        images = torch.rand(batch, 3, *size)
+        with torch.no_grad():
+            expected = segmentor(images).numpy()  # the original dynamic-size model
+        np.testing.assert_allclose(session.run(None, {"images": images.numpy()})[0], expected, atol=1e-4)
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_unsafe_resizes_finds_cubic_and_antialiased_nodes():
+    def resize(name: str, **attributes) -> onnx.NodeProto:
+        return helper.make_node("Resize", ["x", "", "scales"], [name], name=name, **attributes)
+
+    graph = helper.make_graph(
+        [resize("linear", mode="linear"), resize("cubic", mode="cubic"), resize("aa", mode="linear", antialias=1)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("linear", "cubic", "aa")],
+        [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")],
+    )
+    assert unsafe_resizes(helper.make_model(graph)) == ["cubic", "aa"]
+
+
+def test_export_refuses_an_unprepared_graph_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr("gkd.export.onnx.unsafe_resizes", lambda model: ["node_upsample_bicubic2d"])
+    with pytest.raises(ExportError, match="prepare_for_export"):
+        export_onnx(
+            prepare_for_export(tiny_segmentor(depth=1, decoder="linear"), (32, 32)), tmp_path / "m.onnx", (32, 32)
+        )
+    assert not list(tmp_path.iterdir())
+
+
+def test_fp32_onnx_matches_pytorch(exported, trained, camvid):
+    out_dir, summary = exported
+    fp32 = summary["artifacts"]["onnx/fp32"]
+    assert summary["opset"] == fp32["opset"] == 18 and fp32["file"] == "model.onnx"
+    assert fp32["parity"]["max_abs_diff"] <= ExportConfig().parity_atol
+    session = onnx_session(out_dir / "model.onnx")
+    for batch in (1, 3):
+        images = camvid["val"][4 : 4 + batch]
+        with torch.no_grad():
+            expected = trained(images).numpy()
+        np.testing.assert_allclose(session.run(None, {"images": images.numpy()})[0], expected, atol=1e-4)
+
+
+def test_parity_error_beyond_tolerance(exported, trained, camvid):
+    out_dir, _ = exported
+    shifted = copy.deepcopy(trained)
+    with torch.no_grad():
+        shifted.decoder.classifier.bias += 0.01
+    with pytest.raises(ParityError, match="exceeds atol"):
+        check_parity(shifted, out_dir / "model.onnx", camvid["val"][:2], atol=1e-3)
+    assert check_parity(shifted, out_dir / "model.onnx", camvid["val"][:2], atol=None)["max_abs_diff"] > 1e-3
+
+
+def test_fp16_graph_is_fp16_with_layernorm_in_fp32(exported):
+    out_dir, summary = exported
+    model = onnx.load(str(out_dir / "model.fp16.onnx"))
+    graph = model.graph
+    assert graph.input[0].type.tensor_type.elem_type == graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    initializers = {init.name: init for init in graph.initializer}
+    matmul_weights = [
+        initializers[n.input[1]] for n in graph.node if n.op_type == "MatMul" and n.input[1] in initializers
+    ]
+    assert matmul_weights and all(init.data_type == TensorProto.FLOAT16 for init in matmul_weights)
+    dtypes = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    norms = [node for node in graph.node if node.op_type == "LayerNormalization"]
+    assert norms and all(dtypes[node.input[0]] == dtypes[node.output[0]] == TensorProto.FLOAT for node in norms)
+    assert summary["artifacts"]["onnx/fp16"]["parity"]["argmax_agreement"] > 0.98
+
+
+def test_int8_qdq_runs_in_onnxruntime_within_tolerance_on_camvid(exported, trained, camvid):
+    out_dir, summary = exported
+    info = summary["artifacts"]["onnx/int8"]
+    model = onnx.load(str(out_dir / "model.int8.onnx"))
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("QuantizeLinear") == info["quantize_linear_nodes"] > 0 and ops.count("DequantizeLinear") > 0
+    initializers = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    zero_points = [initializers[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert all(z.dtype == np.int8 and not z.any() for z in zero_points)  # symmetric int8, as TensorRT needs
+    convolutions = {node.name: node for node in model.graph.node if node.op_type == "Conv"}
+    for name in info["excluded_nodes"]:  # patch embedding and classifier keep float weights
+        assert convolutions[name].input[1] in initializers
+
+    images, labels = camvid["val"], camvid["val_labels"]
+    with torch.no_grad():
+        reference = trained(images).numpy()
+    int8 = onnx_session(out_dir / "model.int8.onnx").run(None, {"images": images.numpy()})[0]
+    assert miou(reference, labels) > 15  # trained: well above chance for 11 classes
+    assert miou(int8, labels) >= miou(reference, labels) - BenchmarkConfig().tolerance_int8
+    assert (int8.argmax(1) == reference.argmax(1)).mean() > 0.95
+
+
+def test_tensorrt_missing_is_skipped_with_reason(exported, monkeypatch):
+    _, summary = exported
+    for precision in ("fp16", "int8"):
+        assert f"tensorrt/{precision}" not in summary["artifacts"]
+        assert "TensorRT is not installed" in summary["skipped"][f"tensorrt/{precision}"]
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    assert "needs a CUDA device" in trt_export.tensorrt_unavailable(torch.device("cpu"))
+
+
+class FakeTensorRT(types.ModuleType):
+    """Just enough of the TensorRT Python API to drive `build_engine`: records what the builder was told."""
+
+    def __init__(self, major: int, parses: bool = True, builds: bool = True) -> None:
+        super().__init__("tensorrt")
+        self.__version__ = f"{major}.0.0"
+        self.float32, self.calls = "float32", {"flags": [], "cache_in": []}
+        flags = ["INT8", "OBEY_PRECISION_CONSTRAINTS", "FP16"] if major == 10 else ["REFIT"]
+        self.BuilderFlag = types.SimpleNamespace(**{flag: flag for flag in flags})
+        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+        self.LayerType = types.SimpleNamespace(NORMALIZATION="norm", MATRIX_MULTIPLY="matmul")
+        self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda s, level: None})
+        calls, layers = self.calls, [types.SimpleNamespace(type="norm"), types.SimpleNamespace(type="matmul")]
+        for layer in layers:
+            layer.set_output_type = lambda index, dtype, layer=layer: setattr(layer, "output_type", dtype)
+        self.layers = layers
+        network = types.SimpleNamespace(num_layers=len(layers), get_layer=layers.__getitem__)
+        profile = types.SimpleNamespace(set_shape=lambda name, *shapes: calls.update(profile=(name, shapes)))
+        cache = types.SimpleNamespace(serialize=lambda: b"timings")
+        config = types.SimpleNamespace(
+            set_memory_pool_limit=lambda pool, size: calls.update(pool=(pool, size)),
+            add_optimization_profile=lambda p: None,
+            create_timing_cache=lambda data: calls["cache_in"].append(bytes(data)) or cache,
+            set_timing_cache=lambda c, ignore_mismatch: True,
+            get_timing_cache=lambda: cache,
+            set_flag=calls["flags"].append,
+        )
+        self.Builder = lambda logger: types.SimpleNamespace(
+            create_network=lambda flags: network,
+            create_builder_config=lambda: config,
+            create_optimization_profile=lambda: profile,
+            build_serialized_network=lambda n, c: b"engine" if builds else None,
+        )
+        self.OnnxParser = lambda n, logger: types.SimpleNamespace(
+            parse_from_file=lambda path: parses, num_errors=1, get_error=lambda i: "Unsupported op Foo"
+        )
+
+
+def _build(tmp_path: Path, precision: str = "fp16") -> dict:
+    return trt_export.build_engine(
+        tmp_path / "model.onnx", tmp_path / "model.engine", precision, (64, 64), (1, 8, 32), 256, tmp_path / "t.cache"
+    )
+
+
+def test_tensorrt_10_uses_builder_flags_and_11_the_graph(tmp_path, monkeypatch):
+    fake = FakeTensorRT(10)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    info = _build(tmp_path, "int8")
+    assert fake.calls["flags"] == ["FP16", "INT8", "OBEY_PRECISION_CONSTRAINTS"] and "weak" in info["typing"]
+    assert fake.layers[0].precision == fake.layers[0].output_type == "float32"  # LayerNorm pinned to fp32
+    assert not hasattr(fake.layers[1], "precision")
+    assert fake.calls["profile"] == ("images", ((1, 3, 64, 64), (8, 3, 64, 64), (32, 3, 64, 64)))
+    assert fake.calls["pool"] == ("workspace", 256 << 20)
+    assert (tmp_path / "model.engine").read_bytes() == b"engine"
+
+    fake = FakeTensorRT(11)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    info = _build(tmp_path, "int8")
+    assert fake.calls["flags"] == [] and "strong" in info["typing"]
+    assert fake.calls["cache_in"] == [b"timings"]  # the timing cache of the first build is reused
+
+
+def test_tensorrt_build_failures_leave_no_engine(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT(11, parses=False))
+    with pytest.raises(trt_export.EngineBuildError, match="Unsupported op Foo"):
+        _build(tmp_path)
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT(11, builds=False))
+    with pytest.raises(trt_export.EngineBuildError, match="failed to build"):
+        _build(tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="AOTInductor needs a C++ compiler"
+)
+def test_aoti_round_trip_with_dynamic_batch(tmp_path):
+    segmentor = tiny_segmentor(depth=2, decoder="linear")
+    path = tmp_path / "model.pt2"
+    info = compile_aoti(prepare_for_export(segmentor, (64, 64)), path, (64, 64), (1, 4, 8), torch.device("cpu"))
+    assert info["file"] == "model.pt2" and path.stat().st_size == info["bytes"]
+    compiled = load_aoti(path)
+    for batch in (1, 3):
+        images = torch.rand(batch, 3, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(images), segmentor(images), rtol=0, atol=1e-4)
+
+
+def _camvid_evaluator(camvid):
+    def evaluate(predict) -> dict[str, float]:
+        return {"camvid_val": miou(predict(camvid["val"].numpy()), camvid["val_labels"])}
+
+    return evaluate
+
+
+def test_benchmark_stage_accuracy_latency_and_skips(exported, trained, camvid):
+    out_dir, summary = exported
+    config = BenchmarkConfig(batch_sizes=(1, 2), iterations=5, warmup_iterations=1)
+    result = benchmark_artifacts(
+        trained, SIZE, out_dir, summary, config, torch.device("cpu"), _camvid_evaluator(camvid)
+    )
+    assert result["ok"] and result["failed"] == []
+    expected = {"torch/fp32", "onnxruntime/fp32", "onnxruntime/fp16", "onnxruntime/int8"}
+    assert set(result["runtimes"]) == expected
+    for key, entry in result["runtimes"].items():
+        assert set(entry["latency"]) == {"1", "2"}, key
+        assert entry["miou_drop"]["camvid_val"] <= entry["tolerance"] and not entry["failed"]
+        assert entry["parity"]["argmax_agreement"] > 0.95
+    assert result["runtimes"]["onnxruntime/fp32"]["parity"]["max_abs_diff"] < 1e-4
+    assert "TensorRT is not installed" in result["skipped"]["tensorrt/int8"]
+    assert "needs a CUDA device" in result["skipped"]["onnxruntime-trt/fp32"]
+    assert (out_dir / result["pareto_plot"]).read_bytes()[:4] == b"\x89PNG"
+    json.dumps(summary), json.dumps(result)  # the stages' files are these dicts as JSON
+
+
+def test_broken_artifact_fails_the_benchmark(exported, trained, camvid, tmp_path):
+    out_dir, summary = exported
+    broken_dir = tmp_path / "broken"
+    shutil.copytree(out_dir, broken_dir)
+    # Break the int8 model: a +100 bias on class 0 of its classifier makes it predict class 0 everywhere.
+    model = onnx.load(str(broken_dir / "model.int8.onnx"))
+    classifier = [node for node in model.graph.node if node.op_type == "Conv"][-1]
+    bias = next(init for init in model.graph.initializer if init.name == classifier.input[2])
+    values = numpy_helper.to_array(bias).copy()
+    values[0] += 100
+    bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+    onnx.save(model, str(broken_dir / "model.int8.onnx"))
+
+    config = BenchmarkConfig(batch_sizes=(1,), iterations=5, warmup_iterations=1, runtimes=["onnxruntime"])
+    result = benchmark_artifacts(
+        trained, SIZE, broken_dir, summary, config, torch.device("cpu"), _camvid_evaluator(camvid)
+    )
+    assert result["ok"] is False and result["failed"] == ["onnxruntime/int8"]
+    assert result["runtimes"]["onnxruntime/int8"]["failed"] is True
+    assert result["runtimes"]["onnxruntime/fp32"]["failed"] is False
+    assert set(result["runtimes"]) == {"onnxruntime/fp32", "onnxruntime/fp16", "onnxruntime/int8"}
+
+
+def test_available_runtimes_reports_what_does_not_load(exported, trained, tmp_path):
+    out_dir, summary = exported
+    missing = copy.deepcopy(summary)
+    missing["artifacts"]["onnx/fp16"]["file"] = "absent.onnx"
+    loaded, skipped = available_runtimes(trained, SIZE, out_dir, missing, torch.device("cpu"), ["onnxruntime"])
+    assert set(loaded) == {"onnxruntime/fp32", "onnxruntime/int8"}
+    assert "absent.onnx" in skipped["onnxruntime/fp16"]
+    assert all(key.startswith("onnxruntime/") for key in [*loaded, *skipped])

@@ -1,0 +1,142 @@
+"""Latency harness (statistics, warm-up and synchronisation, a tiny model end to end), environment info,
+the Pareto plot, and the benchmarks/latency.py script."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from gkd.export.latency import benchmark_runtime, environment_info, latency_stats, measure_latency
+from gkd.export.runtimes import TorchRuntime
+from gkd.models.backbone import Backbone
+from gkd.models.decoders import DecoderConfig, build_decoder
+from gkd.models.segmentor import Segmentor
+from gkd.report.pareto import pareto_front, pareto_plot
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_segmentor() -> Segmentor:
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_small_patch16_224",
+        pretrained=False,
+        dynamic_img_size=True,
+        img_size=32,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+    )
+    backbone = Backbone(vit, "tiny", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    return Segmentor(backbone, *build_decoder(DecoderConfig(name="linear"), 32, 2, 5)).eval()
+
+
+def test_latency_stats_percentiles_and_throughput():
+    seconds = [0.010, 0.020, 0.030, 0.040, 0.100]
+    stats = latency_stats(seconds, batch_size=4)
+    ms = np.array(seconds) * 1e3
+    assert stats["p50_ms"] == pytest.approx(30.0)
+    assert stats["p90_ms"] == pytest.approx(np.percentile(ms, 90))  # 76 ms: linear interpolation
+    assert stats["p99_ms"] == pytest.approx(97.6)
+    assert stats["mean_ms"] == pytest.approx(40.0) and stats["min_ms"] == 10.0 and stats["max_ms"] == 100.0
+    assert stats["images_per_s"] == pytest.approx(4 / 0.040)
+
+
+def test_measure_latency_warms_up_and_synchronises_every_call():
+    events: list[str] = []
+
+    def run() -> None:
+        events.append("run")
+        time.sleep(0.002)
+
+    result = measure_latency(
+        run, lambda: events.append("sync"), 2, torch.device("cpu"), iterations=6, warmup_iterations=3
+    )
+    assert events == ["run", "sync"] * 9  # 3 warm-up + 6 timed, each followed by a synchronisation
+    assert result["iterations"] == 6 and result["warmup_iterations"] == 3 and result["batch_size"] == 2
+    assert 2.0 <= result["min_ms"] <= result["p50_ms"] <= result["p90_ms"] <= result["p99_ms"] <= result["max_ms"]
+
+    events.clear()
+    result = measure_latency(
+        run, lambda: None, 1, torch.device("cpu"), iterations=5, warmup_iterations=1, warmup_seconds=0.05
+    )
+    assert result["warmup_iterations"] >= 10 and result["warmup_s"] >= 0.05  # the time floor, not the count, ruled
+    with pytest.raises(ValueError):
+        measure_latency(run, lambda: None, 1, torch.device("cpu"), iterations=0)
+
+
+def test_benchmark_runtime_on_a_tiny_model():
+    runtime = TorchRuntime(tiny_segmentor(), (32, 32), "fp32", torch.device("cpu"))
+    assert runtime.predict(np.random.rand(3, 3, 32, 32).astype(np.float32)).shape == (3, 5, 32, 32)
+    result = benchmark_runtime(runtime, (32, 32), batch_size=2, iterations=8, warmup_iterations=2)
+    assert result["iterations"] == 8 and result["batch_size"] == 2
+    assert 0 < result["min_ms"] <= result["p50_ms"] <= result["p90_ms"] <= result["p99_ms"] <= result["max_ms"]
+    assert result["images_per_s"] == pytest.approx(2e3 / result["mean_ms"])
+    assert result["peak_memory_mib"] >= result["memory_baseline_mib"] > 0
+    assert result["memory_kind"].startswith("process_rss_peak")
+
+
+def test_peak_memory_belongs_to_the_timed_span():
+    held: list[torch.Tensor] = []
+    result = measure_latency(
+        lambda: held.append(torch.ones(25_000_000)), lambda: None, 1, torch.device("cpu"), 5, warmup_iterations=0
+    )  # 100 MB per call, all kept: the peak grows by ~500 MB over the baseline
+    growth = result["peak_memory_mib"] - result["memory_baseline_mib"]
+    assert growth >= 450
+    if result["memory_kind"] == "process_rss_peak":  # the span's own peak, not an earlier one (clear_refs allowed)
+        assert growth <= 700
+
+
+def test_torch_runtime_refuses_reduced_precision_on_cpu():
+    with pytest.raises(ValueError, match="only benchmarked on CUDA"):
+        TorchRuntime(tiny_segmentor(), (32, 32), "bf16", torch.device("cpu"))
+
+
+def test_environment_info():
+    info = environment_info()
+    assert info["versions"]["torch"] == torch.__version__ and info["versions"]["timm"] == timm.__version__
+    assert info["torch_threads"] == torch.get_num_threads() and info["cpu"]
+    assert (info["gpu"] is None) == (not torch.cuda.is_available())
+    json.dumps(info)  # goes into the stage summaries as is
+
+
+def test_pareto_front_and_plot(tmp_path):
+    points = [
+        {"label": "torch/fp32", "latency_ms": 10.0, "miou": 60.0},
+        {"label": "ort/fp16", "latency_ms": 5.0, "miou": 59.5},
+        {"label": "ort/int8", "latency_ms": 3.0, "miou": 58.0},
+        {"label": "slow", "latency_ms": 12.0, "miou": 55.0},  # slower and worse than torch/fp32
+        {"label": "same-speed-worse", "latency_ms": 5.0, "miou": 50.0},
+    ]
+    assert pareto_front(points) == [2, 1, 0]
+    path = pareto_plot(points, tmp_path / "pareto.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError):
+        pareto_plot([], tmp_path / "empty.png")
+
+
+def test_latency_script_writes_results(tmp_path):
+    spec = importlib.util.spec_from_file_location("latency_script", REPO / "benchmarks" / "latency.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "results.json"
+    argv = [
+        "--arch", "vit_small_patch16_224", "--timm-kwargs", '{"embed_dim": 32, "depth": 1, "num_heads": 2}',
+        "--decoder", "linear", "--num-classes", "3", "--img-size", "32", "--batch-sizes", "1", "2",
+        "--iterations", "5", "--warmup", "1", "--warmup-seconds", "0", "--precisions", "fp32",
+        "--no-aoti", "--device", "cpu", "--work-dir", str(tmp_path / "work"), "--out", str(out),
+    ]  # fmt: skip
+    script.main(argv)
+    results = json.loads(out.read_text())
+    assert results["command"].startswith("latency.py --arch vit_small_patch16_224")
+    assert set(results["benchmark"]["runtimes"]) == {"torch/fp32", "onnxruntime/fp32"}
+    for entry in results["benchmark"]["runtimes"].values():
+        assert set(entry["latency"]) == {"1", "2"} and entry["latency"]["2"]["p50_ms"] > 0
+    assert results["export"]["artifacts"]["onnx/fp32"]["parity"]["max_abs_diff"] < 1e-4
