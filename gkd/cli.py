@@ -126,6 +126,18 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from gkd.compare import run_comparison
+    from gkd.recipe import load_recipe
+
+    out = Path(args.out) if args.out else Path("runs") / f"{load_recipe(args.recipe).name}_compare"
+    out.mkdir(parents=True, exist_ok=True)
+    _setup_logging(out)
+    summary = run_comparison(args.recipe, out, args.workers, args.device, args.methods, args.max_seeds)
+    log.info("done: %s (%.1f min); table: %s", out, summary["wall_minutes"], out / "comparison.md")
+    return 0
+
+
 def _cmd_zoo(args: argparse.Namespace) -> int:
     from gkd.models.zoo import format_zoo_table, zoo_rows
 
@@ -182,6 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         pipeline_command(stage.name, (stage.run.__doc__ or stage.name).strip().splitlines()[0])
 
+    compare = commands.add_parser(
+        "compare", help="train the recipe's compare.methods over their seeds from one shared teacher; tabulate"
+    )
+    compare.add_argument("recipe", help="recipe YAML with compare.methods")
+    compare.add_argument("--out", help="output directory (default: runs/<recipe name>_compare)")
+    compare.add_argument("--workers", type=int, default=2, help="jobs trained at once (CPU threads split evenly)")
+    compare.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    compare.add_argument("--methods", nargs="+", help="only these methods (default: all the recipe lists)")
+    compare.add_argument("--max-seeds", type=int, help="only the first N seeds of each method")
+    compare.set_defaults(handler=_cmd_compare)
+
     zoo = commands.add_parser("zoo", help="list the teacher/student model zoo")
     zoo.add_argument("--json", action="store_true")
     zoo.set_defaults(handler=_cmd_zoo)
@@ -199,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gkd.compare import ComparisonError
     from gkd.data.base import DataError
     from gkd.models.weights import WeightsMismatchError
     from gkd.recipe import RecipeError
@@ -209,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DataError, WeightsMismatchError, FileNotFoundError, ValueError) as error:
         print(f"gkd-compress: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ComparisonError as error:
+        print(f"gkd-compress: error: {error}", file=sys.stderr)
+        return EXIT_FAILED_CHECK
 
 
 if __name__ == "__main__":

@@ -255,12 +255,12 @@ def make_domain_evaluator(run: Run) -> Callable[[Callable], dict[str, dict]]:
     return evaluate
 
 
-def stage_evaluate(run: Run) -> None:
-    """mIoU and per-class IoU of every trained model on the source split and each target domain."""
+def evaluate_segmentors(run: Run, files: dict[str, str]) -> dict[str, dict]:
+    """``{name: {params_m, encoder_params_m, domains: {domain: metrics}}}`` for each segmentor file of the
+    run dir that exists (``files`` maps a model name to its file name)."""
     evaluate = make_domain_evaluator(run)
-    models = {"teacher": TEACHER_FILE, "no_kd": NO_KD_FILE, "student": SEGMENTOR_FILE}
     results = {}
-    for name, file in models.items():
+    for name, file in files.items():
         if run.file(file).is_file():
             segmentor = load_segmentor(run.file(file))[0].to(run.device)
             results[name] = {
@@ -268,6 +268,12 @@ def stage_evaluate(run: Run) -> None:
                 "encoder_params_m": sum(p.numel() for p in segmentor.encoder.parameters()) / 1e6,
                 "domains": evaluate(torch_predictor(segmentor, run.device), name),
             }
+    return results
+
+
+def stage_evaluate(run: Run) -> None:
+    """mIoU and per-class IoU of every trained model on the source split and each target domain."""
+    results = evaluate_segmentors(run, {"teacher": TEACHER_FILE, "no_kd": NO_KD_FILE, "student": SEGMENTOR_FILE})
     write_json(run.file(EVAL_FILE), {"class_names": run.class_names, "models": results})
 
 

@@ -88,10 +88,25 @@ class EvaluateConfig(_Strict):
     stride: tuple[int, int] | None = Field(None, description="slide: window stride (H, W); default 2/3 of img_size")
 
 
+class MethodConfig(_Strict):
+    """One row of ``gkd-compress compare``: this recipe with ``overrides`` deep-merged in, once per seed."""
+
+    label: str = Field(description="the row's name in tables and plots")
+    student: Literal["distilled", "no_kd"] = Field(
+        "distilled", description="distilled: distill (+ head) stages; no_kd: the compare.no_kd student"
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    overrides: dict[str, Any] = Field(default_factory=dict, description="recipe keys to change (teacher excluded)")
+
+
 class CompareConfig(_Strict):
-    """Reference rows of the report."""
+    """Reference rows of the report, and the methods ``gkd-compress compare`` runs against each other."""
 
     no_kd: OptimConfig | None = Field(None, description="student fine-tuned on source without distillation")
+    methods: dict[str, MethodConfig] = Field(default_factory=dict, description="compare: rows by name")
+    reference_domain: str = Field("source", description="compare: the in-domain column drops are measured from")
+    figure_domain: str | None = Field(None, description="compare: domain of the example frames (default: 1st target)")
+    figure_methods: list[str] = Field(default_factory=list, description="compare: methods shown in the frames figure")
 
 
 class Recipe(_Strict):

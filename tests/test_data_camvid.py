@@ -42,8 +42,8 @@ def test_split_files_agree_with_folders():
 def test_sequences_option_and_benchmark():
     assert len(build_dataset(camvid("test", sequences=["Seq05VD"]))) == 171
     data = BENCHMARKS["camvid_day2dusk"].configs({"camvid": CAMVID})
-    sizes = [len(build_dataset(c)) for c in (data.source, data.source_val, data.targets["dusk"])]
-    assert sizes == [305, 101, 62]
+    configs = (data.source, data.source_val, data.targets["dusk"], data.targets["day_test"])
+    assert [len(build_dataset(c)) for c in configs] == [305, 101, 124, 171]
 
 
 def test_void_is_ignored_and_inspect_matches_numpy():
@@ -61,3 +61,25 @@ def test_void_is_ignored_and_inspect_matches_numpy():
     assert result["class_pixels"] == expected[:11].tolist() and result["ignored_pixels"] == expected[11]
     assert result["image_sizes"] == {"480x360": 3}
     assert sum(result["class_pixels"]) + result["ignored_pixels"] == 3 * 480 * 360
+
+
+def test_joined_splits_and_empty_parts():
+    dusk = build_dataset(camvid("train+test", domain="dusk"))
+    assert len(dusk) == 124
+    assert {name.split("/")[0] for name in dusk.names} == {"train", "test"}
+    with pytest.raises(DataError, match="empty part"):
+        build_dataset(camvid("train+", domain="dusk"))
+
+
+def test_cache_decodes_each_frame_once_and_still_transforms(monkeypatch):
+    from gkd.data import base
+
+    reads = []
+    original = base.read_image
+    monkeypatch.setattr(base, "read_image", lambda path: reads.append(path) or original(path))
+    config = camvid("train", domain="dusk").model_copy(update={"limit": 2, "cache": True})
+    flips = build_dataset(config, transform=lambda sample: {**sample, "image": sample["image"].flip(-1)})
+    first, again = flips[0], flips[0]
+    assert len(reads) == 1
+    assert (first["image"] == again["image"]).all()
+    assert (first["image"] == flips.load(0)["image"].flip(-1)).all()

@@ -187,6 +187,29 @@ class ImageListDataset(Dataset):
         return self.transform(sample) if self.transform else sample
 
 
+class CachedDataset(Dataset):
+    """Keeps each decoded native-resolution sample in memory after its first read; the (random) transform
+    still runs on every access. For small datasets read many times (a few hundred frames, many epochs),
+    where PNG decoding would otherwise cost more than the model. With ``num_workers > 0`` every worker
+    fills its own copy, so use it with ``num_workers: 0``."""
+
+    def __init__(self, dataset: SegmentationDataset | ImageListDataset) -> None:
+        self.dataset = dataset
+        self.samples: dict[int, Sample] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, index: int) -> Sample:
+        if index not in self.samples:
+            self.samples[index] = self.dataset.load(index)
+        return dict(self.samples[index])
+
+    def __getitem__(self, index: int) -> Sample:
+        sample = self.load(index)
+        return self.dataset.transform(sample) if self.dataset.transform else sample
+
+
 def list_images(root: Path) -> list[Path]:
     """Image files under ``root`` (any depth: flat folders and ImageNet-style class folders), sorted."""
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

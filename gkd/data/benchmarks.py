@@ -8,7 +8,7 @@ target domains, each resolved to ``DatasetConfig``s from a mapping ``{dataset na
 - ``potsdam2other``: Potsdam RGB -> Potsdam IRRG / Vaihingen IRRG (val tiles). The IRRG domain reads
   root ``potsdam_irrg`` when given (an mmseg-converted IRRG copy), else ``potsdam`` (original tiles
   hold both modalities).
-- ``camvid_day2dusk``: CamVid day sequences -> dusk (``0001TP``) test frames.
+- ``camvid_day2dusk``: CamVid day sequences (train) -> every dusk (``0001TP``) frame, and the day test frames.
 """
 
 from __future__ import annotations
@@ -122,7 +122,10 @@ BENCHMARKS: dict[str, Benchmark] = {
             description="CamVid daytime sequences -> dusk sequence 0001TP (11 classes)",
             source=Domain(dataset="camvid", split="train", options={"domain": "day"}),
             source_val=Domain(dataset="camvid", split="val", options={"domain": "day"}),
-            targets={"dusk": Domain(dataset="camvid", split="test", options={"domain": "dusk"})},
+            targets={
+                "dusk": Domain(dataset="camvid", split="train+test", options={"domain": "dusk"}),
+                "day_test": Domain(dataset="camvid", split="test", options={"domain": "day"}),
+            },
         ),
     )
 }

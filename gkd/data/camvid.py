@@ -5,6 +5,7 @@ split files ``{split}.txt`` listing ``/SegNet/CamVid/{split}/X.png /SegNet/CamVi
 (the prefix is stripped; when a split file is absent, the folders are listed instead).
 Sequences are the file-name prefix: ``0001TP`` was filmed at dusk (62 train + 62 test frames, none in
 val), ``0006R0``, ``0016E5`` and ``Seq05VD`` by day. Palette: the SegNet tutorial's class colours.
+A split may join several with ``+`` (``train+test``: every dusk frame with ``domain: dusk``).
 """
 
 from __future__ import annotations
@@ -49,17 +50,24 @@ class CamVid(Layout):
     palette = CAMVID_PALETTE
     Options = CamVidOptions
 
+    def parts(self) -> list[str]:
+        """The splits joined by ``+`` in the split name (``train+test`` -> ``["train", "test"]``)."""
+        parts = self.split.split("+")
+        if not all(parts):
+            raise DataError(f"camvid split {self.split!r}: empty part (write e.g. 'train+test')")
+        return parts
+
     def image_dirs(self) -> list[Path]:
-        return [self.root / self.split]
+        return [self.root / part for part in self.parts()]
 
     def label_dirs(self) -> list[Path]:
-        return [self.root / f"{self.split}annot"]
+        return [self.root / f"{part}annot" for part in self.parts()]
 
-    def split_file(self) -> Path:
-        return self.root / f"{self.split}.txt"
+    def split_file(self, part: str) -> Path:
+        return self.root / f"{part}.txt"
 
     def extra_paths(self) -> dict[str, Path]:
-        return {"split_file": self.split_file()}
+        return {f"split_file_{part}": self.split_file(part) for part in self.parts()}
 
     def kept_sequences(self) -> set[str] | None:
         """The sequences to keep, or ``None`` for all."""
@@ -70,23 +78,25 @@ class CamVid(Layout):
     def _local(self, listed: str) -> Path:
         return self.root / listed[len(SEGNET_PREFIX) :] if listed.startswith(SEGNET_PREFIX) else self.root / listed
 
-    def _listed_pairs(self) -> list[tuple[Path, Path | None]]:
+    def _listed_pairs(self, split_file: Path) -> list[tuple[Path, Path | None]]:
         pairs = []
-        for number, line in enumerate(self.split_file().read_text().splitlines(), 1):
+        for number, line in enumerate(split_file.read_text().splitlines(), 1):
             if not line.strip():
                 continue
             fields = line.split()
             if len(fields) != 2:
-                raise DataError(f"{self.split_file()}:{number}: expected 'image label', got {line!r}")
+                raise DataError(f"{split_file}:{number}: expected 'image label', got {line!r}")
             pairs.append((self._local(fields[0]), self._local(fields[1])))
-        return sorted(pairs)
+        return pairs
+
+    def _part_pairs(self, part: str) -> list[tuple[Path, Path | None]]:
+        if self.split_file(part).is_file():
+            return self._listed_pairs(self.split_file(part))
+        labels = self.root / f"{part}annot"
+        return [(image, labels / image.name) for image in glob_sorted(self.root / part, "*.png")]
 
     def samples(self) -> list[tuple[Path, Path | None]]:
-        if self.split_file().is_file():
-            pairs = self._listed_pairs()
-        else:
-            labels = self.label_dirs()[0]
-            pairs = [(image, labels / image.name) for image in glob_sorted(self.image_dirs()[0], "*.png")]
+        pairs = sorted(pair for part in self.parts() for pair in self._part_pairs(part))
         keep = self.kept_sequences()
         return [pair for pair in pairs if keep is None or sequence_of(pair[0]) in keep]
 

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from gkd.data.base import (
     IGNORE_INDEX,
     RGB,
+    CachedDataset,
     DataError,
     ImageListDataset,
     Sample,
@@ -89,6 +90,7 @@ class DatasetConfig(BaseModel):
     fraction_seed: int = 0
     limit: int | None = Field(None, gt=0, description="first N samples after the fraction")
     skip_bad: bool = Field(False, description="skip (and log) bad samples instead of stopping")
+    cache: bool = Field(False, description="keep decoded images in memory (small datasets, num_workers 0)")
 
     @field_validator("name")
     @classmethod
@@ -176,6 +178,8 @@ def _split_dataset(
 
 def _selection(config: DatasetConfig, transform: Transform | None, labeled: bool, validate: bool) -> Selection:
     dataset, names, skipped = _split_dataset(config, transform, labeled)
+    if config.cache:
+        dataset = CachedDataset(dataset)
     chosen = fraction_indices(len(dataset), config.fraction, config.fraction_seed)
     used = chosen[: config.limit] if config.limit else chosen
     if validate:

@@ -1,0 +1,245 @@
+"""``gkd-compress compare``: the methods a recipe lists under ``compare.methods``, trained against each
+other over several seeds, all distilling from one shared teacher, then tabulated and plotted.
+
+Each method is the recipe with its ``overrides`` deep-merged in (a new ``distill.loss.name`` starts from
+that loss's default options); methods may not change the teacher. The output directory holds::
+
+    teacher/                   the recipe's teacher, trained once (the ``train-teacher`` stage)
+    <method>/seed<k>/          one ordinary run directory per method and seed (``gkd-compress`` can
+                               inspect or resume it); ``result.json`` is written last, so a job is
+                               complete when it exists and a re-run skips it
+    comparison.json / .md      every row's metrics, mean and spread over seeds (gkd/report/comparison.py)
+    domains.png, frames.png    mIoU per method and domain; example frames with each method's prediction
+
+Jobs run in a pool of worker processes (``--workers``), each with its own share of the CPU threads: on a
+small CPU, two single-threaded processes train these small models faster than one process with two
+threads. Jobs that need the teacher start when it is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+from tqdm import tqdm
+
+from gkd.recipe import Recipe, RecipeError, dump_recipe, load_recipe, merge, parse_recipe
+from gkd.utils.io import read_json, write_json, write_text
+
+log = logging.getLogger("gkd")
+
+RESULT_FILE = "result.json"
+TEACHER_JOB = "teacher"
+
+
+class ComparisonError(RuntimeError):
+    """Jobs of a comparison that failed (each named, with its log folder)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run of the comparison: the teacher, or one method at one seed."""
+
+    method: str
+    label: str
+    seed: int
+    student: str  # "teacher" | "distilled" | "no_kd"
+    recipe: Recipe
+    dir: Path
+
+    @property
+    def result_file(self) -> Path:
+        return self.dir / RESULT_FILE
+
+    def done(self) -> bool:
+        return self.result_file.is_file()
+
+
+def _teacher_settings(recipe: Recipe) -> dict:
+    models, data = recipe.models, recipe.data
+    return {
+        "teacher": models.teacher.model_dump(mode="json"),
+        "teacher_decoder": (models.teacher_decoder or models.decoder).model_dump(mode="json"),
+        "teacher_training": recipe.teacher_training and recipe.teacher_training.model_dump(mode="json"),
+        "source": data.source.model_dump(mode="json"),
+        "teacher_transform": (data.teacher_transform or data.train_transform).model_dump(mode="json"),
+        "img_size": data.img_size,
+    }
+
+
+def method_recipe(recipe: Recipe, name: str, seed: int) -> Recipe:
+    """The recipe of one method at one seed: ``recipe`` with the method's overrides, its methods list cleared."""
+    method = recipe.compare.methods[name]
+    base = recipe.model_dump(mode="json")
+    base["compare"]["methods"] = {}
+    new_loss = method.overrides.get("distill", {}).get("loss", {}).get("name")
+    if new_loss is not None and new_loss != recipe.distill.loss.name:
+        base["distill"]["loss"] = {"name": new_loss}  # the base loss's options do not apply to another loss
+    try:
+        variant = parse_recipe({**merge(base, method.overrides), "seed": seed, "name": f"{recipe.name}_{name}"})
+    except RecipeError as error:
+        raise RecipeError(f"compare.methods.{name}.overrides: {error}") from None
+    if _teacher_settings(variant) != _teacher_settings(recipe):
+        raise RecipeError(f"compare.methods.{name}.overrides: methods share the recipe's teacher; do not change it")
+    if method.student == "no_kd" and variant.compare.no_kd is None:
+        raise RecipeError(f"compare.methods.{name}: student no_kd needs compare.no_kd settings")
+    return variant
+
+
+def plan(recipe: Recipe, out: Path, methods: list[str] | None = None, max_seeds: int | None = None) -> list[Job]:
+    """Every job of the comparison, the teacher first; ``methods`` restricts the recipe's methods,
+    ``max_seeds`` runs only the first seeds of each."""
+    listed = recipe.compare.methods
+    if not listed:
+        raise RecipeError("compare.methods: the recipe lists no methods to compare")
+    unknown = sorted(set(methods or ()) - set(listed))
+    if unknown:
+        raise RecipeError(f"unknown methods {', '.join(unknown)}; the recipe lists {', '.join(listed)}")
+    base = recipe.model_copy(update={"compare": recipe.compare.model_copy(update={"methods": {}})})
+    jobs = [Job(TEACHER_JOB, "teacher", recipe.seed, "teacher", base, out / TEACHER_JOB)]
+    for name, method in listed.items():
+        if methods and name not in methods:
+            continue
+        for seed in method.seeds[:max_seeds]:
+            variant = method_recipe(recipe, name, seed)
+            jobs.append(Job(name, method.label, seed, method.student, variant, out / name / f"seed{seed}"))
+    return jobs
+
+
+def needs_teacher(job: Job) -> bool:
+    from gkd.pipeline import TEACHER_FILE, _distill_inputs
+
+    return job.student == "distilled" and TEACHER_FILE in _distill_inputs(job.recipe)
+
+
+def run_job(job: Job, teacher_file: Path, device: str, threads: int) -> dict:
+    """Train and evaluate one job in this process (a pool worker); returns and writes its result."""
+    import torch
+
+    from gkd.pipeline import (
+        NO_KD_FILE,
+        SEGMENTOR_FILE,
+        STAGES,
+        TEACHER_FILE,
+        Run,
+        evaluate_segmentors,
+        run_stage,
+    )
+    from gkd.utils.runtime import DistInfo, resolve_device, seed_everything
+
+    torch.set_num_threads(threads)
+    (job.dir / "logs").mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[logging.FileHandler(job.dir / "logs" / "gkd.log")],
+        force=True,
+    )
+    sys.stderr = (job.dir / "logs" / "progress.log").open("a")  # progress bars of parallel jobs, kept apart
+    write_text(job.dir / "recipe.resolved.yaml", dump_recipe(job.recipe))
+    start = time.perf_counter()
+    seed_everything(job.recipe.seed)
+    run = Run(job.recipe, job.dir, resolve_device(device), DistInfo())
+    if needs_teacher(job) and not run.file(TEACHER_FILE).is_file():
+        _link(teacher_file, run.file(TEACHER_FILE))
+    names = {"teacher": ("train-teacher",), "no_kd": ("train-no-kd",), "distilled": ("distill", "train-head")}
+    for stage in STAGES:
+        if stage.name in names[job.student] and stage.needed(job.recipe) and not stage.complete(run):
+            run_stage(run, stage)
+    file = {"teacher": TEACHER_FILE, "no_kd": NO_KD_FILE, "distilled": SEGMENTOR_FILE}[job.student]
+    metrics = evaluate_segmentors(run, {"model": file})["model"]
+    result = {
+        "method": job.method,
+        "label": job.label,
+        "seed": job.seed,
+        "class_names": run.class_names,
+        "seconds": time.perf_counter() - start,
+        "threads": threads,
+        **metrics,
+    }
+    write_json(job.result_file, result)
+    return result
+
+
+def _link(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source`` (a copy across file systems)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def run_comparison(
+    recipe_path: str | None,
+    out: Path,
+    workers: int = 2,
+    device: str = "cpu",
+    methods: list[str] | None = None,
+    max_seeds: int | None = None,
+) -> dict:
+    """Run every job not yet complete (``workers`` at a time), then write the comparison report."""
+    from gkd.report.comparison import write_comparison
+
+    recipe = load_recipe(recipe_path)
+    jobs = plan(recipe, out, methods, max_seeds)
+    saved = out / "recipe.resolved.yaml"
+    if saved.is_file() and load_recipe(saved) != recipe:
+        raise RecipeError(f"{out} holds a comparison of another recipe ({saved}); use a new --out directory")
+    write_text(saved, dump_recipe(recipe))
+    threads = max(1, (os.cpu_count() or 1) // workers) if device == "cpu" else 1
+    teacher = jobs[0]
+    teacher_file = teacher.dir / "teacher_segmentor.safetensors"
+    # seed by seed: an interrupted comparison has every method at its first seeds
+    pending = sorted((job for job in jobs if not job.done()), key=lambda job: job.seed)
+    log.info(
+        "compare: %d jobs, %d to run, %d workers x %d threads, in %s", len(jobs), len(pending), workers, threads, out
+    )
+    failures: list[str] = []
+    with (
+        ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool,
+        tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="compare", unit="job") as progress,
+    ):
+        running: dict[Future, Job] = {}
+
+        def ready(job: Job) -> bool:
+            return job is teacher or not needs_teacher(job) or teacher.done()
+
+        def submit_ready() -> None:
+            for job in [job for job in pending if ready(job)]:
+                pending.remove(job)
+                running[pool.submit(run_job, job, teacher_file, device, threads)] = job
+
+        submit_ready()
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = running.pop(future)
+                progress.update()
+                if future.exception() is not None:
+                    failures.append(f"{job.method} seed {job.seed}: {future.exception()} (log: {job.dir / 'logs'})")
+                    log.error("compare: %s", failures[-1])
+                    continue
+                result = future.result()
+                domains = ", ".join(f"{d} {m['miou']:.1f}" for d, m in result["domains"].items())
+                progress.write(f"{job.method} seed {job.seed}: {domains} ({result['seconds'] / 60:.1f} min)")
+            if teacher.done() or not any(needs_teacher(job) for job in pending):
+                submit_ready()
+    if pending and not teacher.done():
+        failures.append(f"{len(pending)} jobs not run: the teacher did not finish")
+    if failures:
+        if any(job.done() for job in jobs):  # what did finish is still tabulated
+            write_comparison(recipe, jobs, out)
+        raise ComparisonError("compare: " + "; ".join(failures))
+    return write_comparison(recipe, jobs, out)
+
+
+def collect(jobs: list[Job]) -> list[dict]:
+    """The results of the jobs that are complete, in job order."""
+    return [read_json(job.result_file) for job in jobs if job.done()]

@@ -1,0 +1,138 @@
+"""`gkd-compress compare` on the CamVid day -> dusk recipe in miniature (tests/data/camvid_day2dusk_tiny.yaml),
+and the planning and tabulation rules behind it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from gkd.cli import main
+from gkd.compare import TEACHER_JOB, method_recipe, plan
+from gkd.recipe import RecipeError, load_recipe, parse_recipe
+from gkd.report.comparison import spread, summarize
+
+REPO = Path(__file__).resolve().parents[1]
+CAMVID = REPO.parent / "shared" / "data" / "CamVid"
+TINY = REPO / "tests" / "data" / "camvid_day2dusk_tiny.yaml"
+FULL = REPO / "recipes" / "camvid_day2dusk.yaml"
+
+
+def _with_methods(methods: dict) -> object:
+    data = load_recipe(FULL).model_dump(mode="json")
+    data["compare"]["methods"] = methods
+    return parse_recipe(data)
+
+
+def test_the_benchmark_recipe_plans_every_row(tmp_path):
+    recipe = load_recipe(FULL)
+    jobs = plan(recipe, tmp_path)
+    assert jobs[0].method == TEACHER_JOB
+    seeds = {method: [job.seed for job in jobs if job.method == method] for method in recipe.compare.methods}
+    headline = ("no_kd", "vanilla_kd", "mse", "gkd")
+    assert all(seeds[method] == [0, 1, 2] for method in headline)
+    assert len(recipe.compare.methods) >= 9
+    by_method = {job.method: job.recipe for job in jobs}
+    assert by_method["gkd_no_1a"].distill.task_agnostic is None
+    assert by_method["gkd_no_mask"].distill.loss.options["mask_patch"] is False
+    assert by_method["vanilla_kd"].distill.schedule == "one_stage"
+    # every student gets the same number of optimizer steps of the same batch size
+    for job in jobs[1:]:
+        r = job.recipe
+        if job.student == "no_kd":
+            steps = [r.compare.no_kd]
+        elif r.distill.schedule == "one_stage":
+            steps = [r.distill.joint]
+        else:
+            steps = [c for c in (r.distill.task_agnostic, r.distill.domain_agnostic, r.head) if c is not None]
+        assert sum(c.steps for c in steps) == 750, job.method
+        assert {c.batch_size for c in steps} == {8}, job.method
+
+
+def test_the_protocol_never_trains_on_dusk():
+    recipe = load_recipe(FULL)
+    data = recipe.data
+    for config in (data.source, data.proxy, data.source_val):
+        assert config.options["domain"] == "day"
+    assert data.targets["dusk"].options["domain"] == "dusk"
+    assert "test" not in data.proxy.split.split("+")  # day test frames are a target: not in the proxy either
+
+
+def test_a_method_may_not_change_the_teacher():
+    recipe = _with_methods({"bad": {"label": "bad", "overrides": {"models": {"teacher": {"kwargs": {"depth": 2}}}}}})
+    with pytest.raises(RecipeError, match="share the recipe's teacher"):
+        method_recipe(recipe, "bad", 0)
+
+
+def test_a_new_loss_starts_from_its_own_default_options():
+    recipe = _with_methods({"cwd": {"label": "CWD", "overrides": {"distill": {"loss": {"name": "cwd"}}}}})
+    variant = method_recipe(recipe, "cwd", 3)
+    assert variant.distill.loss.name == "cwd"
+    assert "mask_patch" not in variant.distill.loss.options
+    assert variant.seed == 3
+
+
+def test_bad_overrides_and_unknown_methods_are_named(tmp_path):
+    recipe = _with_methods({"typo": {"label": "typo", "overrides": {"distill": {"scheduel": "one_stage"}}}})
+    with pytest.raises(RecipeError, match=r"(?s)compare\.methods\.typo\.overrides.*scheduel"):
+        plan(recipe, tmp_path)
+    with pytest.raises(RecipeError, match="unknown methods nope"):
+        plan(load_recipe(FULL), tmp_path, methods=["nope"])
+    with pytest.raises(RecipeError, match="lists no methods"):
+        plan(_with_methods({}), tmp_path)
+
+
+def test_spread_and_drops():
+    assert spread([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(math.sqrt(2)), "values": [1.0, 3.0]}
+    assert spread([5.0])["std"] == 0.0
+
+    def run(seed: int, day: float, dusk: float, day_iou: list, dusk_iou: list) -> dict:
+        domains = {"day": {"miou": day, "iou": day_iou}, "dusk": {"miou": dusk, "iou": dusk_iou}}
+        return {"method": "m", "label": "M", "params_m": 1.0, "class_names": ["a", "b"], "seconds": 60.0,
+                "seed": seed, "domains": domains}  # fmt: skip
+
+    runs = [run(0, 50.0, 30.0, [40.0, 60.0], [20.0, None]), run(1, 52.0, 36.0, [44.0, 60.0], [30.0, None])]
+    (row,) = summarize(runs, "day")
+    assert row["seeds"] == [0, 1]
+    assert row["drop"]["dusk"]["values"] == [20.0, 16.0]
+    assert row["class_iou"]["dusk"] == [25.0, None]
+    assert row["miou"]["day"]["mean"] == 51.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CAMVID.is_dir(), reason=f"{CAMVID} not present")
+def test_compare_runs_tabulates_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the recipe's data roots are relative to the working directory
+    out = tmp_path / "compare"
+    argv = ["compare", str(TINY), "--out", str(out), "--methods", "no_kd", "gkd", "vanilla_kd", "gkd_no_1a"]
+    assert main([*argv, "--max-seeds", "2"]) == 0
+    summary = json.loads((out / "comparison.json").read_text())
+    rows = {row["method"]: row for row in summary["rows"]}
+    assert list(rows) == ["teacher", "no_kd", "vanilla_kd", "gkd", "gkd_no_1a"]
+    assert rows["gkd"]["seeds"] == [0, 1] and rows["gkd_no_1a"]["seeds"] == [0]
+    assert summary["domains"] == ["day_test", "dusk", "source"]
+    for row in rows.values():
+        for domain in summary["domains"]:
+            assert 0 <= row["miou"][domain]["mean"] <= 100
+        for seed_index, drop in enumerate(row["drop"]["dusk"]["values"]):
+            day, dusk = row["miou"]["day_test"]["values"][seed_index], row["miou"]["dusk"]["values"][seed_index]
+            assert drop == pytest.approx(day - dusk)
+        assert len(row["class_iou"]["dusk"]) == 11
+    teacher = load_recipe(out / TEACHER_JOB / "recipe.resolved.yaml")
+    assert teacher.models.teacher.kwargs["embed_dim"] == 48
+    # the shared teacher is the one file every distilled student learnt from
+    teacher_file = out / TEACHER_JOB / "teacher_segmentor.safetensors"
+    assert (out / "gkd" / "seed1" / "teacher_segmentor.safetensors").stat().st_size == teacher_file.stat().st_size
+    assert not (out / "no_kd" / "seed0" / "teacher_segmentor.safetensors").exists()
+    markdown = (out / "comparison.md").read_text()
+    assert "| GKD | 2 |" in markdown and "drop day_test→dusk" in markdown
+    for name in ("domains.png", "frames.png"):
+        assert Image.open(out / name).format == "PNG"
+    # a second call trains nothing: every job's result is kept
+    results = sorted(out.glob("*/seed*/result.json"))
+    stamps = [path.stat().st_mtime_ns for path in results]
+    assert main([*argv, "--max-seeds", "2"]) == 0
+    assert [path.stat().st_mtime_ns for path in results] == stamps
