@@ -130,6 +130,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from gkd.compare import run_comparison
     from gkd.recipe import load_recipe
 
+    if args.workers < 1 or (args.max_seeds is not None and args.max_seeds < 1):
+        raise ValueError("--workers and --max-seeds must be at least 1")
     out = Path(args.out) if args.out else Path("runs") / f"{load_recipe(args.recipe).name}_compare"
     out.mkdir(parents=True, exist_ok=True)
     _setup_logging(out)

@@ -136,3 +136,9 @@ def test_compare_runs_tabulates_and_resumes(tmp_path, monkeypatch):
     stamps = [path.stat().st_mtime_ns for path in results]
     assert main([*argv, "--max-seeds", "2"]) == 0
     assert [path.stat().st_mtime_ns for path in results] == stamps
+
+
+def test_bad_command_line_is_exit_2(tmp_path, capsys):
+    assert main(["compare", str(TINY), "--out", str(tmp_path), "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err
+    assert main(["compare", str(TINY), "--out", str(tmp_path), "--methods", "nope"]) == 2
