@@ -168,6 +168,18 @@ def run_job(job: Job, teacher_file: Path, device: str, threads: int) -> dict:
     return result
 
 
+def _die_with_parent() -> None:
+    """Pool-worker initializer: on Linux, ask the kernel to end this worker when the parent dies (even by
+    SIGKILL); ProcessPoolExecutor workers would otherwise train on as orphans. No library exposes
+    ``prctl(PR_SET_PDEATHSIG)``, hence ctypes."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _link(source: Path, target: Path) -> None:
     """``target`` as a hard link to ``source`` (a copy across file systems)."""
     try:
@@ -203,7 +215,7 @@ def run_comparison(
     )
     failures: list[str] = []
     with (
-        ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool,
+        ProcessPoolExecutor(workers, get_context("spawn"), initializer=_die_with_parent) as pool,
         tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="compare", unit="job") as progress,
     ):
         running: dict[Future, Job] = {}
