@@ -103,7 +103,12 @@ def plan(recipe: Recipe, out: Path, methods: list[str] | None = None, max_seeds:
     if unknown:
         raise RecipeError(f"unknown methods {', '.join(unknown)}; the recipe lists {', '.join(listed)}")
     base = recipe.model_copy(update={"compare": recipe.compare.model_copy(update={"methods": {}})})
-    jobs = [Job(TEACHER_JOB, "teacher", recipe.seed, "teacher", base, out / TEACHER_JOB)]
+    # no teacher job when nothing trains one (a frozen VFM distilled by feature losses only)
+    jobs = (
+        [Job(TEACHER_JOB, "teacher", recipe.seed, "teacher", base, out / TEACHER_JOB)]
+        if recipe.teacher_training
+        else []
+    )
     for name, method in listed.items():
         if methods and name not in methods:
             continue
@@ -206,8 +211,12 @@ def run_comparison(
         raise RecipeError(f"{out} holds a comparison of another recipe ({saved}); use a new --out directory")
     write_text(saved, dump_recipe(recipe))
     threads = max(1, (os.cpu_count() or 1) // workers) if device == "cpu" else 1
-    teacher = jobs[0]
-    teacher_file = teacher.dir / "teacher_segmentor.safetensors"
+    teacher = next((job for job in jobs if job.method == TEACHER_JOB), None)
+    teacher_file = out / TEACHER_JOB / "teacher_segmentor.safetensors"
+
+    def teacher_done() -> bool:
+        return teacher is None or teacher.done()
+
     # seed by seed: an interrupted comparison has every method at its first seeds
     pending = sorted((job for job in jobs if not job.done()), key=lambda job: job.seed)
     log.info(
@@ -221,7 +230,7 @@ def run_comparison(
         running: dict[Future, Job] = {}
 
         def ready(job: Job) -> bool:
-            return job is teacher or not needs_teacher(job) or teacher.done()
+            return job is teacher or not needs_teacher(job) or teacher_done()
 
         def submit_ready() -> None:
             for job in [job for job in pending if ready(job)]:
@@ -241,9 +250,9 @@ def run_comparison(
                 result = future.result()
                 domains = ", ".join(f"{d} {m['miou']:.1f}" for d, m in result["domains"].items())
                 progress.write(f"{job.method} seed {job.seed}: {domains} ({result['seconds'] / 60:.1f} min)")
-            if teacher.done() or not any(needs_teacher(job) for job in pending):
+            if teacher_done() or not any(needs_teacher(job) for job in pending):
                 submit_ready()
-    if pending and not teacher.done():
+    if pending and not teacher_done():
         failures.append(f"{len(pending)} jobs not run: the teacher did not finish")
     if failures:
         if any(job.done() for job in jobs):  # what did finish is still tabulated

@@ -142,3 +142,15 @@ def test_bad_command_line_is_exit_2(tmp_path, capsys):
     assert main(["compare", str(TINY), "--out", str(tmp_path), "--workers", "0"]) == 2
     assert "--workers" in capsys.readouterr().err
     assert main(["compare", str(TINY), "--out", str(tmp_path), "--methods", "nope"]) == 2
+
+
+def test_a_frozen_teacher_without_a_head_needs_no_teacher_job(tmp_path):
+    from gkd.compare import needs_teacher
+
+    data = load_recipe(FULL).model_dump(mode="json")
+    data["models"]["teacher"]["train_encoder"] = False  # a VFM's weights, frozen: nothing to train
+    data["teacher_training"] = None
+    data["compare"]["methods"] = {key: data["compare"]["methods"][key] for key in ("no_kd", "gkd", "mse")}
+    jobs = plan(parse_recipe(data), tmp_path)
+    assert [job.method for job in jobs] == ["no_kd"] * 3 + ["gkd"] * 3 + ["mse"] * 3
+    assert not any(needs_teacher(job) for job in jobs)

@@ -158,7 +158,7 @@ def plot_frames(recipe: Recipe, jobs: list[Job], path: Path, count: int = 4) -> 
     first = {}
     for job in jobs:
         first.setdefault(job.method, job)
-    shown = [TEACHER_JOB, *compare.figure_methods]
+    shown = [TEACHER_JOB, *compare.figure_methods] if TEACHER_JOB in first else list(compare.figure_methods)
     files = {TEACHER_JOB: TEACHER_FILE, "no_kd": NO_KD_FILE, "distilled": SEGMENTOR_FILE}
     models = {}
     for name in shown:
@@ -166,7 +166,10 @@ def plot_frames(recipe: Recipe, jobs: list[Job], path: Path, count: int = 4) -> 
         if job is None or not job.done():
             return False
         models[job.label] = load_segmentor(job.dir / files[job.student])[0].eval()
-    run = Run(first[TEACHER_JOB].recipe, first[TEACHER_JOB].dir, torch.device("cpu"), DistInfo())
+    if not models:
+        return False
+    any_job = first[shown[0]]
+    run = Run(any_job.recipe, any_job.dir, torch.device("cpu"), DistInfo())
     config = {"source": recipe.data.source_val, **recipe.data.targets}[domain]
     dataset = run.dataset(config, train=False)
     palette = list(dataset_info(recipe.data.source.name)[2])
