@@ -154,3 +154,12 @@ def test_a_frozen_teacher_without_a_head_needs_no_teacher_job(tmp_path):
     jobs = plan(parse_recipe(data), tmp_path)
     assert [job.method for job in jobs] == ["no_kd"] * 3 + ["gkd"] * 3 + ["mse"] * 3
     assert not any(needs_teacher(job) for job in jobs)
+
+
+def test_an_output_dir_of_another_recipe_is_refused(tmp_path, capsys):
+    from gkd.recipe import dump_recipe
+
+    (tmp_path / "recipe.resolved.yaml").write_text(dump_recipe(load_recipe(FULL)))
+    assert main(["compare", str(TINY), "--out", str(tmp_path)]) == 2
+    assert "another recipe" in capsys.readouterr().err
+    assert not (tmp_path / TEACHER_JOB).exists()
