@@ -163,3 +163,18 @@ def test_an_output_dir_of_another_recipe_is_refused(tmp_path, capsys):
     assert main(["compare", str(TINY), "--out", str(tmp_path)]) == 2
     assert "another recipe" in capsys.readouterr().err
     assert not (tmp_path / TEACHER_JOB).exists()
+
+
+def test_real_dinov2_weights_swap_in_for_the_built_teacher(tmp_path):
+    from gkd.compare import needs_teacher
+
+    swap = tmp_path / "swap.yaml"
+    swap.write_text(
+        f"base: {FULL}\nname: camvid_day2dusk_dinov2b\nmodels:\n"
+        "  teacher: {name: dinov2_vitb14, train_encoder: false,\n"
+        "            kwargs: {img_size: [144, 192], embed_dim: 768, depth: 12, num_heads: 12}}\n"
+    )
+    jobs = {(job.method, job.seed): job for job in plan(load_recipe(swap), tmp_path / "out")}
+    assert jobs["teacher", 0].recipe.models.teacher.name == "dinov2_vitb14"
+    assert not needs_teacher(jobs["gkd", 0])  # feature distillation reads the frozen VFM directly
+    assert needs_teacher(jobs["vanilla_kd", 0])  # logit distillation needs the head the teacher job trains
