@@ -132,10 +132,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     if args.workers < 1 or (args.max_seeds is not None and args.max_seeds < 1):
         raise ValueError("--workers and --max-seeds must be at least 1")
-    out = Path(args.out) if args.out else Path("runs") / f"{load_recipe(args.recipe).name}_compare"
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out) if args.out else Path("runs") / f"{recipe.name}_compare"
     out.mkdir(parents=True, exist_ok=True)
     _setup_logging(out)
-    summary = run_comparison(args.recipe, out, args.workers, args.device, args.methods, args.max_seeds)
+    summary = run_comparison(recipe, out, args.workers, args.device, args.methods, args.max_seeds)
     log.info("done: %s (%.1f min); table: %s", out, summary["wall_minutes"], out / "comparison.md")
     return 0
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gkd.recipe import Recipe, RecipeError, dump_recipe, load_recipe, merge, parse_recipe
-from gkd.utils.io import read_json, write_json, write_text
+from gkd.utils.io import write_json, write_text
 
 log = logging.getLogger("gkd")
 
@@ -119,24 +119,23 @@ def plan(recipe: Recipe, out: Path, methods: list[str] | None = None, max_seeds:
 
 
 def needs_teacher(job: Job) -> bool:
-    from gkd.pipeline import TEACHER_FILE, _distill_inputs
+    from gkd.pipeline import TEACHER_FILE, distill_inputs
 
-    return job.student == "distilled" and TEACHER_FILE in _distill_inputs(job.recipe)
+    return job.student == "distilled" and TEACHER_FILE in distill_inputs(job.recipe)
+
+
+def model_file(job: Job) -> str:
+    """The segmentor file a job trains, in its run directory."""
+    from gkd.pipeline import NO_KD_FILE, SEGMENTOR_FILE, TEACHER_FILE
+
+    return {"teacher": TEACHER_FILE, "no_kd": NO_KD_FILE, "distilled": SEGMENTOR_FILE}[job.student]
 
 
 def run_job(job: Job, teacher_file: Path, device: str, threads: int) -> dict:
     """Train and evaluate one job in this process (a pool worker); returns and writes its result."""
     import torch
 
-    from gkd.pipeline import (
-        NO_KD_FILE,
-        SEGMENTOR_FILE,
-        STAGES,
-        TEACHER_FILE,
-        Run,
-        evaluate_segmentors,
-        run_stage,
-    )
+    from gkd.pipeline import STAGES, TEACHER_FILE, Run, evaluate_segmentors, run_stage
     from gkd.utils.runtime import DistInfo, resolve_device, seed_everything
 
     torch.set_num_threads(threads)
@@ -158,8 +157,7 @@ def run_job(job: Job, teacher_file: Path, device: str, threads: int) -> dict:
     for stage in STAGES:
         if stage.name in names[job.student] and stage.needed(job.recipe) and not stage.complete(run):
             run_stage(run, stage)
-    file = {"teacher": TEACHER_FILE, "no_kd": NO_KD_FILE, "distilled": SEGMENTOR_FILE}[job.student]
-    metrics = evaluate_segmentors(run, {"model": file})["model"]
+    metrics = evaluate_segmentors(run, {"model": model_file(job)})["model"]
     result = {
         "method": job.method,
         "label": job.label,
@@ -194,7 +192,7 @@ def _link(source: Path, target: Path) -> None:
 
 
 def run_comparison(
-    recipe_path: str | None,
+    recipe: Recipe,
     out: Path,
     workers: int = 2,
     device: str = "cpu",
@@ -204,7 +202,6 @@ def run_comparison(
     """Run every job not yet complete (``workers`` at a time), then write the comparison report."""
     from gkd.report.comparison import write_comparison
 
-    recipe = load_recipe(recipe_path)
     jobs = plan(recipe, out, methods, max_seeds)
     saved = out / "recipe.resolved.yaml"
     if saved.is_file() and load_recipe(saved) != recipe:
@@ -259,8 +256,3 @@ def run_comparison(
             write_comparison(recipe, jobs, out)
         raise ComparisonError("compare: " + "; ".join(failures))
     return write_comparison(recipe, jobs, out)
-
-
-def collect(jobs: list[Job]) -> list[dict]:
-    """The results of the jobs that are complete, in job order."""
-    return [read_json(job.result_file) for job in jobs if job.done()]

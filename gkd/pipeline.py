@@ -44,6 +44,7 @@ EVAL_FILE = "eval.json"
 EXPORT_FILE = "export.json"
 BENCHMARK_FILE = "benchmark.json"
 SOURCE_SELECTION_FILE = "source_selection.json"
+SOURCE_DOMAIN = "source"  # the held-out source split among the evaluated domains
 
 
 @dataclass
@@ -228,7 +229,7 @@ def stage_train_no_kd(run: Run) -> None:
 
 def evaluation_domains(run: Run) -> dict[str, DatasetConfig]:
     """``source`` (held-out source split) first, then every target domain."""
-    return {"source": run.recipe.data.source_val, **run.recipe.data.targets}
+    return {SOURCE_DOMAIN: run.recipe.data.source_val, **run.recipe.data.targets}
 
 
 def make_domain_evaluator(run: Run) -> Callable[[Callable], dict[str, dict]]:
@@ -310,7 +311,7 @@ def stage_benchmark(run: Run) -> None:
         def predict(images: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(np.asarray(predict_numpy(images.numpy().astype(np.float32))))
 
-        return {name: metrics["miou"] for name, metrics in evaluate_domains(predict).items() if name != "source"}
+        return {name: metrics["miou"] for name, metrics in evaluate_domains(predict).items() if name != SOURCE_DOMAIN}
 
     summary = benchmark_artifacts(
         segmentor,
@@ -357,7 +358,7 @@ def _two_stage(recipe: Recipe) -> bool:
     return recipe.distill.schedule == "two_stage"
 
 
-def _distill_inputs(recipe: Recipe) -> tuple[str, ...]:
+def distill_inputs(recipe: Recipe) -> tuple[str, ...]:
     teacher_head = recipe.distill.schedule == "one_stage" and loss_kind(recipe.distill.loss.name) == "logit"
     return (TEACHER_FILE,) if recipe.models.teacher.train_encoder or teacher_head else ()
 
@@ -372,7 +373,7 @@ STAGES: tuple[Stage, ...] = (
         lambda r: (ENCODER_FILE,) if _two_stage(r) else (ENCODER_FILE, SEGMENTOR_FILE),
         lambda r: True,
         True,
-        _distill_inputs,
+        distill_inputs,
     ),
     Stage("train-head", stage_train_head, lambda r: (SEGMENTOR_FILE,), _two_stage, True, lambda r: (ENCODER_FILE,)),
     Stage("train-no-kd", stage_train_no_kd, lambda r: (NO_KD_FILE,), lambda r: r.compare.no_kd is not None, True),

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gkd.utils.io import atomic_path, write_json, write_text
+from gkd.pipeline import SOURCE_DOMAIN as SOURCE
+from gkd.pipeline import Run, evaluation_domains
+from gkd.utils.io import atomic_path, read_json, write_json, write_text
 
 if TYPE_CHECKING:
     from gkd.compare import Job
@@ -27,7 +29,6 @@ COMPARISON_JSON = "comparison.json"
 COMPARISON_MD = "comparison.md"
 DOMAINS_PNG = "domains.png"
 FRAMES_PNG = "frames.png"
-SOURCE = "source"  # the recipe's source_val split: in-domain, but not a target, so no drop is computed
 
 
 def spread(values: list[float]) -> dict:
@@ -147,10 +148,9 @@ def _colorize(label: np.ndarray, palette: list) -> np.ndarray:
 def plot_frames(recipe: Recipe, jobs: list[Job], path: Path, count: int = 4) -> bool:
     """Rows of example frames of ``compare.figure_domain``: image, label, the teacher's and each figure
     method's prediction (its first seed). False (nothing written) when a model is missing."""
-    from gkd.compare import TEACHER_JOB
+    from gkd.compare import TEACHER_JOB, model_file
     from gkd.data.config import dataset_info
     from gkd.models.checkpoint import load_segmentor
-    from gkd.pipeline import NO_KD_FILE, SEGMENTOR_FILE, TEACHER_FILE, Run
     from gkd.utils.runtime import DistInfo
 
     compare = recipe.compare
@@ -159,19 +159,17 @@ def plot_frames(recipe: Recipe, jobs: list[Job], path: Path, count: int = 4) -> 
     for job in jobs:
         first.setdefault(job.method, job)
     shown = [TEACHER_JOB, *compare.figure_methods] if TEACHER_JOB in first else list(compare.figure_methods)
-    files = {TEACHER_JOB: TEACHER_FILE, "no_kd": NO_KD_FILE, "distilled": SEGMENTOR_FILE}
     models = {}
     for name in shown:
         job = first.get(name)
         if job is None or not job.done():
             return False
-        models[job.label] = load_segmentor(job.dir / files[job.student])[0].eval()
+        models[job.label] = load_segmentor(job.dir / model_file(job))[0].eval()
     if not models:
         return False
     any_job = first[shown[0]]
     run = Run(any_job.recipe, any_job.dir, torch.device("cpu"), DistInfo())
-    config = {"source": recipe.data.source_val, **recipe.data.targets}[domain]
-    dataset = run.dataset(config, train=False)
+    dataset = run.dataset(evaluation_domains(run)[domain], train=False)
     palette = list(dataset_info(recipe.data.source.name)[2])
     picks = np.linspace(0, len(dataset) - 1, count).round().astype(int)
     columns = ["image", "label", *models]
@@ -218,22 +216,18 @@ def machine() -> dict:
     }
 
 
-def wall_minutes(jobs: list[Job]) -> float:
+def wall_minutes(done: list[Job], results: list[dict]) -> float:
     """From the first finished job's start (its result file's time minus its duration) to the last finish:
     the comparison's wall time even when it ran in several sittings (then it includes the pauses)."""
-    from gkd.utils.io import read_json
-
-    done = [job for job in jobs if job.done()]
     finishes = [job.result_file.stat().st_mtime for job in done]
-    starts = [finish - read_json(job.result_file)["seconds"] for job, finish in zip(done, finishes, strict=True)]
+    starts = [finish - result["seconds"] for finish, result in zip(finishes, results, strict=True)]
     return (max(finishes) - min(starts)) / 60
 
 
 def write_comparison(recipe: Recipe, jobs: list[Job], out: Path) -> dict:
     """``comparison.json``, ``comparison.md``, ``domains.png`` and (when its models exist) ``frames.png``."""
-    from gkd.compare import collect
-
-    results = collect(jobs)
+    done = [job for job in jobs if job.done()]
+    results = [read_json(job.result_file) for job in done]
     if not results:
         raise RuntimeError(f"compare: no finished job in {out}")
     reference = recipe.compare.reference_domain
@@ -247,7 +241,7 @@ def write_comparison(recipe: Recipe, jobs: list[Job], out: Path) -> dict:
         + ([SOURCE] if reference != SOURCE else []),
         "class_names": results[0]["class_names"],
         "jobs": len(results),
-        "wall_minutes": wall_minutes(jobs),
+        "wall_minutes": wall_minutes(done, results),
         "job_minutes": sum(result["seconds"] for result in results) / 60,
         "machine": machine(),
         "rows": summarize(results, reference),
