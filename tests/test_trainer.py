@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gkd.compress.config import OptimConfig
+from gkd.compress.config import OptimConfig, TrainingConfig
 from gkd.compress.trainer import NonFiniteLossError, ResumableSampler, Trainer, lr_factor, param_groups
-from gkd.utils.runtime import DistInfo
+from gkd.utils.runtime import DistInfo, resolve_num_workers
 from tests.helpers.toy_training import ToyData, ToyObjective, make_trainer, read_losses
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,29 +96,73 @@ def test_lr_schedule_and_param_groups():
     assert decay_of[id(module.head.bias)] == 0.0 and decay_of[id(module.head.weight)] == config.weight_decay
 
 
+def _torchrun(run_dir: Path, steps: int, *options: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``tests.helpers.toy_training`` on 2 CPU processes (gloo) under torchrun."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += ["-m", "tests.helpers.toy_training", str(run_dir), str(steps), *options]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if check and result.returncode:
+        raise AssertionError(f"torchrun exited {result.returncode}:\n{result.stderr[-4000:]}")
+    return result
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path):
     """torchrun, 2 CPU processes (gloo), global batch 8 = 2 ranks x 2 accumulation steps x 2: the same
     loss curve as 1 process with batch 8."""
     make_trainer(tmp_path / "single", steps=6, dropout=0.0).fit()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "tests.helpers.toy_training",
-            str(tmp_path / "ddp"),
-            "6",
-        ],
-        cwd=REPO,
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    _torchrun(tmp_path / "ddp", 6)
     assert read_losses(tmp_path / "ddp") == pytest.approx(read_losses(tmp_path / "single"), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_resume_equals_an_uninterrupted_ddp_run(tmp_path):
+    _torchrun(tmp_path / "straight", 8)
+    # Each rank makes 2 objective calls per step: call 11 is in step 6, after step 3's checkpoint.
+    killed = _torchrun(tmp_path / "resumed", 8, "--crash-at", "11", check=False)
+    assert killed.returncode != 0
+    _torchrun(tmp_path / "resumed", 8)
+    straight, resumed = (
+        torch.load(tmp_path / "straight/checkpoints/toy/last.pt", weights_only=False),
+        torch.load(tmp_path / "resumed/checkpoints/toy/last.pt", weights_only=False),
+    )
+    assert straight["finished"] and resumed["finished"] and resumed["step"] == 8
+    torch.testing.assert_close(resumed["objective"], straight["objective"], rtol=0, atol=0)
+    assert read_losses(tmp_path / "resumed")[-5:] == read_losses(tmp_path / "straight")[-5:]
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_stops_both_ranks(tmp_path):
+    """Rank 1 alone sees a NaN loss; the check is all-reduced, so both ranks stop (no hang on a collective)."""
+    result = _torchrun(tmp_path, 40, "--nan-rank", "1", "--nan-at", "7", "--log-every", "4", check=False)
+    assert result.returncode != 0
+    # Both ranks raise the same error naming the first bad step (objective call 7 is in step 4).
+    assert result.stderr.count("NonFiniteLossError: toy: non-finite loss at step 4") == 2, result.stderr[-3000:]
+    assert torch.load(tmp_path / "checkpoints/toy/last.pt", weights_only=False)["step"] == 3
+
+
+def test_first_log_after_resume_averages_only_the_steps_it_saw(tmp_path):
+    """A window that starts mid-way (after a resume) divides by the steps it holds, not by log_every."""
+    per_step = make_trainer(tmp_path / "per_step", steps=4, dropout=0.0)
+    per_step.fit()
+    killed = make_trainer(tmp_path / "windowed", steps=4, dropout=0.0, log_every=4)
+    killed.objective.crash_at_step = 4  # the checkpoint of step 3 exists
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    make_trainer(tmp_path / "windowed", steps=4, dropout=0.0, log_every=4).fit()
+    assert read_losses(tmp_path / "windowed") == pytest.approx(read_losses(tmp_path / "per_step")[3:], rel=1e-6)
+
+
+def test_num_workers_auto(monkeypatch):
+    monkeypatch.setattr("gkd.utils.runtime.available_cpus", lambda: 16)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_num_workers("auto", cpu) == 0
+    assert resolve_num_workers(3, cpu) == 3
+    assert resolve_num_workers("auto", cuda, local_world_size=1) == 8  # capped
+    assert resolve_num_workers("auto", cuda, local_world_size=4) == 3  # 4 CPUs per rank, one for the trainer
+    assert resolve_num_workers("auto", cuda, local_world_size=16) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resolve_num_workers("auto", cuda) == 7
+    with pytest.raises(ValueError, match="num_workers"):
+        TrainingConfig(num_workers=-1)

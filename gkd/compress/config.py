@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class OptimConfig(BaseModel):
@@ -34,4 +34,15 @@ class TrainingConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
     teacher_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | Literal["auto"] = Field(
+        "auto",
+        description="data-loading worker processes per rank; auto = 0 on CPU (training uses every core), on GPU the "
+        "CPUs this process may use split over the ranks of this node, one left to the training process, at most 8",
+    )
+
+    @field_validator("num_workers")
+    @classmethod
+    def _non_negative(cls, workers: int | str) -> int | str:
+        if isinstance(workers, int) and workers < 0:
+            raise ValueError(f"num_workers must be >= 0 or 'auto', got {workers}")
+        return workers

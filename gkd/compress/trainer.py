@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from gkd.compress.config import OptimConfig, TrainingConfig
 from gkd.utils.io import torch_save
-from gkd.utils.runtime import DistInfo, rng_state, set_rng_state
+from gkd.utils.runtime import DistInfo, resolve_num_workers, rng_state, set_rng_state
 
 log = logging.getLogger("gkd.train")
 
@@ -183,16 +183,21 @@ class Trainer:
         if len(dataset) < self.micro_batch * info.world_size:
             raise ValueError(f"{name}: {len(dataset)} samples are fewer than one global batch ({config.batch_size})")
         self.sampler = ResumableSampler(len(dataset), seed, info)
+        workers = resolve_num_workers(training.num_workers, device)
         self.loader = DataLoader(
             SeededDataset(dataset),
             batch_size=self.micro_batch,
             sampler=self.sampler,
             drop_last=True,
-            num_workers=training.num_workers,
+            num_workers=workers,
             pin_memory=device.type == "cuda",
+            # workers (and any in-memory cache they fill) live as long as the stage, not one epoch
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
             # its own generator: creating an iterator must not consume the global RNG that resume restores
             generator=torch.Generator().manual_seed(seed),
         )
+        log.info("%s: %d data-loading worker(s) per rank", name, workers)
         self.amp_dtype = autocast_dtype(training, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         groups = param_groups(objective, config)
@@ -273,7 +278,11 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def fit(self) -> dict[str, float]:
-        """Train to ``config.steps`` (resuming if a checkpoint exists); returns the last logged metrics."""
+        """Train to ``config.steps`` (resuming if a checkpoint exists); returns the last logged metrics.
+
+        The host waits for the device only every ``log_every`` steps and before a checkpoint: loss sums and
+        the finite check stay on the device in between (a per-step ``.item()`` would serialise a GPU).
+        """
         self._resume()
         metrics: dict[str, float] = {}
         if self.step >= self.config.steps:
@@ -293,47 +302,21 @@ class Trainer:
             mininterval=0.5 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not every step
         )
         batches = self._batches()
-        window_start, window_images, sums = time.perf_counter(), 0, {}
+        window = _Window(self.device)
         try:
             while self.step < self.config.steps:
-                for micro in range(self.config.accumulate):
-                    batch = self._to_device(next(batches))
-                    sync = (
-                        nullcontext()
-                        if micro == self.config.accumulate - 1 or not self.info.enabled
-                        else self.model.no_sync()
-                    )
-                    with sync:
-                        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                            outputs = self.forward_module(batch)
-                        loss = outputs["loss"]
-                        if not torch.isfinite(loss.detach()):
-                            raise NonFiniteLossError(
-                                f"{self.name}: non-finite loss ({loss.item()}) at step {self.step + 1}; last good "
-                                f"checkpoint: {self.checkpoint_path if self.checkpoint_path.is_file() else 'none'}"
-                            )
-                        self.scaler.scale(loss / self.config.accumulate).backward()
-                    for key, value in outputs.items():
-                        sums[key] = sums.get(key, 0.0) + float(value.detach()) / self.config.accumulate
-                    window_images += batch["image"].shape[0] * self.info.world_size
-                if self.config.grad_clip is not None:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.config.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                self.step += 1
+                self._train_step(batches, window)
                 progress.update(1)
                 if self.step % self.config.log_every == 0 or self.step == self.config.steps:
-                    metrics = self._log(
-                        sums, window_images, time.perf_counter() - window_start, writer, jsonl, progress
-                    )
-                    window_start, window_images, sums = time.perf_counter(), 0, {}
+                    self._raise_if_non_finite(window)
+                    metrics = self._log(window, writer, jsonl, progress)
+                    window = _Window(self.device)
                 if self.step % self.config.checkpoint_every == 0 and self.step < self.config.steps:
+                    self._raise_if_non_finite(window)
                     self._save_checkpoint(finished=False)
             self._save_checkpoint(finished=True)
         finally:
+            batches.close()  # shuts persistent loader workers down with the stage
             progress.close()
             if writer:
                 writer.close()
@@ -341,15 +324,42 @@ class Trainer:
                 jsonl.close()
         return metrics
 
-    def _log(self, sums: dict, images: int, seconds: float, writer, jsonl, progress) -> dict[str, float]:
-        steps = self.step % self.config.log_every or self.config.log_every
-        values = torch.tensor([sums[k] / steps for k in sorted(sums)], dtype=torch.float64)
-        if self.info.enabled:
-            dist.all_reduce(values)
-            values /= self.info.world_size
-        metrics = dict(zip(sorted(sums), values.tolist(), strict=True))
+    def _train_step(self, batches: Iterator[dict], window: _Window) -> None:
+        """One optimizer step over ``config.accumulate`` micro-batches; nothing here waits for the device."""
+        for micro in range(self.config.accumulate):
+            batch = self._to_device(next(batches))
+            last = micro == self.config.accumulate - 1
+            sync = nullcontext() if last or not self.info.enabled else self.model.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    outputs = self.forward_module(batch)
+                loss = outputs["loss"]
+                window.note_loss(loss.detach(), self.step + 1)
+                self.scaler.scale(loss / self.config.accumulate).backward()
+            window.add(outputs, self.config.accumulate, batch["image"].shape[0] * self.info.world_size)
+        if self.config.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        window.steps += 1
+
+    def _raise_if_non_finite(self, window: _Window) -> None:
+        """Stop every rank together when any rank saw a non-finite loss (all-reduced, so none hangs)."""
+        first_bad = window.first_bad_step(self.info)
+        if first_bad:
+            last_good = self.checkpoint_path if self.checkpoint_path.is_file() else "none"
+            raise NonFiniteLossError(
+                f"{self.name}: non-finite loss at step {first_bad}; last good checkpoint: {last_good}"
+            )
+
+    def _log(self, window: _Window, writer, jsonl, progress) -> dict[str, float]:
+        metrics = window.means(self.info)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0]["lr_scale"]
-        metrics["images_per_s"] = images / max(seconds, 1e-9)
+        metrics["images_per_s"] = window.images / max(time.perf_counter() - window.start, 1e-9)
         if self.info.is_main:
             jsonl.write(json.dumps({"step": self.step, **metrics}) + "\n")
             jsonl.flush()
@@ -359,3 +369,45 @@ class Trainer:
                 loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", ips=f"{metrics['images_per_s']:.1f}"
             )
         return metrics
+
+
+class _Window:
+    """What the steps since the last log line add up to, kept on the device until it is read."""
+
+    # Far above any step count: (NO_STEP - step) under a MAX all-reduce gives the smallest bad step of all ranks.
+    NO_STEP = 2**62
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.start = time.perf_counter()
+        self.steps = 0
+        self.images = 0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.first_bad = torch.zeros((), dtype=torch.int64, device=device)  # 0 = every loss finite
+
+    def note_loss(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss) & (self.first_bad == 0)
+        self.first_bad = torch.where(bad, step, self.first_bad)
+
+    def add(self, outputs: dict[str, torch.Tensor], accumulate: int, images: int) -> None:
+        for key, value in outputs.items():
+            contribution = value.detach().float() / accumulate
+            self.sums[key] = self.sums[key] + contribution if key in self.sums else contribution
+        self.images += images
+
+    def first_bad_step(self, info: DistInfo) -> int:
+        """The first step with a non-finite loss on any rank (0 = none); waits for the device."""
+        if not info.enabled:
+            return int(self.first_bad)
+        encoded = torch.where(self.first_bad > 0, self.NO_STEP - self.first_bad, 0)
+        dist.all_reduce(encoded, op=dist.ReduceOp.MAX)
+        return int(self.NO_STEP - encoded) if int(encoded) else 0
+
+    def means(self, info: DistInfo) -> dict[str, float]:
+        """Per-step means of the window's sums, averaged over ranks (one device -> host copy)."""
+        keys = sorted(self.sums)
+        values = torch.stack([self.sums[key] for key in keys]).double() / max(self.steps, 1)
+        if info.enabled:
+            dist.all_reduce(values)
+            values /= info.world_size
+        return dict(zip(keys, values.tolist(), strict=True))

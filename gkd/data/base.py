@@ -191,7 +191,8 @@ class CachedDataset(Dataset):
     """Keeps each decoded native-resolution sample in memory after its first read; the (random) transform
     still runs on every access. For small datasets read many times (a few hundred frames, many epochs),
     where PNG decoding would otherwise cost more than the model. With ``num_workers > 0`` every worker
-    fills its own copy, so use it with ``num_workers: 0``."""
+    fills its own copy (the trainer's workers persist for the whole stage, so each frame is decoded at most
+    once per worker)."""
 
     def __init__(self, dataset: SegmentationDataset | ImageListDataset) -> None:
         self.dataset = dataset

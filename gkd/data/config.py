@@ -90,7 +90,7 @@ class DatasetConfig(BaseModel):
     fraction_seed: int = 0
     limit: int | None = Field(None, gt=0, description="first N samples after the fraction")
     skip_bad: bool = Field(False, description="skip (and log) bad samples instead of stopping")
-    cache: bool = Field(False, description="keep decoded images in memory (small datasets, num_workers 0)")
+    cache: bool = Field(False, description="keep decoded images in memory (small datasets; one copy per loader worker)")
 
     @field_validator("name")
     @classmethod

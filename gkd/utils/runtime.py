@@ -52,6 +52,31 @@ def resolve_device(spec: str, info: DistInfo | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+MAX_AUTO_WORKERS = 8
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as set by taskset, cgroups or a scheduler)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def resolve_num_workers(setting: int | str, device: torch.device, local_world_size: int | None = None) -> int:
+    """Data-loading workers per rank for ``num_workers: auto | N``.
+
+    ``auto``: 0 on CPU, where training threads already use every core and workers would only compete with
+    them; on GPU, the available CPUs split over the node's ranks (``LOCAL_WORLD_SIZE``, set by torchrun),
+    one left to each training process, at most `MAX_AUTO_WORKERS`.
+    """
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return 0
+    ranks = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(MAX_AUTO_WORKERS, available_cpus() // max(ranks, 1) - 1))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -51,7 +52,8 @@ class ToyObjective(nn.Module):
 
 def make_trainer(run_dir: Path, steps: int, info: DistInfo | None = None, dropout: float = 0.1, **optim) -> Trainer:
     """8 samples a step; dropout makes per-rank RNG streams matter, so DDP comparisons switch it off."""
-    config = OptimConfig(steps=steps, batch_size=8, lr=1e-2, warmup_steps=2, checkpoint_every=3, log_every=1, **optim)
+    optim = {"checkpoint_every": 3, "log_every": 1, **optim}
+    config = OptimConfig(steps=steps, batch_size=8, lr=1e-2, warmup_steps=2, **optim)
     info = info or DistInfo()
     return Trainer(
         "toy",
@@ -72,8 +74,26 @@ def read_losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in lines]
 
 
-if __name__ == "__main__":  # torchrun entry: python -m tests.helpers.toy_training RUN_DIR STEPS
+def main(argv: list[str]) -> None:
+    """torchrun entry: RUN_DIR STEPS [--nan-rank R --nan-at N] [--crash-at N]; 2 accumulation micro-steps."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("steps", type=int)
+    parser.add_argument("--nan-rank", type=int, help="the rank whose loss turns NaN")
+    parser.add_argument("--nan-at", type=int, help="from this objective call on")
+    parser.add_argument("--crash-at", type=int, help="raise KeyboardInterrupt at this objective call (every rank)")
+    parser.add_argument("--log-every", type=int, default=1)
+    args = parser.parse_args(argv)
     info = init_distributed("cpu")
-    trainer = make_trainer(Path(sys.argv[1]), int(sys.argv[2]), info, dropout=0.0, accumulate=2)
-    trainer.fit()
-    torch.distributed.destroy_process_group()
+    trainer = make_trainer(args.run_dir, args.steps, info, dropout=0.0, accumulate=2, log_every=args.log_every)
+    if args.nan_rank == info.rank:
+        trainer.objective.nan_at_step = args.nan_at
+    trainer.objective.crash_at_step = args.crash_at
+    try:
+        trainer.fit()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
