@@ -116,14 +116,26 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         if not stage.needed(recipe):
             raise ValueError(f"stage {stage.name} is not part of this recipe")
         run_stage(run, stage)
-    benchmark = run_dir / "benchmark.json"
-    checks_benchmark = info.is_main and args.command in ("run", "benchmark", "report") and benchmark.is_file()
-    if checks_benchmark and not json.loads(benchmark.read_text()).get("ok", True):
-        log.error("an exported artifact failed its accuracy check (see %s)", benchmark)
+    if info.is_main and _failed_checks(run_dir, args.command):
         return EXIT_FAILED_CHECK
     if info.is_main:
         log.info("done: %s", run_dir)
     return 0
+
+
+def _failed_checks(run_dir: Path, command: str) -> bool:
+    """Log and report whether an artifact missed parity, did not build, or failed the benchmark's checks."""
+    export, benchmark = run_dir / "export.json", run_dir / "benchmark.json"
+    failed = False
+    if command in ("run", "export", "benchmark", "report") and export.is_file():
+        for key, reason in json.loads(export.read_text()).get("failed", {}).items():
+            log.error("export: %s failed: %s (see %s)", key, reason, export)
+            failed = True
+    if command in ("run", "benchmark", "report") and benchmark.is_file():
+        for key in json.loads(benchmark.read_text()).get("failed", []):
+            log.error("benchmark: %s failed its checks (see %s)", key, benchmark)
+            failed = True
+    return failed
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

@@ -128,3 +128,28 @@ def test_run_dir_of_another_recipe_is_refused(finished_run, capsys):
         == 2
     )
     assert "another recipe" in capsys.readouterr().err
+
+
+def test_parity_miss_is_recorded_the_stage_completes_and_the_exit_code_says_so(finished_run, tmp_path):
+    """fp32 parity held to zero difference: model.onnx misses it, yet every artifact is written, the benchmark
+    and report run, and the command exits 1."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    recipe = yaml.safe_load((run / "recipe.resolved.yaml").read_text())
+    recipe["export"]["parity"]["fp32"].update(atol=0.0, rtol=0.0)
+    (run / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    for stage in ("export", "benchmark", "report"):
+        assert main([stage, "--out", str(run), "--device", "cpu"]) == 1, stage
+    export = json.loads((run / "export.json").read_text())
+    parity = export["artifacts"]["onnx/fp32"]["parity"]
+    assert not parity["passed"] and parity["max_abs_diff"] > 0 == parity["limit"]
+    assert export["failed"] == {"onnx/fp32": f"parity: {parity['reason']}"}
+    assert export["artifacts"]["onnx/int8"]["parity"]["passed"]  # the stage went on after the miss
+    benchmark = json.loads((run / "benchmark.json").read_text())
+    assert not benchmark["ok"] and "onnx/fp32" in benchmark["export_failed"]
+    assert "| onnx/fp32 | `model.onnx` |" in (run / "report.md").read_text()
+    assert "FAILED: max |logit difference|" in (run / "report.md").read_text()

@@ -2,6 +2,8 @@
 
 The batch stays dynamic (``torch.export.Dim`` over the export batch range), as in the ONNX files; the
 package runs only on the device type it was compiled for (C++ kernels on CPU, Triton kernels on CUDA).
+Reduced-precision packages (``model.bf16.pt2``, ``model.fp16.pt2``) compile the same bf16 / fp16 model as the
+ONNX fp16 graph (`gkd.export.onnx.half_precision`: normalisations in fp32, float32 input and logits).
 """
 
 from __future__ import annotations
@@ -15,16 +17,34 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gkd.export.onnx import half_precision
 from gkd.utils.io import atomic_path
+
+AOTI_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def compile_aoti(
-    prepared: nn.Module, path: str | Path, img_size: Sequence[int], batch_range: Sequence[int], device: torch.device
+    prepared: nn.Module,
+    path: str | Path,
+    img_size: Sequence[int],
+    batch_range: Sequence[int],
+    device: torch.device,
+    precision: str = "fp32",
 ) -> dict:
-    """Compile a prepared (fixed-size) segmentor for ``device`` into the package ``path``, atomically."""
+    """Compile a prepared (fixed-size) segmentor for ``device`` into the package ``path``, atomically.
+
+    Args:
+        prepared: the segmentor from `gkd.export.onnx.prepare_for_export`.
+        path: the ``.pt2`` package to write.
+        img_size: the baked input size (H, W).
+        batch_range: (min, opt, max) batch; min..max stays dynamic.
+        device: where the package will run (CPU or CUDA kernels).
+        precision: ``fp32``, ``bf16`` or ``fp16`` weights and activations (float32 input and logits).
+    """
     path = Path(path)
     low, _, high = batch_range
-    model = copy.deepcopy(prepared).to(device).eval()
+    model = prepared if precision == "fp32" else half_precision(prepared, AOTI_DTYPES[precision])
+    model = copy.deepcopy(model).to(device).eval()
     # torch.export specialises dimensions of size 1, so a dynamic batch needs an example batch of at least 2.
     example = torch.rand(max(2, low) if high > 1 else 1, 3, *img_size, device=device)
     dynamic_shapes = ({0: torch.export.Dim("batch", min=low, max=high)},) if high > 1 else None
@@ -44,6 +64,7 @@ def compile_aoti(
         "bytes": path.stat().st_size,
         "compile_s": round(time.perf_counter() - start, 2),
         "device": device.type,
+        "precision": precision,
         "batch_range": [low, high],
     }
 

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import onnx
 import timm.layers
 import torch
@@ -23,6 +22,8 @@ from onnx import helper
 from timm.layers import Format
 from torch import nn
 
+from gkd.export.config import ParityTolerance
+from gkd.export.parity import ParityError, compare_logits, judge
 from gkd.models.segmentor import Segmentor
 from gkd.utils.io import atomic_path
 
@@ -39,10 +40,6 @@ FP32_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.RMSNor
 
 class ExportError(RuntimeError):
     """An export that produced no usable artifact (a failed check, an unsupported graph)."""
-
-
-class ParityError(RuntimeError):
-    """An exported artifact whose outputs differ from PyTorch's beyond the tolerance."""
 
 
 def baked_size(segmentor: Segmentor, img_size: Sequence[int]) -> tuple[int, int]:
@@ -89,7 +86,7 @@ def _bake_rope(rope: nn.Module, grid: list[int]) -> None:
 
 
 class _Float32(nn.Module):
-    """Runs ``module`` in fp32 inside an fp16 model: explicit Casts around it in the exported graph."""
+    """Runs ``module`` in fp32 inside an fp16 / bf16 model: explicit Casts around it in the exported graph."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
@@ -111,8 +108,8 @@ class _Float32IO(nn.Module):
         return self.model(images.to(self.dtype)).float()
 
 
-def half_precision(prepared: nn.Module) -> nn.Module:
-    """An fp16 copy of a prepared segmentor for a strongly typed fp16 graph (fp32 input and logits).
+def half_precision(prepared: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
+    """An fp16 (or bf16) copy of a prepared segmentor for a strongly typed graph (fp32 input and logits).
 
     Numerics: LayerNorm (and any other normalisation) computes in fp32 between explicit Casts, because the
     variance of fp16 ViT activations overflows 65504; a strongly typed TensorRT network keeps those Casts.
@@ -120,12 +117,12 @@ def half_precision(prepared: nn.Module) -> nn.Module:
     (bounding the scores), Softmax subtracts the row maximum, and Casts around it would break TensorRT's
     MatMul-Softmax-MatMul attention fusion.
     """
-    model = copy.deepcopy(prepared).eval().half()
+    model = copy.deepcopy(prepared).eval().to(dtype)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, FP32_NORMS):
                 setattr(parent, name, _Float32(child))
-    return _Float32IO(model, torch.float16).eval()
+    return _Float32IO(model, dtype).eval()
 
 
 def unsafe_resizes(model: onnx.ModelProto) -> list[str]:
@@ -218,33 +215,19 @@ def onnx_session(
     return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
 
 
-def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    """Max / mean |difference| and the fraction of pixels whose argmax class agrees."""
-    difference = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
-    return {
-        "max_abs_diff": float(difference.max()),
-        "mean_abs_diff": float(difference.mean()),
-        "argmax_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
-    }
-
-
 @torch.no_grad()
-def check_parity(torch_model: nn.Module, onnx_path: str | Path, images: torch.Tensor, atol: float | None) -> dict:
+def check_parity(
+    torch_model: nn.Module, onnx_path: str | Path, images: torch.Tensor, tolerance: ParityTolerance
+) -> dict:
     """Compare ONNX Runtime (CPU provider: the graph, not a device) with ``torch_model`` on ``images``.
 
-    Raises `ParityError` when ``atol`` is given and the max |logit difference| exceeds it; reduced
-    precisions pass ``atol=None`` and are judged by argmax agreement and mIoU instead. For a tight fp32
-    check pass a CPU model (CUDA convolutions default to TF32).
+    Returns the comparison judged against ``tolerance`` (``passed``, and ``reason`` when not; see
+    `gkd.export.parity`). For a tight fp32 check pass a CPU model (CUDA convolutions default to TF32).
     """
     device = next(torch_model.parameters()).device
     reference = torch_model(images.to(device, torch.float32)).float().cpu().numpy()
     candidate = onnx_session(onnx_path).run([OUTPUT_NAME], {INPUT_NAME: images.float().cpu().numpy()})[0]
-    if candidate.shape != reference.shape:
-        raise ParityError(f"{Path(onnx_path).name}: logits {candidate.shape}, PyTorch {reference.shape}")
-    result = compare_logits(reference, candidate)
-    if atol is not None and not result["max_abs_diff"] <= atol:
-        raise ParityError(
-            f"{Path(onnx_path).name}: max |logit difference| {result['max_abs_diff']:.3g} vs PyTorch exceeds "
-            f"atol {atol:g} (mean {result['mean_abs_diff']:.3g}, argmax agreement {result['argmax_agreement']:.4f})"
-        )
-    return result
+    try:
+        return judge(compare_logits(reference, candidate), tolerance)
+    except ParityError as error:
+        raise ParityError(f"{Path(onnx_path).name}: {error}") from error

@@ -7,7 +7,9 @@ GPU compute time does): full-resolution logits are large and their copy would do
 
 Every runtime runs on the benchmark device: PyTorch eager (fp32; bf16 / fp16 autocast on CUDA), ONNX Runtime
 (CUDA provider on a GPU, CPU provider otherwise), ONNX Runtime's TensorRT provider, TensorRT engines and
-AOTInductor packages.
+AOTInductor packages. On CUDA, PyTorch eager and AOTInductor also run as CUDA graphs (``torch-cudagraph``,
+``aoti-cudagraph``): one graph per input shape, captured once and replayed, so a small model at batch 1 is
+not bound by the CPU launching its kernels one by one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from gkd.export.aoti import load_aoti
 from gkd.export.onnx import INPUT_NAME, OUTPUT_NAME, onnx_session, prepare_for_export
 from gkd.models.segmentor import Segmentor
 
-RUNTIME_NAMES = ("torch", "onnxruntime", "onnxruntime-trt", "tensorrt", "aoti")
+RUNTIME_NAMES = ("torch", "torch-cudagraph", "onnxruntime", "onnxruntime-trt", "tensorrt", "aoti", "aoti-cudagraph")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -76,7 +78,10 @@ class TorchRuntime(Runtime):
         self.model = prepare_for_export(segmentor, img_size).to(device)
 
     def run(self, staged: torch.Tensor) -> torch.Tensor:
-        autocast = torch.autocast(self.device.type, _AUTOCAST.get(self.precision), enabled=self.precision != "fp32")
+        # No cast cache: it would outlive a CUDA-graph capture (torch.cuda.graphs) and saves nothing per call.
+        autocast = torch.autocast(
+            self.device.type, _AUTOCAST.get(self.precision), enabled=self.precision != "fp32", cache_enabled=False
+        )
         with torch.inference_mode(), autocast:
             return self.model(staged)
 
@@ -145,13 +150,55 @@ class AOTIRuntime(Runtime):
 
     runtime = "aoti"
 
-    def __init__(self, path: Path, device: torch.device, max_batch: int | None = None) -> None:
+    def __init__(self, path: Path, precision: str, device: torch.device, max_batch: int | None = None) -> None:
         self.model = load_aoti(path)
-        super().__init__("fp32", device, {"artifact": path.name}, max_batch)
+        super().__init__(precision, device, {"artifact": path.name}, max_batch)
 
     def run(self, staged: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return self.model(staged)
+
+
+class CudaGraphRuntime(Runtime):
+    """Another runtime's `run` captured as a CUDA graph per input shape and replayed.
+
+    Capture follows PyTorch's recipe (``torch.cuda.graphs``): a few warm-up calls on a side stream, then one
+    call recorded into a `torch.cuda.CUDAGraph` reading a static input buffer; a replay copies the batch into
+    that buffer and relaunches every kernel at once. The returned logits are the graph's static output,
+    overwritten by the next replay (callers copy them out first, as `predict` does).
+    """
+
+    WARMUP_CALLS = 3
+
+    def __init__(self, inner: Runtime) -> None:
+        if inner.device.type != "cuda":
+            raise RuntimeError(f"CUDA graphs need a CUDA device; the device is {inner.device.type}")
+        self.runtime = f"{inner.runtime}-cudagraph"
+        super().__init__(inner.precision, inner.device, {**inner.info, "cuda_graph": True}, inner.max_batch)
+        self.inner = inner
+        self.graphs: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] = {}
+
+    def _capture(self, staged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]:
+        static_input = staged.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP_CALLS):
+                self.inner.run(static_input)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_output = self.inner.run(static_input)
+        return static_input, static_output, graph
+
+    def run(self, staged: torch.Tensor) -> torch.Tensor:
+        shape = tuple(staged.shape)
+        if shape not in self.graphs:
+            self.graphs[shape] = self._capture(staged)
+        static_input, static_output, graph = self.graphs[shape]
+        static_input.copy_(staged)
+        graph.replay()
+        return static_output
 
 
 def _ort_providers(runtime: str, precision: str, device: torch.device, out_dir: Path, export_summary: dict) -> list:
@@ -227,7 +274,11 @@ def runtime_loaders(
         elif kind == "aoti" and artifact["device"] != device.type:
             skipped[key] = f"the package was compiled for {artifact['device']}, the device is {device.type}"
         elif kind == "aoti":
-            loaders[key] = lambda f=path: AOTIRuntime(f, device, max_batch)
+            loaders[key] = lambda p=precision, f=path: AOTIRuntime(f, p, device, max_batch)
+    if device.type == "cuda":  # CUDA-graph replay of the eager model and of each AOTInductor package
+        for key in [key for key in loaders if key.split("/")[0] in ("torch", "aoti")]:
+            runtime, precision = key.split("/")
+            loaders[f"{runtime}-cudagraph/{precision}"] = lambda inner=loaders[key]: CudaGraphRuntime(inner())
     loaders = {key: loader for key, loader in loaders.items() if key.split("/")[0] in wanted}
     return loaders, {key: why for key, why in skipped.items() if key.split("/")[0] in wanted}
 

@@ -6,6 +6,7 @@ Artifacts are keyed ``kind/precision`` (``onnx/fp32``, ``onnx/fp16``, ``onnx/int
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import statistics
@@ -16,21 +17,20 @@ import numpy as np
 import torch
 
 from gkd.export.aoti import compile_aoti, load_aoti
-from gkd.export.config import BenchmarkConfig, ExportConfig
+from gkd.export.config import BenchmarkConfig, ExportConfig, ParityConfig
 from gkd.export.latency import benchmark_runtime, environment_info
 from gkd.export.onnx import (
     INPUT_NAME,
     OUTPUT_NAME,
-    ParityError,
     baked_size,
     check_parity,
-    compare_logits,
     export_onnx,
     half_precision,
     prepare_for_export,
 )
+from gkd.export.parity import compare_logits, judge
 from gkd.export.quantize import quantize_int8
-from gkd.export.runtimes import TorchRuntime, load_runtime, runtime_loaders
+from gkd.export.runtimes import Runtime, TorchRuntime, load_runtime, runtime_loaders
 from gkd.export.tensorrt import build_engine, tensorrt_unavailable
 from gkd.models.segmentor import Segmentor
 from gkd.report.pareto import pareto_plot
@@ -40,7 +40,7 @@ log = logging.getLogger("gkd")
 
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 ENGINE_FILES = {"fp16": "model.fp16.engine", "int8": "model.int8.engine"}
-AOTI_FILE = "model.pt2"
+AOTI_FILES = {"fp32": "model.pt2", "bf16": "model.bf16.pt2", "fp16": "model.fp16.pt2"}
 PARITY_FILE = "parity_images.npy"
 TIMING_CACHE_FILE = "tensorrt.timing.cache"
 PARETO_FILE = "pareto.png"
@@ -61,6 +61,23 @@ def _save_parity_images(path: Path, images: torch.Tensor) -> None:
         np.save(handle, images.float().cpu().numpy())
 
 
+def _attempt(summary: dict, key: str, make: Callable[[], dict]) -> dict | None:
+    """``make()`` recorded as ``summary["artifacts"][key]``; an exception is recorded under ``failed``
+    with its message and logged, and the other artifacts still get made."""
+    try:
+        info = make()
+    except Exception as error:  # one artifact that does not build never aborts the stage
+        summary["failed"][key] = f"{type(error).__name__}: {error}"
+        log.error("export: %s failed: %s", key, error)
+        return None
+    summary["artifacts"][key] = info
+    parity = info.get("parity", {})
+    if parity and not parity["passed"]:
+        summary["failed"][key] = f"parity: {parity['reason']}"
+        log.error("export: %s misses parity with PyTorch fp32: %s", key, parity["reason"])
+    return info
+
+
 def export_artifacts(
     segmentor: Segmentor,
     img_size: tuple[int, int],
@@ -72,15 +89,15 @@ def export_artifacts(
 ) -> dict:
     """Write every artifact ``config`` asks for to ``out_dir`` and check each against PyTorch fp32.
 
-    ONNX files are exported from a CPU copy and checked in ONNX Runtime's CPU provider (fp32 must match
-    within ``config.parity_atol`` or `ParityError` is raised; fp16 / int8 record their agreement). Engines
-    and the AOTInductor package are built on ``device``; missing TensorRT or GPU puts the engines under
-    ``skipped`` with the reason, a build that fails goes under ``failed``; nothing else is held up.
+    ONNX files are exported from a CPU copy and checked in ONNX Runtime's CPU provider; engines and the
+    AOTInductor packages are built on ``device``. Each artifact's parity is judged by its precision's
+    tolerance (``config.parity``, `gkd.export.parity`). An artifact that misses parity stays in
+    ``artifacts`` with its numbers and is listed under ``failed``, as is one that does not build; missing
+    TensorRT or GPU puts artifacts under ``skipped`` with the reason. Nothing aborts the stage.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     img_size = (int(img_size[0]), int(img_size[1]))
-    batch_range = list(config.batch_range)
     prepared = prepare_for_export(segmentor, img_size).to("cpu")
     summary: dict = {
         "img_size": list(img_size),
@@ -88,78 +105,111 @@ def export_artifacts(
         "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, *img_size], "range": [0.0, 1.0]},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", "classes", *img_size]},
         "opset": config.opset,
-        "batch_range": batch_range,
+        "batch_range": list(config.batch_range),
         "parity_images": PARITY_FILE,
+        "parity_tolerances": config.parity.model_dump(),
         "artifacts": {},
         "skipped": {},
         "failed": {},
         "environment": environment_info(),
     }
-    artifacts = summary["artifacts"]
     _save_parity_images(out_dir / PARITY_FILE, parity_images)
-
-    fp32_path = out_dir / ONNX_FILES["fp32"]
-    artifacts["onnx/fp32"] = export_onnx(prepared, fp32_path, img_size, config.opset, batch_range)
-    artifacts["onnx/fp32"]["parity"] = check_parity(prepared, fp32_path, parity_images, config.parity_atol)
-    if "fp16" in config.precisions:
-        path = out_dir / ONNX_FILES["fp16"]
-        artifacts["onnx/fp16"] = export_onnx(half_precision(prepared), path, img_size, config.opset, batch_range)
-        artifacts["onnx/fp16"]["numerics"] = FP16_NUMERICS
-        artifacts["onnx/fp16"]["parity"] = check_parity(prepared, path, parity_images, atol=None)
-    if "int8" in config.precisions:
-        path = out_dir / ONNX_FILES["int8"]
-        calibration = calibration_images[: config.calibration_images]
-        artifacts["onnx/int8"] = quantize_int8(fp32_path, path, calibration, config.calibration_method)
-        artifacts["onnx/int8"]["parity"] = check_parity(prepared, path, parity_images, atol=None)
-    log.info("export: ONNX %s written to %s", ", ".join(config.precisions), out_dir)
-
-    for precision in (p for p in ("fp16", "int8") if p in config.precisions):
-        key = f"tensorrt/{precision}"
-        reason = "disabled (export.tensorrt: false)" if not config.tensorrt else tensorrt_unavailable(device)
-        if reason:
-            summary["skipped"][key] = reason
-            continue
-        try:
-            artifacts[key] = build_engine(
-                out_dir / ONNX_FILES[precision],
-                out_dir / ENGINE_FILES[precision],
-                precision,
-                img_size,
-                batch_range,
-                config.workspace_mib,
-                out_dir / TIMING_CACHE_FILE,
-            )
-        except Exception as error:  # an engine that does not build is reported; the other artifacts stand
-            summary["failed"][key] = f"{type(error).__name__}: {error}"
-            log.error("export: %s failed: %s", key, error)
-
-    if not config.aoti:
-        summary["skipped"]["aoti/fp32"] = "disabled (export.aoti: false)"
-    else:
-        try:
-            artifacts["aoti/fp32"] = compile_aoti(prepared, out_dir / AOTI_FILE, img_size, batch_range, device)
-        except Exception as error:  # e.g. no C++ compiler or Triton on this machine
-            summary["failed"]["aoti/fp32"] = f"{type(error).__name__}: {error}"
-            log.error("export: AOTInductor failed: %s", error)
-        else:
-            artifacts["aoti/fp32"]["parity"] = _aoti_parity(
-                prepared, out_dir / AOTI_FILE, parity_images, device, config
-            )
+    _export_onnx_files(prepared, out_dir, config, summary, calibration_images, parity_images)
+    _build_engines(out_dir, config, device, summary, img_size)
+    _compile_aoti_packages(prepared, out_dir, config, device, summary, img_size, parity_images)
     for key, reason in summary["skipped"].items():
         log.warning("export: skipped %s: %s", key, reason)
     return summary
 
 
-@torch.no_grad()
-def _aoti_parity(
-    prepared: torch.nn.Module, path: Path, images: torch.Tensor, device: torch.device, config: ExportConfig
-) -> dict:
-    reference = prepared.to(device)(images.to(device, torch.float32)).cpu().numpy()
-    candidate = load_aoti(path)(images.to(device, torch.float32)).cpu().numpy()
-    result = compare_logits(reference, candidate)
-    if not result["max_abs_diff"] <= config.parity_atol:
-        raise ParityError(f"{path.name}: max |logit difference| {result['max_abs_diff']:.3g} > {config.parity_atol:g}")
-    return result
+def _export_onnx_files(
+    prepared: torch.nn.Module,
+    out_dir: Path,
+    config: ExportConfig,
+    summary: dict,
+    calibration_images: torch.Tensor,
+    parity_images: torch.Tensor,
+) -> None:
+    img_size, batch_range = summary["img_size"], config.batch_range
+
+    def onnx_file(precision: str) -> dict:
+        path = out_dir / ONNX_FILES[precision]
+        if precision == "int8":
+            calibration = calibration_images[: config.calibration_images]
+            info = quantize_int8(out_dir / ONNX_FILES["fp32"], path, calibration, config.calibration_method)
+        else:
+            model = prepared if precision == "fp32" else half_precision(prepared)
+            info = export_onnx(model, path, img_size, config.opset, batch_range)
+        if precision == "fp16":
+            info["numerics"] = FP16_NUMERICS
+        info["parity"] = check_parity(prepared, path, parity_images, config.parity.tolerance(precision))
+        return info
+
+    for precision in config.precisions:
+        if precision == "int8" and "onnx/fp32" not in summary["artifacts"]:
+            summary["failed"]["onnx/int8"] = "not quantized: model.onnx (fp32) was not written"
+            continue
+        _attempt(summary, f"onnx/{precision}", lambda p=precision: onnx_file(p))
+    log.info("export: ONNX %s written to %s", ", ".join(config.precisions), out_dir)
+
+
+def _build_engines(
+    out_dir: Path, config: ExportConfig, device: torch.device, summary: dict, img_size: tuple[int, int]
+) -> None:
+    for precision in (p for p in ("fp16", "int8") if p in config.precisions):
+        key = f"tensorrt/{precision}"
+        reason = "disabled (export.tensorrt: false)" if not config.tensorrt else tensorrt_unavailable(device)
+        if not reason and f"onnx/{precision}" not in summary["artifacts"]:
+            reason = f"no {ONNX_FILES[precision]} to build from"
+        if reason:
+            summary["skipped"][key] = reason
+            continue
+        _attempt(
+            summary,
+            key,
+            lambda p=precision: build_engine(
+                out_dir / ONNX_FILES[p],
+                out_dir / ENGINE_FILES[p],
+                p,
+                img_size,
+                config.batch_range,
+                config.workspace_mib,
+                out_dir / TIMING_CACHE_FILE,
+            ),
+        )
+
+
+def _compile_aoti_packages(
+    prepared: torch.nn.Module,
+    out_dir: Path,
+    config: ExportConfig,
+    device: torch.device,
+    summary: dict,
+    img_size: tuple[int, int],
+    parity_images: torch.Tensor,
+) -> None:
+    reference: np.ndarray | None = None
+    for precision in config.aoti_precisions:
+        key = f"aoti/{precision}"
+        if not config.aoti:
+            summary["skipped"][key] = "disabled (export.aoti: false)"
+            continue
+        if precision != "fp32" and device.type != "cuda":
+            summary["skipped"][key] = f"{precision} AOTInductor packages are compiled for CUDA only"
+            continue
+        if reference is None:  # PyTorch fp32 on the export device: the reference of every package
+            with torch.no_grad():
+                reference = copy.deepcopy(prepared).to(device)(parity_images.to(device)).cpu().numpy()
+
+        def package(p: str = precision, expected: np.ndarray = reference) -> dict:
+            path = out_dir / AOTI_FILES[p]
+            info = compile_aoti(prepared, path, img_size, config.batch_range, device, p)
+            with torch.no_grad():
+                candidate = load_aoti(path)(parity_images.to(device)).float().cpu().numpy()
+            info["parity"] = judge(compare_logits(expected, candidate), config.parity.tolerance(p))
+            return info
+
+        _attempt(summary, key, package)
 
 
 def _pareto_points(results: dict[str, dict], batch_size: int) -> list[dict]:
@@ -185,9 +235,10 @@ def benchmark_artifacts(
     """Accuracy and latency of every runtime x precision that runs here.
 
     Accuracy: ``evaluate(predict)`` gives ``{domain: mIoU}`` for each runtime; one that loses more than its
-    precision's tolerance against PyTorch fp32 on any domain is ``failed`` and the summary is not ``ok``
-    (nor is it when an export artifact failed to build). Argmax agreement with PyTorch fp32 on the export's
-    parity images is recorded for every runtime. Latency: each batch size of ``config.batch_sizes``.
+    precision's tolerance against PyTorch fp32 on any domain, misses logit parity on the export's parity
+    images (the export's per-precision tolerances), or fails while running is ``failed``, with its reasons
+    under ``failures``; the summary is then not ``ok`` (nor when an export artifact failed). Latency: each
+    batch size of ``config.batch_sizes``.
     """
     out_dir = Path(out_dir)
     img_size = (int(img_size[0]), int(img_size[1]))
@@ -195,8 +246,11 @@ def benchmark_artifacts(
     reference = TorchRuntime(segmentor, img_size, "fp32", device)
     parity_path = out_dir / export_summary.get("parity_images", PARITY_FILE)
     parity = np.load(parity_path) if parity_path.is_file() else None
-    reference_logits = reference.predict(parity) if parity is not None else None
-    reference_miou = evaluate(reference.predict) if evaluate is not None and config.accuracy else None
+    references = {
+        "logits": reference.predict(parity) if parity is not None else None,
+        "miou": evaluate(reference.predict) if evaluate is not None and config.accuracy else None,
+        "tolerances": ParityConfig(**export_summary.get("parity_tolerances", {})),
+    }
     del reference
 
     results: dict[str, dict] = {}
@@ -206,38 +260,20 @@ def benchmark_artifacts(
         if runtime is None:
             skipped[key] = why
             continue
-        entry = dict(runtime.info)
-        if reference_logits is not None:
-            entry["parity"] = compare_logits(reference_logits, runtime.predict(parity))
-        if reference_miou is not None:
-            miou = reference_miou if key == "torch/fp32" else evaluate(runtime.predict)
-            drops = {domain: reference_miou[domain] - miou[domain] for domain in reference_miou}
-            tolerance = config.tolerance(runtime.precision)
-            entry.update(miou=miou, miou_drop=drops, tolerance=tolerance, failed=max(drops.values()) > tolerance)
-            if entry["failed"]:
-                log.error("benchmark: %s loses %.2f mIoU (tolerance %.2f)", key, max(drops.values()), tolerance)
-        entry["latency"] = {}
-        for batch_size in config.batch_sizes:
-            try:
-                entry["latency"][str(batch_size)] = benchmark_runtime(
-                    runtime, img_size, batch_size, config.iterations, config.warmup_iterations, config.warmup_seconds
-                )
-            except Exception as error:  # e.g. a batch outside an engine's profile: recorded, the rest still runs
-                entry["latency"][str(batch_size)] = {"error": f"{type(error).__name__}: {error}"}
-        results[key] = entry
+        results[key] = _measure_runtime(key, runtime, parity, references, config, img_size, evaluate)
         del runtime
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         log.info("benchmark: %s done", key)
 
-    failed = sorted(key for key, entry in results.items() if entry.get("failed"))
+    failed = sorted(key for key, entry in results.items() if entry["failed"])
     summary = {
         "ok": not failed and not export_summary.get("failed"),
         "failed": failed,
         "export_failed": export_summary.get("failed", {}),
         "reference": "torch/fp32",
-        "reference_miou": reference_miou,
+        "reference_miou": references["miou"],
         "device": str(device),
         "img_size": list(img_size),
         "config": config.model_dump(mode="json"),
@@ -251,3 +287,44 @@ def benchmark_artifacts(
         pareto_plot(points, out_dir / PARETO_FILE, title=f"Latency (batch {min(config.batch_sizes)}) vs mIoU")
         summary["pareto_plot"] = PARETO_FILE
     return summary
+
+
+def _measure_runtime(
+    key: str,
+    runtime: Runtime,
+    parity: np.ndarray | None,
+    references: dict,
+    config: BenchmarkConfig,
+    img_size: tuple[int, int],
+    evaluate: Callable[[Callable[[np.ndarray], np.ndarray]], dict[str, float]] | None,
+) -> dict:
+    """One runtime's parity, mIoU per domain and latency per batch size; failures recorded, never raised."""
+    entry = {**runtime.info, "failures": []}
+    try:
+        if references["logits"] is not None:
+            tolerance = references["tolerances"].tolerance(runtime.precision)
+            entry["parity"] = judge(compare_logits(references["logits"], runtime.predict(parity)), tolerance)
+            if not entry["parity"]["passed"]:
+                entry["failures"].append(f"parity: {entry['parity']['reason']}")
+        if references["miou"] is not None:
+            reference_miou = references["miou"]
+            miou = reference_miou if key == "torch/fp32" else evaluate(runtime.predict)
+            drops = {domain: reference_miou[domain] - miou[domain] for domain in reference_miou}
+            tolerance = config.tolerance(runtime.precision)
+            entry.update(miou=miou, miou_drop=drops, tolerance=tolerance)
+            if max(drops.values()) > tolerance:
+                entry["failures"].append(f"loses {max(drops.values()):.2f} mIoU (tolerance {tolerance:.2f})")
+    except Exception as error:  # a runtime that breaks while running is a failed row, the others still run
+        entry["failures"].append(f"{type(error).__name__}: {error}")
+    entry["latency"] = {}
+    for batch_size in config.batch_sizes:
+        try:
+            entry["latency"][str(batch_size)] = benchmark_runtime(
+                runtime, img_size, batch_size, config.iterations, config.warmup_iterations, config.warmup_seconds
+            )
+        except Exception as error:  # e.g. a batch outside an engine's profile: recorded, the rest still runs
+            entry["latency"][str(batch_size)] = {"error": f"{type(error).__name__}: {error}"}
+    entry["failed"] = bool(entry["failures"])
+    for reason in entry["failures"]:
+        log.error("benchmark: %s failed: %s", key, reason)
+    return entry

@@ -1,16 +1,15 @@
 """TensorRT engines from the exported ONNX files, and a runner for them (TensorRT Python API, imported lazily).
 
-TensorRT 10 and 11 are told apart at run time by ``hasattr(trt.BuilderFlag, "FP16")`` (10.x only):
-
-- 11.x: every network is strongly typed, so precision comes from the graph: ``model.fp16.onnx`` is fp16 with
-  its LayerNorms in fp32 between Casts, ``model.int8.onnx`` is int8 where it has Q/DQ pairs and fp32 elsewhere.
-- 10.x: a weakly typed network with builder flags (FP16; INT8 + FP16 for the Q/DQ graph, so layers outside the
-  Q/DQ pairs may run in fp16) and normalisation layers pinned to fp32 (layer precision + obey constraints),
-  against fp16 LayerNorm overflow.
+Every network is strongly typed, on TensorRT 10 as on 11: precision comes from the graph, not from builder
+flags. ``model.fp16.onnx`` is fp16 with its LayerNorms in fp32 between Casts (no fp16 LayerNorm overflow),
+``model.int8.onnx`` is int8 where it has Q/DQ pairs and fp32 elsewhere. TensorRT 11 removed the weak-typing
+flags (``BuilderFlag.FP16`` / ``INT8``, precision constraints) and 10.12 deprecated them; the
+``STRONGLY_TYPED`` creation flag is required on 10.x and accepted (ignored) on 11.x.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,8 @@ import torch
 
 from gkd.export.onnx import INPUT_NAME
 from gkd.utils.io import atomic_path
+
+log = logging.getLogger("gkd")
 
 
 class EngineBuildError(RuntimeError):
@@ -36,8 +37,14 @@ def tensorrt_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def _weakly_typed(trt) -> bool:
-    return hasattr(trt.BuilderFlag, "FP16")
+def _use_timing_cache(config, path: Path) -> None:
+    """Load the timing cache at ``path`` into ``config``; one of another GPU or TensorRT starts fresh."""
+    if path.is_file() and config.set_timing_cache(config.create_timing_cache(path.read_bytes()), False):
+        return
+    if path.is_file():
+        log.warning("TensorRT timing cache %s does not match this GPU / TensorRT; starting a new one", path.name)
+    if not config.set_timing_cache(config.create_timing_cache(b""), False):
+        raise EngineBuildError("TensorRT refused an empty timing cache")
 
 
 def build_engine(
@@ -59,7 +66,7 @@ def build_engine(
     engine_path, timing_cache_path = Path(engine_path), Path(timing_cache_path)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -70,24 +77,10 @@ def build_engine(
     low, opt, high = batch_range
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, (low, 3, *img_size), (opt, 3, *img_size), (high, 3, *img_size))
-    config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(timing_cache_path.read_bytes() if timing_cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-
-    if _weakly_typed(trt):
-        typing = "weak (TensorRT 10): builder flags FP16" + (" + INT8" if precision == "int8" else "")
-        config.set_flag(trt.BuilderFlag.FP16)
-        if precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)
-        for index in range(network.num_layers):
-            layer = network.get_layer(index)
-            if layer.type == trt.LayerType.NORMALIZATION:
-                layer.precision = trt.float32
-                layer.set_output_type(0, trt.float32)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        typing += ", normalisation layers pinned to fp32"
-    else:
-        typing = "strong (TensorRT 11): precision from the ONNX graph"
+    if config.add_optimization_profile(profile) < 0:
+        raise EngineBuildError(f"TensorRT rejected the optimization profile batch {low}..{high} at {img_size}")
+    _use_timing_cache(config, timing_cache_path)
+    typing = f"strong (TensorRT {trt.__version__}): precision from the ONNX graph"
 
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -103,6 +96,7 @@ def build_engine(
         "build_s": round(time.perf_counter() - start, 2),
         "source": Path(onnx_path).name,
         "tensorrt_version": trt.__version__,
+        "precision": precision,
         "typing": typing,
         "profile": {"min": low, "opt": opt, "max": high},
         "workspace_mib": workspace_mib,
@@ -111,7 +105,11 @@ def build_engine(
 
 
 class TensorRTEngine:
-    """Runs a serialized engine on torch CUDA tensors (``set_tensor_address`` + ``execute_async_v3``)."""
+    """Runs a serialized engine on torch CUDA tensors (``set_tensor_address`` + ``execute_async_v3``).
+
+    The engine runs on a stream of its own, never on CUDA's legacy default stream (where TensorRT adds a
+    synchronisation per call), ordered after the caller's current stream and before its next work.
+    """
 
     def __init__(self, path: str | Path, device: torch.device) -> None:
         import tensorrt as trt
@@ -123,6 +121,9 @@ class TensorRTEngine:
         if self.engine is None:
             raise RuntimeError(f"TensorRT could not deserialize {path} (built by another TensorRT version or GPU?)")
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise RuntimeError(f"TensorRT could not create an execution context for {path} (out of GPU memory?)")
+        self.stream = torch.cuda.Stream(device)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         modes = {name: self.engine.get_tensor_mode(name) for name in names}
         self.input = next(name for name in names if modes[name] == trt.TensorIOMode.INPUT)
@@ -134,11 +135,15 @@ class TensorRTEngine:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, torch.float32).contiguous()
-        self.context.set_input_shape(self.input, tuple(images.shape))
+        if not self.context.set_input_shape(self.input, tuple(images.shape)):
+            raise RuntimeError(f"TensorRT: input shape {tuple(images.shape)} is outside the engine's profile")
         logits = torch.empty(tuple(self.context.get_tensor_shape(self.output)), device=self.device)
-        self.context.set_tensor_address(self.input, images.data_ptr())
-        self.context.set_tensor_address(self.output, logits.data_ptr())
-        # The current torch stream orders the engine with the copies and allocations around it.
-        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+        for name, tensor in ((self.input, images), (self.output, logits)):
+            if not self.context.set_tensor_address(name, tensor.data_ptr()):
+                raise RuntimeError(f"TensorRT refused the address of tensor {name}")
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)  # the input is written on the caller's stream
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
+        caller.wait_stream(self.stream)  # whatever reads (or frees) the tensors comes after the engine
         return logits

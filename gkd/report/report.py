@@ -150,17 +150,21 @@ def _export_markdown(export: dict | None) -> list[str]:
         "",
         f"Input `{export['input']['name']}` {export['input']['shape']} in [0, 1], opset {export['opset']}.",
         "",
-        "| artifact | file | max abs diff | argmax agreement |",
-        "|---|---|---:|---:|",
+        "| artifact | file | max abs diff | allowed | argmax agreement | parity |",
+        "|---|---|---:|---:|---:|---|",
     ]
     for key, artifact in export["artifacts"].items():
         parity = artifact.get("parity", {})
+        status = "ok" if parity.get("passed", True) else f"FAILED: {parity.get('reason', '')}"
         lines.append(
             f"| {key} | `{Path(artifact.get('file', '')).name}` | {_fmt(parity.get('max_abs_diff'), 6)}"
-            f" | {_fmt(100 * parity['argmax_agreement'] if 'argmax_agreement' in parity else None, 3)} % |"
+            f" | {_fmt(parity.get('limit'), 6)}"
+            f" | {_fmt(100 * parity['argmax_agreement'] if 'argmax_agreement' in parity else None, 3)} % | {status} |"
         )
-    for key, reason in {**export.get("skipped", {}), **export.get("failed", {})}.items():
-        lines.append(f"| {key} | not built: {reason} | | |")
+    not_built = {**export.get("skipped", {}), **export.get("failed", {})}
+    for key, reason in not_built.items():
+        if key not in export["artifacts"]:
+            lines.append(f"| {key} | not built: {reason} | | | | |")
     return [*lines, ""]
 
 
@@ -179,7 +183,7 @@ def _benchmark_markdown(benchmark: dict | None) -> list[str]:
     for key, entry in benchmark["runtimes"].items():
         miou = entry.get("miou")
         mean_miou = sum(miou.values()) / len(miou) if miou else None
-        status = "FAILED (mIoU below tolerance)" if entry.get("failed") else "ok"
+        status = f"FAILED: {'; '.join(entry.get('failures', []))}" if entry.get("failed") else "ok"
         for batch, latency in entry["latency"].items():
             if "error" in latency:
                 lines.append(f"| {key} | {batch} | {latency['error']} | | | | | |")
