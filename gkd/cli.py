@@ -93,6 +93,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     import torch
 
     from gkd.pipeline import STAGES, Run, run_all, run_stage
+    from gkd.utils.install import onnxruntime_install_problem
     from gkd.utils.io import write_text
     from gkd.utils.runtime import init_distributed, resolve_device, seed_everything
 
@@ -104,6 +105,9 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     info = init_distributed(device_kind)
     device = resolve_device(args.device, info)
     _setup_logging(run_dir, info.is_main)
+    install_problem = onnxruntime_install_problem(gpu=device.type == "cuda")
+    if install_problem and info.is_main:
+        log.warning(install_problem)
     if info.is_main:
         write_text(run_dir / "recipe.resolved.yaml", resolved)
         log.info("run directory %s (device %s, world size %d)", run_dir, device, info.world_size)

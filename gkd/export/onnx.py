@@ -207,7 +207,12 @@ def onnx_session(
     path: str | Path, providers: Sequence[str | tuple[str, dict]] = ("CPUExecutionProvider",)
 ) -> onnxruntime.InferenceSession:
     """An ONNX Runtime session; intra-op threads follow torch's so the runtimes compare on equal terms."""
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError as error:
+        raise ExportError(
+            f"ONNX Runtime is not installed ({error}): pip install 'gkd-compress[cpu]' (or '[gpu]')"
+        ) from error
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
