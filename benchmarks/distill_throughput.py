@@ -11,12 +11,22 @@ is not measured.
 Modes:
 
 * ``eager``: everything in float32, no compilation, AdamW with its default (for-each) kernels.
+* ``eager-amp``: the fair baseline, how the authors' code trains: the same eager step under
+  ``torch.autocast`` (bfloat16 on GPU), float32 weights, no compilation, for-each AdamW.
 * ``tuned``: on GPU the step under ``torch.autocast(bfloat16)`` with the teacher's weights in bfloat16;
   the objective (student forward + loss; the teacher call inside it) compiled with ``torch.compile``;
-  fused AdamW. Attention is timm's default (``F.scaled_dot_product_attention``) in both modes;
+  fused AdamW. Attention is timm's default (``F.scaled_dot_product_attention``) in every mode;
   channels-last does not apply to ViTs. On CPU the tuned precision defaults to float32 (compile + fused
   AdamW only): bfloat16 pays off only on CPUs with native bf16 arithmetic (AVX512-BF16, AMX);
   ``--tuned-precision bf16`` measures it.
+* ``fed``: the tuned step, each batch drawn from the trainer's real data loader
+  (`gkd.compress.trainer.build_loader`, ``--workers`` per rank, pinned memory, non-blocking copies) over
+  ``--data`` (``synthetic`` scenes or CamVid frames from ``--data-root``, the recipe-style training transform
+  at ``--img-size``) instead of one fixed batch on the device: ``fed / tuned`` says whether the loader keeps up.
+
+FLOPs per step (forward + backward of the student and the loss heads, the teacher's forward) are counted once
+with ``torch.utils.flop_counter`` on the eager step; MFU = achieved FLOP/s over the device's measured
+bfloat16 matmul rate (``--peak-tflops`` overrides the measurement).
 
 Each mode runs in its own child process, so peak memory is the mode's own:
 ``torch.cuda.max_memory_allocated`` on GPU, the process's maximum resident set size
@@ -69,7 +79,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tiny", action="store_true", help="small widths (CPU smoke runs)")
-    parser.add_argument("--modes", nargs="+", choices=("eager", "tuned"), default=["eager", "tuned"])
+    parser.add_argument(
+        "--modes", nargs="+", choices=("eager", "eager-amp", "tuned", "fed"), default=["eager", "eager-amp", "tuned"]
+    )
+    parser.add_argument("--data", choices=("synthetic", "camvid"), default="synthetic", help="images of the fed mode")
+    parser.add_argument("--data-root", help="dataset folder for --data camvid")
+    parser.add_argument("--workers", default="auto", help="loader workers of the fed mode: auto or a number")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="the device's bf16 matmul peak for MFU (default: measured, 8192^3 on GPU)"
+    )
     parser.add_argument(
         "--tuned-precision",
         choices=("auto", "bf16", "fp32"),
@@ -139,12 +157,12 @@ def run_mode(mode: str, args: argparse.Namespace, setup: dict[str, Any]) -> dict
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
-    tuned = mode == "tuned"
-    precision = args.tuned_precision if tuned else "fp32"
+    tuned = mode in ("tuned", "fed")
+    precision = args.tuned_precision if tuned else ("bf16" if mode == "eager-amp" else "fp32")
     if precision == "auto":
         precision = "bf16" if cuda else "fp32"
     autocast_dtype = torch.bfloat16 if precision == "bf16" else None
-    teacher_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    teacher_dtype = torch.bfloat16 if precision == "bf16" and tuned else torch.float32
 
     torch.manual_seed(args.seed)
     size = setup["img_size"]
@@ -156,10 +174,12 @@ def run_mode(mode: str, args: argparse.Namespace, setup: dict[str, Any]) -> dict
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, **({"fused": True} if tuned else {}))
     step_fn = torch.compile(objective) if tuned else objective
-    images = torch.rand(args.batch_size, 3, size, size, device=device)
-    batch = {"image": images}
+    fixed_batch = {"image": torch.rand(args.batch_size, 3, size, size, device=device)}
+    next_batch = fed_batches(args, size, device) if mode == "fed" else lambda: fixed_batch
+    flops = count_step_flops(objective, fixed_batch)
 
     def step() -> torch.Tensor:
+        batch = next_batch()
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             out = step_fn(batch)
         out["loss"].backward()
@@ -196,6 +216,7 @@ def run_mode(mode: str, args: argparse.Namespace, setup: dict[str, Any]) -> dict
         "teacher_dtype": str(teacher_dtype).removeprefix("torch."),
         "compiled": tuned,
         "fused_adamw": tuned,
+        "data": f"loader over {args.data}, workers {args.workers}" if mode == "fed" else "a fixed batch on the device",
         "steps": args.steps,
         "repeats": args.repeats,
         "seconds": elapsed,
@@ -204,6 +225,8 @@ def run_mode(mode: str, args: argparse.Namespace, setup: dict[str, Any]) -> dict
         "images_per_s_windows": [args.batch_size * args.steps / seconds for seconds in windows],
         "warmup_s": warmup_s,
         "final_loss": float(last.detach().float()) if last is not None else None,
+        "flops_per_step": flops,
+        "tflops_per_s": flops * args.steps / elapsed / 1e12,
         "trainable_params_m": sum(p.numel() for p in params) / 1e6,
         "teacher_params_m": sum(p.numel() for p in teacher.parameters()) / 1e6,
     }
@@ -214,6 +237,67 @@ def run_mode(mode: str, args: argparse.Namespace, setup: dict[str, Any]) -> dict
         result["peak_rss_mb"] = _max_rss_mb()
         result["rss_before_steps_mb"] = rss_before
     return result
+
+
+def count_step_flops(objective, batch: dict) -> int:
+    """FLOPs of one training step's forward and backward (eager, float32), by ``torch.utils.flop_counter``."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        objective(batch)["loss"].backward()
+    for parameter in objective.parameters():
+        parameter.grad = None
+    torch.manual_seed(0)
+    return int(counter.get_total_flops())
+
+
+def fed_batches(args: argparse.Namespace, size: int, device):
+    """A function returning the next batch of the trainer's loader over ``--data``, copied to ``device``."""
+    from loader_throughput import benchmark_dataset  # beside this script
+
+    from gkd.compress.trainer import ResumableSampler, build_loader
+    from gkd.utils.runtime import DistInfo, resolve_num_workers
+
+    dataset = benchmark_dataset(args.data, size, args.data_root)
+    workers = resolve_num_workers(args.workers if args.workers == "auto" else int(args.workers), device)
+    sampler = ResumableSampler(len(dataset), seed=args.seed, info=DistInfo())
+    loader = build_loader(dataset, args.batch_size, sampler, workers, device, args.seed)
+    state = {"iterator": iter(loader)}
+
+    def next_batch() -> dict:
+        try:
+            batch = next(state["iterator"])
+        except StopIteration:
+            sampler.epoch += 1
+            state["iterator"] = iter(loader)
+            batch = next(state["iterator"])
+        return {"image": batch["image"].to(device, non_blocking=True)}
+
+    print(f"fed: {len(dataset)} {args.data} samples, {workers} loader workers", file=sys.stderr)
+    return next_batch
+
+
+def peak_matmul_tflops(device_name: str) -> float:
+    """Measured bf16 matmul rate of the device (8192^3 on GPU, 2048^3 on CPU), TFLOP/s."""
+    import torch
+
+    device = torch.device(device_name)
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    repeats = 20 if device.type == "cuda" else 3
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
@@ -238,27 +322,35 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     return env
 
 
+def _child(argv: list[str], mode: str) -> dict[str, Any]:
+    """Run ``mode`` (or the ``peak`` matmul measurement) in a child process; its last stdout line is JSON."""
+    child = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *argv, "--child-mode", mode],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if child.returncode != 0:
+        sys.stderr.write(child.stderr)
+        raise SystemExit(f"mode {mode} failed (exit {child.returncode})")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup = resolve_setup(args)
+    if args.child_mode == "peak":
+        print(json.dumps({"peak_tflops": peak_matmul_tflops(args.device)}))
+        return 0
     if args.child_mode:
         print(json.dumps(run_mode(args.child_mode, args, setup)))
         return 0
     argv = list(sys.argv[1:] if argv is None else argv)
     results = {}
     for mode in args.modes:
-        child = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), *argv, "--child-mode", mode],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if child.returncode != 0:
-            sys.stderr.write(child.stderr)
-            raise SystemExit(f"mode {mode} failed (exit {child.returncode})")
-        results[mode] = json.loads(child.stdout.strip().splitlines()[-1])
+        results[mode] = _child(argv, mode)
         print(
-            f"{mode:>5}: {results[mode]['images_per_s']:8.2f} img/s  {results[mode]['step_ms']:9.1f} ms/step  "
+            f"{mode:>9}: {results[mode]['images_per_s']:8.2f} img/s  {results[mode]['step_ms']:9.1f} ms/step  "
             + (
                 f"peak GPU {results[mode]['peak_gpu_mem_mb']:.0f} MiB"
                 if "peak_gpu_mem_mb" in results[mode]
@@ -274,9 +366,23 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(args),
         "modes": results,
     }
-    if "eager" in results and "tuned" in results:
-        report["speedup"] = results["tuned"]["images_per_s"] / results["eager"]["images_per_s"]
-        print(f"speedup tuned / eager: {report['speedup']:.2f}x")
+    peak = args.peak_tflops or _child(argv, "peak")["peak_tflops"]
+    report["peak_bf16_matmul_tflops"] = peak
+    for mode, result in results.items():
+        result["mfu"] = result["tflops_per_s"] / peak
+        print(f"{mode:>9}: {result['tflops_per_s']:.3g} TFLOP/s = {100 * result['mfu']:.1f}% of {peak:.3g} (bf16 mm)")
+    ratios = {
+        "tuned/eager": ("tuned", "eager"),
+        "tuned/eager-amp": ("tuned", "eager-amp"),
+        "fed/tuned": ("fed", "tuned"),
+    }
+    report["ratios"] = {
+        name: results[a]["images_per_s"] / results[b]["images_per_s"]
+        for name, (a, b) in ratios.items()
+        if a in results and b in results
+    }
+    for name, ratio in report["ratios"].items():
+        print(f"{name}: {ratio:.2f}x")
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(report, handle, indent=2)

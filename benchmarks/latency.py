@@ -8,6 +8,8 @@ stage measures accuracy). The JSON written to ``--out`` records the command that
     python benchmarks/latency.py --arch deit_small --img-size 512 --batch-sizes 1 8 --out vits_512.json
     python benchmarks/latency.py --arch deit_base --img-size 512 --out vitb_512.json
     python benchmarks/latency.py --segmentor runs/x/segmentor.safetensors --img-size 512 --out x.json
+
+On CUDA every PyTorch and AOTInductor row is also timed as a CUDA graph (``torch-cudagraph``, ``aoti-cudagraph``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "int8"], choices=["fp32", "fp16", "int8"])
     parser.add_argument("--no-tensorrt", action="store_true")
     parser.add_argument("--no-aoti", action="store_true")
+    parser.add_argument(
+        "--aoti-precisions",
+        nargs="+",
+        default=["fp32", "bf16"],
+        choices=["fp32", "bf16", "fp16"],
+        help="AOTInductor packages (bf16 / fp16 are compiled on CUDA only)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--work-dir", type=Path, help="where artifacts are written (default: a temporary directory)")
     parser.add_argument("--out", type=Path, required=True, help="results JSON")
@@ -78,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         precisions=tuple(args.precisions),
         tensorrt=not args.no_tensorrt,
         aoti=not args.no_aoti,
+        aoti_precisions=tuple(args.aoti_precisions),
         batch_range=(1, max(args.batch_sizes), max(32, *args.batch_sizes)),
     )
     benchmark_config = BenchmarkConfig(

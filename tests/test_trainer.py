@@ -159,7 +159,10 @@ def test_num_workers_auto(monkeypatch):
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert resolve_num_workers("auto", cpu) == 0
     assert resolve_num_workers(3, cpu) == 3
-    assert resolve_num_workers("auto", cuda, local_world_size=1) == 8  # capped
+    assert resolve_num_workers("auto", cuda, local_world_size=1) == 15
+    monkeypatch.setattr("gkd.utils.runtime.available_cpus", lambda: 64)
+    assert resolve_num_workers("auto", cuda, local_world_size=1) == 16  # capped
+    monkeypatch.setattr("gkd.utils.runtime.available_cpus", lambda: 16)
     assert resolve_num_workers("auto", cuda, local_world_size=4) == 3  # 4 CPUs per rank, one for the trainer
     assert resolve_num_workers("auto", cuda, local_world_size=16) == 0
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")

@@ -37,7 +37,7 @@ class TrainingConfig(BaseModel):
     num_workers: int | Literal["auto"] = Field(
         "auto",
         description="data-loading worker processes per rank; auto = 0 on CPU (training uses every core), on GPU the "
-        "CPUs this process may use split over the ranks of this node, one left to the training process, at most 8",
+        "CPUs this process may use split over the ranks of this node, one left to the training process, at most 16",
     )
 
     @field_validator("num_workers")

@@ -94,6 +94,34 @@ class SeededDataset(Dataset):
         return sample
 
 
+def build_loader(
+    dataset: Dataset, micro_batch: int, sampler: ResumableSampler, workers: int, device: torch.device, seed: int
+) -> DataLoader:
+    """The trainer's data loader: seeded samples, pinned memory on CUDA, workers that persist for the whole
+    stage (with any in-memory cache they fill) and keep 4 batches each in flight.
+
+    Args:
+        dataset: samples as dicts of tensors.
+        micro_batch: samples per batch on this rank.
+        sampler: yields ``(index, sample_seed)``.
+        workers: loader worker processes (0 = load in this process).
+        device: where batches go (pinned host memory for CUDA, so copies are asynchronous).
+        seed: seeds the loader's own generator.
+    """
+    return DataLoader(
+        SeededDataset(dataset),
+        batch_size=micro_batch,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        # its own generator: creating an iterator must not consume the global RNG that resume restores
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
 def param_groups(module: nn.Module, config: OptimConfig) -> list[dict]:
     """AdamW groups: no weight decay on biases, norms and tokens; optional layer-wise lr decay where
     parameter names carry ViT block indices (``blocks.<i>.``)."""
@@ -184,19 +212,7 @@ class Trainer:
             raise ValueError(f"{name}: {len(dataset)} samples are fewer than one global batch ({config.batch_size})")
         self.sampler = ResumableSampler(len(dataset), seed, info)
         workers = resolve_num_workers(training.num_workers, device)
-        self.loader = DataLoader(
-            SeededDataset(dataset),
-            batch_size=self.micro_batch,
-            sampler=self.sampler,
-            drop_last=True,
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-            # workers (and any in-memory cache they fill) live as long as the stage, not one epoch
-            persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
-            # its own generator: creating an iterator must not consume the global RNG that resume restores
-            generator=torch.Generator().manual_seed(seed),
-        )
+        self.loader = build_loader(dataset, self.micro_batch, self.sampler, workers, device, seed)
         log.info("%s: %d data-loading worker(s) per rank", name, workers)
         self.amp_dtype = autocast_dtype(training, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)

@@ -52,7 +52,7 @@ def resolve_device(spec: str, info: DistInfo | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-MAX_AUTO_WORKERS = 8
+MAX_AUTO_WORKERS = 16
 
 
 def available_cpus() -> int:
