@@ -29,8 +29,8 @@ if [ "$MODE" = "--tiny" ]; then
   DEVICE=cpu
   RUN_ARGS=(run tests/data/tiny_recipe.yaml)
   DISTILL_ARGS=(--tiny --img-size 112 --batch-size 4 --steps 3 --warmup 1 --workers 1)
-  LATENCY_S=(--arch deit_small --timm-kwargs '{"embed_dim": 64, "depth": 2, "num_heads": 2}' --channels 32)
-  LATENCY_B=(--arch deit_base --timm-kwargs '{"embed_dim": 96, "depth": 2, "num_heads": 2}' --channels 32)
+  LATENCY_S=(--arch deit_small --timm-kwargs '{"embed_dim": 64, "depth": 4, "num_heads": 2}' --channels 32)
+  LATENCY_B=(--arch deit_base --timm-kwargs '{"embed_dim": 96, "depth": 4, "num_heads": 2}' --channels 32)
   LATENCY_COMMON=(--img-size 64 --batch-sizes 1 2 --iterations 5 --warmup 1 --warmup-seconds 0)
   LIMITS=(600 900 300 300)
 else
