@@ -22,14 +22,19 @@ from gkd.compress.losses import build_loss, loss_kind
 from gkd.compress.objectives import DistillObjective, JointObjective, TaskObjective
 from gkd.compress.trainer import Trainer, fingerprint
 from gkd.data.config import DatasetConfig, build_dataset, dataset_info
-from gkd.data.transforms import build_eval_transform, build_train_transform
+from gkd.data.transforms import (
+    ImageNetTransformConfig,
+    build_eval_transform,
+    build_imagenet_transform,
+    build_train_transform,
+)
 from gkd.evaluate.inference import evaluate_predictor, torch_predictor
 from gkd.export.stage import benchmark_artifacts, export_artifacts
 from gkd.models.backbone import Backbone
 from gkd.models.checkpoint import build_segmentor, load_segmentor, save_segmentor
 from gkd.models.segmentor import Segmentor
 from gkd.models.weights import check_fit, save_encoder
-from gkd.models.zoo import create_backbone_from_config
+from gkd.models.zoo import create_backbone_from_config, with_patch_size
 from gkd.recipe import OptimConfig, Recipe
 from gkd.utils.io import load_state_dict, read_json, write_json
 from gkd.utils.runtime import DistInfo
@@ -73,10 +78,24 @@ class Run:
             self.recipe.training.teacher_dtype
         ]
 
-    def dataset(self, config: DatasetConfig, train: bool, labeled: bool = True, for_teacher: bool = False):
+    def dataset(
+        self,
+        config: DatasetConfig,
+        train: bool,
+        labeled: bool = True,
+        for_teacher: bool = False,
+        imagenet_transform: ImageNetTransformConfig | None = None,
+    ):
+        """A split with the recipe's training or evaluation transform; ``imagenet_transform`` replaces the
+        training transform by timm's (distillation stages, images only)."""
         data = self.recipe.data
         train_transform = (data.teacher_transform if for_teacher else None) or data.train_transform
-        transform = build_train_transform(train_transform) if train else build_eval_transform(data.eval_transform)
+        if train and imagenet_transform is not None:
+            transform = build_imagenet_transform(imagenet_transform)
+        elif train:
+            transform = build_train_transform(train_transform)
+        else:
+            transform = build_eval_transform(data.eval_transform)
         dataset = build_dataset(config, transform=transform, labeled=labeled)
         if config == data.source and self.info.is_main and not self.file(SOURCE_SELECTION_FILE).is_file():
             dataset.save_fraction_indices(self.file(SOURCE_SELECTION_FILE))  # which labeled samples were used
@@ -118,11 +137,16 @@ def teacher_segmentor(run: Run, trained: bool) -> Segmentor:
     return build_segmentor(models.teacher, models.teacher_decoder or models.decoder, run.num_classes).to(run.device)
 
 
-def teacher_backbone(run: Run) -> Backbone:
-    """The frozen teacher encoder: the recipe's weights, or the teacher stage's encoder when it trained one."""
-    if run.recipe.models.teacher.train_encoder:
-        return teacher_segmentor(run, trained=True).encoder
-    return create_backbone_from_config(run.recipe.models.teacher).to(run.device)
+def teacher_backbone(run: Run, patch_size: int | None = None) -> Backbone:
+    """The frozen teacher encoder: the recipe's weights, or the teacher stage's encoder when it trained one;
+    ``patch_size`` overrides the recipe's (weights converted from the checkpoint)."""
+    config = run.recipe.models.teacher
+    if config.train_encoder:
+        encoder = teacher_segmentor(run, trained=True).encoder
+        return encoder if patch_size is None else with_patch_size(encoder, patch_size)
+    if patch_size is not None:
+        config = config.model_copy(update={"patch_size": patch_size})
+    return create_backbone_from_config(config).to(run.device)
 
 
 def student_segmentor(run: Run) -> Segmentor:
@@ -183,20 +207,29 @@ def stage_distill(run: Run) -> None:
             )
             save_student_encoder(run, student.encoder)
         return
-    teacher = teacher_backbone(run)
-    loss = build_loss(
-        distill.loss.name, distill.loss.options, student.encoder.embed_dim, teacher.embed_dim, run.num_classes
-    )
-    objective = DistillObjective(student.encoder, loss, teacher, run.teacher_dtype)
+    # 1a then 1b, each a new distillation model as in the GKD code: fresh loss heads (projectors, mask token),
+    # only the student carried over; 1a may run both networks at another patch size (the code: 14 on 224 crops).
+    data = recipe.data
     phases = [
-        ("distill_task_agnostic", distill.task_agnostic, recipe.data.proxy),
-        ("distill_domain_agnostic", distill.domain_agnostic, recipe.data.source),
+        ("distill_task_agnostic", distill.task_agnostic, data.proxy, data.proxy_transform),
+        ("distill_domain_agnostic", distill.domain_agnostic, data.source, data.distill_transform),
     ]
-    for name, config, data in phases:
-        if config is not None:
-            run.trainer(name, objective, run.dataset(data, train=True, labeled=False), config).fit()
+    encoder = student.encoder
+    for index, (name, config, images, transform) in enumerate(phases):
+        if config is None:
+            continue
+        patch_size = distill.task_agnostic_patch_size if index == 0 else None
+        teacher = teacher_backbone(run, patch_size)
+        encoder = with_patch_size(encoder, patch_size or student.encoder.patch_size)
+        torch.manual_seed(recipe.seed + 3 + index)
+        options = distill.loss.options
+        loss = build_loss(distill.loss.name, options, encoder.embed_dim, teacher.embed_dim, run.num_classes)
+        objective = DistillObjective(encoder, loss, teacher, run.teacher_dtype)
+        dataset = run.dataset(images, train=True, labeled=False, imagenet_transform=transform)
+        run.trainer(name, objective, dataset, config).fit()
+        del teacher, objective
     if run.info.is_main:
-        save_student_encoder(run, student.encoder)
+        save_student_encoder(run, with_patch_size(encoder, student.encoder.patch_size))
 
 
 def stage_train_head(run: Run) -> None:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gkd.compress.config import OptimConfig, TrainingConfig
 from gkd.compress.losses import loss_kind, validate_loss_options
 from gkd.data.config import DatasetConfig
-from gkd.data.transforms import EvalTransformConfig, TrainTransformConfig
+from gkd.data.transforms import EvalTransformConfig, ImageNetTransformConfig, TrainTransformConfig
 from gkd.export.config import BenchmarkConfig, ExportConfig
 from gkd.models.decoders import DecoderConfig
 from gkd.models.zoo import ModelConfig
@@ -61,6 +61,12 @@ class DataConfig(_Strict):
         None, description="the teacher stage's training transform; default: train_transform"
     )
     eval_transform: EvalTransformConfig = Field(default_factory=EvalTransformConfig)
+    proxy_transform: ImageNetTransformConfig | None = Field(
+        None, description="distill 1a: timm's ImageNet train transform on the proxy images; default: train_transform"
+    )
+    distill_transform: ImageNetTransformConfig | None = Field(
+        None, description="distill 1b: timm's ImageNet train transform on source images; default: train_transform"
+    )
 
     @model_validator(mode="after")
     def _crop_is_img_size(self) -> DataConfig:
@@ -78,6 +84,12 @@ class DistillConfig(_Strict):
     loss: LossConfig = Field(default_factory=LossConfig)
     task_agnostic: OptimConfig | None = Field(None, description="1a: distill on the proxy set; null = skip")
     domain_agnostic: OptimConfig | None = Field(None, description="1b: distill on source images; null = skip")
+    task_agnostic_patch_size: int | None = Field(
+        None,
+        gt=0,
+        description="1a: run teacher and student at this patch size (the GKD code: 14 on 224 crops; the student "
+        "is converted back to its own patch size for 1b); null = the models' own",
+    )
     joint: OptimConfig | None = Field(None, description="one_stage: task loss + distillation loss, jointly")
     distill_weight: float = Field(1.0, gt=0, description="one_stage: weight of the distillation loss")
 

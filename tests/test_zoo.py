@@ -109,16 +109,18 @@ def test_zoo_rows_and_table(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("name", "size", "grid"),
+    ("name", "size", "grid", "patch_size"),
     [
-        ("dinov2_vits14_reg", 512, (36, 36)),
-        ("dinov2_vits14_reg", 518, (37, 37)),
-        ("eva02_small", 512, (36, 36)),
-        ("deit_small", 512, (32, 32)),
+        ("dinov2_vits14_reg", 512, (37, 37), None),  # 512 is stretched to 518: no pixel dropped
+        ("dinov2_vits14_reg", 518, (37, 37), None),
+        ("eva02_small", 512, (37, 37), None),
+        ("deit_small", 512, (32, 32), None),
+        ("dinov2_vits14_reg", 512, (32, 32), 16),  # GKD's patch-16 conversion: an exact 32x32 grid at 512
+        ("eva02_small", 512, (32, 32), 16),
     ],
 )
-def test_grids_through_backbone_forward(name, size, grid):
-    backbone = create_backbone(name, **TINY).eval()
+def test_grids_through_backbone_forward(name, size, grid, patch_size):
+    backbone = create_backbone(name, patch_size=patch_size, **TINY).eval()
     with torch.no_grad():
         features = backbone(torch.rand(1, 3, size, size), layers=(0, -1))
     assert features.grid == grid

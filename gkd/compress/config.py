@@ -18,10 +18,17 @@ class OptimConfig(BaseModel):
     weight_decay: float = Field(0.05, ge=0)
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "poly", "constant"] = "cosine"
+    poly_power: float = Field(1.0, gt=0, description="poly: lr factor (1 - progress) ** power (mmseg PolyLR)")
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm; null = off")
     accumulate: int = Field(1, gt=0, description="gradient accumulation micro-steps per optimizer step")
     layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise lr decay for ViT blocks")
+    repeated_augmentation: int = Field(
+        1,
+        ge=1,
+        description="repeats of each sample per epoch, each differently augmented (timm's RepeatAugSampler: the "
+        "epoch keeps floor(N / 256) * 256 draws); 1 = off",
+    )
     checkpoint_every: int = Field(100, gt=0, description="steps between resumable checkpoints")
     log_every: int = Field(10, gt=0)
 

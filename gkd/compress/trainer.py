@@ -16,6 +16,7 @@ import math
 import random
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.data.distributed_sampler import RepeatAugSampler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -46,29 +48,42 @@ class ResumableSampler(Sampler):
     """Seeded shuffling sharded over ranks that can restart mid-epoch.
 
     torch's ``DistributedSampler`` cannot resume inside an epoch, so this one keeps (epoch, position).
-    It yields ``(index, sample_seed)``: each sample's augmentation is seeded by (seed, epoch, index),
+    It yields ``(index, sample_seed)``: each sample's augmentation is seeded by (seed, epoch, index, copy),
     making data identical whatever the worker count, the world size, or an interruption.
-    Rank ``r`` takes positions ``r, r + W, ...`` of the epoch's permutation, so a global batch over
+    Rank ``r`` takes positions ``r, r + W, ...`` of the epoch's order, so a global batch over
     ``W`` ranks holds the same samples as one process with the same global batch.
+    With ``repeats > 1`` the epoch's order is timm's ``RepeatAugSampler``'s (repeated augmentation, DeiT):
+    each drawn sample appears ``repeats`` times in a row, each copy with its own augmentation seed.
     """
 
-    def __init__(self, length: int, seed: int, info: DistInfo) -> None:
-        self.length, self.seed, self.info = length, seed, info
+    def __init__(self, length: int, seed: int, info: DistInfo, repeats: int = 1) -> None:
+        self.length, self.seed, self.info, self.repeats = length, seed, info, repeats
         self.epoch = 0
         self.position = 0
 
-    def _indices(self) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        permutation = torch.randperm(self.length, generator=generator).tolist()
-        usable = len(permutation) - len(permutation) % self.info.world_size
-        return permutation[self.info.rank : usable : self.info.world_size]
+    def _indices(self) -> list[tuple[int, int]]:
+        """``(index, copy)`` pairs of this rank for the epoch; ``copy`` counts earlier draws of the index."""
+        if self.repeats == 1:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.length, generator=generator).tolist()
+        else:
+            repeated = RepeatAugSampler(range(self.length), num_replicas=1, rank=0, num_repeats=self.repeats)
+            repeated.set_epoch(self.seed + self.epoch)
+            order = list(repeated)
+        seen: Counter[int] = Counter()
+        pairs = []
+        for index in order:
+            pairs.append((index, seen[index]))
+            seen[index] += 1
+        usable = len(pairs) - len(pairs) % self.info.world_size
+        return pairs[self.info.rank : usable : self.info.world_size]
 
     def __len__(self) -> int:
         return len(self._indices()) - self.position
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self._indices()[self.position :]:
-            yield index, (self.seed * 1_000_003 + self.epoch * 7_919 + index) % 2**31
+        for index, copy in self._indices()[self.position :]:
+            yield index, (self.seed * 1_000_003 + self.epoch * 7_919 + index + copy * 104_729) % 2**31
 
 
 class SeededDataset(Dataset):
@@ -157,13 +172,17 @@ def _layer_id(name: str, depth: int) -> int:
 
 
 def lr_factor(step: int, config: OptimConfig) -> float:
-    """Linear warm-up, then cosine / poly (power 1.0, as mmseg) decay to ``min_lr_ratio``."""
+    """Linear warm-up, then cosine / poly (``poly_power``; mmseg's PolyLR, whose configs use 0.9) decay to
+    ``min_lr_ratio``."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     if config.schedule == "constant":
         return 1.0
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else (1 - progress)
+    if config.schedule == "cosine":
+        shape = 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        shape = (1 - progress) ** config.poly_power
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * shape
 
 
@@ -208,9 +227,9 @@ class Trainer:
                 f"{name}: batch_size {config.batch_size} is not divisible by world size x accumulate ({per_step})"
             )
         self.micro_batch = config.batch_size // per_step
-        if len(dataset) < self.micro_batch * info.world_size:
+        if len(dataset) * config.repeated_augmentation < self.micro_batch * info.world_size:
             raise ValueError(f"{name}: {len(dataset)} samples are fewer than one global batch ({config.batch_size})")
-        self.sampler = ResumableSampler(len(dataset), seed, info)
+        self.sampler = ResumableSampler(len(dataset), seed, info, config.repeated_augmentation)
         workers = resolve_num_workers(training.num_workers, device)
         self.loader = build_loader(dataset, self.micro_batch, self.sampler, workers, device, seed)
         log.info("%s: %d data-loading worker(s) per rank", name, workers)

@@ -8,13 +8,19 @@ that share of the labeled pixels) padded to ``crop_size`` (image 0, label ignore
 Evaluation: resize the image (to ``size``, or its short side to ``short_side``); the label keeps its
 native resolution unless ``resize_label`` (mmseg evaluates predictions resized back to the label).
 Sliding-window inference belongs to the evaluate module, not here.
+
+Image-only distillation stages (GKD 1a and 1b) may use timm's ImageNet training transform instead
+(`ImageNetTransformConfig`: RandomResizedCrop, flip, colour jitter, RandAugment, RandomErasing), built by
+``timm.data.create_transform`` as the GKD code builds it.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
@@ -48,6 +54,25 @@ class TrainTransformConfig(BaseModel):
         if not 0 < low <= high:
             raise ValueError(f"scale_range {self.scale_range}: need 0 < low <= high")
         return self
+
+
+class ImageNetTransformConfig(BaseModel):
+    """Recipe blocks `data.proxy_transform` / `data.distill_transform`: timm's ImageNet training transform
+    (``timm.data.create_transform(is_training=True)``) for the unlabeled images of a distillation stage.
+    Defaults are the GKD code's (general_distillation/main.py, DeiT's recipe): RandomResizedCrop (scale
+    0.08-1, bicubic), flip, colour jitter 0.3, RandAugment ``rand-m9-mstd0.5-inc1``, RandomErasing 0.25."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_size: int = Field(224, gt=0, description="side of the square RandomResizedCrop")
+    scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range")
+    hflip: float = Field(0.5, ge=0, le=1)
+    color_jitter: float | None = Field(0.3, ge=0, description="timm applies it only without auto_augment")
+    auto_augment: str | None = Field("rand-m9-mstd0.5-inc1", description="timm auto-augment spec; null = off")
+    interpolation: str = "bicubic"
+    re_prob: float = Field(0.25, ge=0, le=1, description="RandomErasing probability; 0 = off")
+    re_mode: str = "pixel"
+    re_count: int = Field(1, ge=1)
 
 
 class EvalTransformConfig(BaseModel):
@@ -124,6 +149,41 @@ class _RandomAppearance(v2.Transform):
         image = image * (1 - params["haze"]) + params["haze"] * 0.75
         noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(params["seed"]))
         return tv_tensors.wrap((image + params["noise"] * noise).clamp(0, 1), like=inpt)
+
+
+class _ImageNetTransform:
+    """A sample's image through timm's training transform. timm works on PIL images and normalises at the
+    end; it is built with mean 0 / std 1 so the output stays in ``[0, 1]`` (each backbone normalises with its
+    own statistics). RandomErasing's ``pixel`` mode then draws N(0, 1) noise in ``[0, 1]`` units rather than
+    in normalised units (about 4x the contrast the GKD code's erased patches have after normalisation)."""
+
+    def __init__(self, config: ImageNetTransformConfig) -> None:
+        from timm.data import create_transform
+
+        self.pipeline = create_transform(
+            input_size=config.input_size,
+            is_training=True,
+            scale=config.scale,
+            hflip=config.hflip,
+            color_jitter=config.color_jitter,
+            auto_augment=config.auto_augment,
+            interpolation=config.interpolation,
+            mean=(0.0, 0.0, 0.0),
+            std=(1.0, 1.0, 1.0),
+            re_prob=config.re_prob,
+            re_mode=config.re_mode,
+            re_count=config.re_count,
+        )
+
+    def __call__(self, sample: Sample) -> Sample:
+        pixels = (sample["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        image = self.pipeline(Image.fromarray(pixels))
+        return {key: value for key, value in sample.items() if key != "label"} | {"image": image}
+
+
+def build_imagenet_transform(config: ImageNetTransformConfig) -> _ImageNetTransform:
+    """timm's ImageNet training transform on a sample's image (the label, if any, is dropped)."""
+    return _ImageNetTransform(config)
 
 
 def build_eval_transform(config: EvalTransformConfig) -> _EvalResize | None:

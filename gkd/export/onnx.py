@@ -43,9 +43,10 @@ class ExportError(RuntimeError):
 
 
 def baked_size(segmentor: Segmentor, img_size: Sequence[int]) -> tuple[int, int]:
-    """The pixels the encoder sees at ``img_size``: the backbone crops to a multiple of the patch."""
+    """The pixels the encoder sees at ``img_size``: the backbone resizes up to the next multiple of the patch."""
     patch = segmentor.encoder.patch_size
-    return img_size[0] // patch * patch, img_size[1] // patch * patch
+    grid = segmentor.encoder.grid_size(*img_size)
+    return grid[0] * patch, grid[1] * patch
 
 
 def prepare_for_export(segmentor: Segmentor, img_size: Sequence[int]) -> Segmentor:

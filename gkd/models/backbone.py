@@ -3,6 +3,14 @@
 Images enter in ``[0, 1]`` RGB; each backbone normalises with its own mean/std, so a teacher and a
 student with different pre-processing (EVA02 uses CLIP statistics, DINOv2/DeiT ImageNet's) can share
 one batch, and an exported segmentor takes raw ``[0, 1]`` input.
+
+Every pixel counts: an input whose size is not a multiple of the patch (512 at patch 14) is resized up to
+the next multiple (bilinear), so the token grid is ``ceil(H / p) x ceil(W / p)`` and covers the whole image.
+GKD avoids the mismatch altogether by running every backbone at patch 16 (``ModelConfig.patch_size``).
+
+Tokens are the final-normalised ones of every requested layer. timm moves the final LayerNorm of models
+with average pooling (EVA02) into ``fc_norm`` and leaves ``norm`` an identity, so for those ``fc_norm`` is
+applied here: EVA02 tokens are normalised like DINOv2's, as the GKD authors distil them.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gkd.models.features import ViTFeatures
@@ -51,8 +60,16 @@ class Backbone(nn.Module):
         return getattr(self.model, "cls_token", None) is not None
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """Token grid for an input of ``height x width`` pixels."""
-        return height // self.patch_size, width // self.patch_size
+        """Token grid for an input of ``height x width`` pixels (the input is resized up to fill it)."""
+        return -(-height // self.patch_size), -(-width // self.patch_size)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The checkpoint's final LayerNorm: ``norm``, or ``fc_norm`` where timm moved it there (EVA02)."""
+        norm, fc_norm = self.model.norm, getattr(self.model, "fc_norm", None)
+        if isinstance(norm, nn.Identity) and fc_norm is not None and not isinstance(fc_norm, nn.Identity):
+            return fc_norm
+        return norm
 
     def resolve_layers(self, layers: Sequence[int]) -> tuple[int, ...]:
         """Negative layer indices count from the last block (``-1`` = last)."""
@@ -76,9 +93,11 @@ class Backbone(nn.Module):
         """
         layers = self.resolve_layers(layers)
         grid = self.grid_size(*images.shape[-2:])
-        # timm's patch embedding rejects sizes that are not a multiple of the patch (512 at patch 14); its
-        # stride-p convolution ignores the remainder pixels anyway, so crop them: the grid is floor(H/p) x floor(W/p).
-        images = images[..., : grid[0] * self.patch_size, : grid[1] * self.patch_size]
+        aligned = (grid[0] * self.patch_size, grid[1] * self.patch_size)
+        if tuple(images.shape[-2:]) != aligned:
+            # timm's patch embedding takes multiples of the patch only; cropping the remainder would drop the
+            # image's last rows/columns, so stretch the image up to the next multiple instead.
+            images = F.interpolate(images, size=aligned, mode="bilinear", align_corners=False)
         x = (images - self.mean) / self.std
         with self._masked_patches(mask, mask_token):
             outputs = self.model.forward_intermediates(
@@ -89,6 +108,9 @@ class Backbone(nn.Module):
                 output_fmt="NLC",
                 intermediates_only=True,
             )
+        final_norm = self.final_norm if self.final_norm is not self.model.norm else None
+        if final_norm is not None:  # forward_intermediates applied timm's identity `norm`; apply the real one
+            outputs = [(final_norm(spatial), final_norm(prefix)) for spatial, prefix in outputs]
         patch_tokens = [spatial for spatial, _ in outputs]
         cls_tokens = [prefix[:, 0] if self.has_cls_token else None for _, prefix in outputs]
         return ViTFeatures(patch_tokens=patch_tokens, cls_tokens=cls_tokens, grid=grid, layers=layers)

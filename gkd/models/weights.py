@@ -9,6 +9,9 @@ Formats (nothing is ever downloaded):
   ``mlp.w12/w3``) through ``timm.models.vision_transformer.checkpoint_filter_fn``, and the original EVA02 MIM
   layout (``q_proj``, ``mlp.w1/w2/w3``, ``ffn_ln``, ``rope.*``, ``lm_head``) through
   ``timm.models.eva.checkpoint_filter_fn``.
+- The GKD authors' checkpoints (github.com/Younger-hua/GKD): a stage-1 distillation checkpoint (the student
+  under ``model`` / ``student.backbone.``) or a task-learning mmseg checkpoint (``state_dict`` / ``backbone.``),
+  both in the DINOv2 code's names; only the student encoder is read.
 - Hugging Face (transformers) key names, a snapshot directory (``config.json`` + ``model.safetensors``,
   ``pytorch_model.bin`` or a sharded ``*.index.json``) or a single file: ``Dinov2Model``,
   ``Dinov2WithRegistersModel``, ``DeiTModel`` and ``ViTModel`` (with or without their ``dinov2.``,
@@ -96,6 +99,10 @@ _HF_LAYER = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)")
 # Keys timm's filters drop on purpose (pre-training only, or recomputed buffers); reported, never silent.
 _DROPPED_BY_TIMM = re.compile(r"mask_token|lm_head\..+|rope\..+|pre_logits\..+")
 _HEADS = ("head.", "head_dist.")
+# The GKD code's checkpoints (github.com/Younger-hua/GKD): stage-1 ``checkpoint_*.pth`` hold ``model`` =
+# ``student.backbone.*`` (+ teacher and QSD heads, not loaded); its task-learning (mmseg) checkpoints hold
+# ``state_dict`` = ``backbone.*`` + ``decode_head.*``. Only the student encoder is taken from either.
+_RELEASE_PREFIXES = {"student.backbone.": "gkd-distillation", "backbone.": "gkd-segmentation"}
 _VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit", "timm.models.eva")
 
 
@@ -136,6 +143,11 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     hf_type = _hf_model_type(state)
     if hf_type is not None:
         return hf_to_timm_names(state), f"huggingface:{hf_type}"
+    for prefix, layout in _RELEASE_PREFIXES.items():
+        if f"{prefix}patch_embed.proj.weight" in state:
+            # the GKD release: the student inside a distillation or a segmentation checkpoint, in the DINOv2
+            # code's names (timm's filter converts them as for the official DINOv2 release)
+            return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}, layout
     return state, "dinov2-official" if "mask_token" in state and "blocks.0.ls1.gamma" in state else "timm"
 
 
@@ -184,29 +196,64 @@ def check_fit(model: nn.Module, state: Mapping[str, torch.Tensor], source: str |
         )
 
 
-def load_weights(model: nn.Module, path: str | Path) -> LoadReport:
-    """Strictly load a local checkpoint (any supported layout) into a timm ``VisionTransformer`` / ``Eva``."""
+def load_weights(model: nn.Module, path: str | Path, resample_patch: bool = False) -> LoadReport:
+    """Strictly load a local checkpoint (any supported layout) into a timm ``VisionTransformer`` / ``Eva``.
+
+    Args:
+        model: the timm model.
+        path: weight file or Hugging Face snapshot directory.
+        resample_patch: convert a patch embedding of another patch size (timm's ``resample_patch_embed``);
+            without it another patch size is refused, as an accidental mismatch would be.
+    """
     state, layout = read_state_dict(path)
+    return load_state(model, state, path, resample_patch, layout)
+
+
+def load_state(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: str | Path,
+    resample_patch: bool = False,
+    layout: str = "timm",
+) -> LoadReport:
+    """`load_weights` for tensors already read: layout conversion and resampling by timm's own filter, then a
+    strict load.
+
+    Args:
+        model: the timm model.
+        state: the checkpoint's tensors (``read_state_dict`` names).
+        source: what the tensors came from, for messages.
+        resample_patch: convert a patch embedding of another patch size instead of refusing it.
+        layout: the layout ``read_state_dict`` reported.
+    """
+    state = dict(state)
     dropped = [key for key in state if key.startswith(_HF_HEADS) and layout.startswith("huggingface")]
     state = {key: value for key, value in state.items() if key not in dropped}
-    _check_before_filter(model, state, path)
-    filtered = _timm_filter(model, state, path)
+    _check_before_filter(model, state, source, resample_patch)
+    filtered = _timm_filter(model, state, source)
     dropped += [key for key in state if _DROPPED_BY_TIMM.fullmatch(key) and key not in filtered]
     own = model.state_dict()
     heads = [key for key in filtered if key.startswith(_HEADS) and key not in own]
     dropped += heads
     filtered = {key: value for key, value in filtered.items() if key not in heads}
-    check_fit(model, filtered, path)
+    check_fit(model, filtered, source)
     model.load_state_dict(filtered, strict=True)
     notes = []
     before, after = state.get("pos_embed"), filtered.get("pos_embed")
     if before is not None and after is not None and before.shape != after.shape:
         grid = "x".join(str(side) for side in model.patch_embed.grid_size)
         notes.append(f"pos_embed {tuple(before.shape)} -> {tuple(after.shape)} (the model's {grid} grid)")
-    report = LoadReport(str(path), layout, tuple(dropped), tuple(notes))
+    patch_before = state.get("patch_embed.proj.weight")
+    patch_after = filtered["patch_embed.proj.weight"]
+    if patch_before is not None and patch_before.shape[-2:] != patch_after.shape[-2:]:
+        notes.append(
+            f"patch embedding {tuple(patch_before.shape[-2:])} -> {tuple(patch_after.shape[-2:])} "
+            "(timm resample_patch_embed)"
+        )
+    report = LoadReport(str(source), layout, tuple(dropped), tuple(notes))
     log.info(
         "loaded %s (%s layout) into %s; dropped unused keys: %s%s",
-        path,
+        source,
         layout,
         _arch(model),
         ", ".join(report.dropped) or "none",
@@ -333,8 +380,11 @@ def _hf_model_type(state: Mapping[str, torch.Tensor]) -> str | None:
     return "dinov2" if f"{prefix}encoder.layer.0.norm1.weight" in state else "vit"
 
 
-def _check_before_filter(model: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> None:
-    """Refuse what timm's filter would silently adapt (FlexiViT patch resampling) or fail on obscurely."""
+def _check_before_filter(
+    model: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path, resample_patch: bool
+) -> None:
+    """Refuse what timm's filter would silently adapt (FlexiViT patch resampling, unless ``resample_patch``)
+    or fail on obscurely."""
     own = model.state_dict()
     if "dist_token" in state and "dist_token" not in own:
         raise WeightsMismatchError(
@@ -342,10 +392,11 @@ def _check_before_filter(model: nn.Module, state: Mapping[str, torch.Tensor], so
             "architecture (e.g. deit_small_distilled_patch16_224) or use a non-distilled checkpoint"
         )
     patch, own_patch = state.get("patch_embed.proj.weight"), own["patch_embed.proj.weight"]
-    if patch is not None and patch.ndim == 4 and patch.shape[-2:] != own_patch.shape[-2:]:
+    if patch is not None and patch.ndim == 4 and patch.shape[-2:] != own_patch.shape[-2:] and not resample_patch:
         raise WeightsMismatchError(
             f"{source} does not fit {_arch(model)}: mis-shaped: patch_embed.proj.weight "
-            f"(file {tuple(patch.shape)}, model {tuple(own_patch.shape)}): another patch size"
+            f"(file {tuple(patch.shape)}, model {tuple(own_patch.shape)}): another patch size "
+            "(set the model's patch_size to convert it)"
         )
 
 

@@ -25,10 +25,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from gkd.models.backbone import Backbone
-from gkd.models.weights import WEIGHTS_DIR_ENV, configured_weights, is_supported_vit, load_weights, timm_backbone
+from gkd.models.weights import (
+    WEIGHTS_DIR_ENV,
+    configured_weights,
+    is_supported_vit,
+    load_state,
+    load_weights,
+    timm_backbone,
+)
 
 TEACHER, STUDENT = "teacher", "student"
-Family = Literal["dinov2", "eva02", "deit"]
+Family = Literal["dinov2", "eva02", "deit", "dino"]
 
 
 @dataclass(frozen=True)
@@ -48,9 +55,19 @@ class ModelSpec:
     num_registers: int = 0
     notes: str = ""
 
-    def timm_kwargs(self, **overrides: Any) -> dict[str, Any]:
-        """``timm.create_model`` kwargs: the spec's defaults, then ``overrides`` (e.g. tiny test widths)."""
-        return {"img_size": self.img_size, "dynamic_img_size": True, "num_classes": 0, **overrides}
+    def timm_kwargs(self, patch_size: int | None = None, **overrides: Any) -> dict[str, Any]:
+        """``timm.create_model`` kwargs: the spec's defaults, then ``overrides`` (e.g. tiny test widths).
+
+        Args:
+            patch_size: build the model at this patch size instead of the spec's (GKD runs every backbone at
+                patch 16 at 512); ``img_size`` then keeps the spec's token grid, so the position embedding is
+                loaded unresampled and resampled once, per input size, at run time.
+            overrides: further timm kwargs; they win over the defaults.
+        """
+        kwargs: dict[str, Any] = {"img_size": self.img_size, "dynamic_img_size": True, "num_classes": 0}
+        if patch_size is not None and patch_size != self.patch_size:
+            kwargs.update(patch_size=patch_size, img_size=self.img_size // self.patch_size * patch_size)
+        return {**kwargs, **overrides}
 
 
 _DINOV2_SIZES = {"s": ("small", 384, 12), "b": ("base", 768, 12), "l": ("large", 1024, 24), "g": ("giant", 1536, 40)}
@@ -109,6 +126,23 @@ def _deit(width: str, embed_dim: int) -> ModelSpec:
     )
 
 
+def _dino(size: str, width: str, embed_dim: int) -> ModelSpec:
+    """DINO v1 (Caron et al. 2021): the students of the GKD code's F2F scripts (dinov2_*_distill_dino_*.sh)."""
+    return ModelSpec(
+        name=f"dino_vit{size}16",
+        arch=f"vit_{width}_patch16_224.dino",
+        family="dino",
+        roles=(STUDENT,),
+        patch_size=16,
+        embed_dim=embed_dim,
+        depth=12,
+        img_size=224,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        notes=f"DINO v1 ViT-{size.upper()}/16 (self-supervised, ImageNet-1k; timm tag .dino)",
+    )
+
+
 SPECS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
@@ -116,8 +150,11 @@ SPECS: dict[str, ModelSpec] = {
         _eva02("small", 384, 12),
         _eva02("base", 768, 12),
         _eva02("large", 1024, 24),
+        _deit("tiny", 192),
         _deit("small", 384),
         _deit("base", 768),
+        _dino("s", "small", 384),
+        _dino("b", "base", 768),
     )
 }
 
@@ -132,26 +169,63 @@ def unknown_model_message(name: str) -> str:
     return f"{problem}; zoo specs: {', '.join(SPECS)}; any timm ViT name also works (e.g. vit_small_patch16_224)"
 
 
-def resolve_model(name: str, **overrides: Any) -> tuple[str, dict[str, Any], tuple | None, tuple | None]:
-    """``(timm arch, timm kwargs, mean, std)`` for a spec or timm name; mean/std ``None`` = the timm config's."""
+def resolve_model(
+    name: str, patch_size: int | None = None, **overrides: Any
+) -> tuple[str, dict[str, Any], tuple | None, tuple | None]:
+    """``(timm arch, timm kwargs, mean, std)`` for a spec or timm name; mean/std ``None`` = the timm config's.
+
+    Args:
+        name: zoo spec or timm ViT name.
+        patch_size: another patch size than the architecture's (see `ModelSpec.timm_kwargs`).
+        overrides: timm kwargs that win over the defaults.
+    """
     spec = SPECS.get(name)
     if spec is not None:
-        return spec.arch, spec.timm_kwargs(**overrides), spec.mean, spec.std
+        return spec.arch, spec.timm_kwargs(patch_size, **overrides), spec.mean, spec.std
     if not is_supported_vit(name):
         raise ValueError(unknown_model_message(name))
-    return name, {"dynamic_img_size": True, "num_classes": 0, **overrides}, None, None
+    kwargs: dict[str, Any] = {"dynamic_img_size": True, "num_classes": 0}
+    if patch_size is not None:
+        kwargs["patch_size"] = patch_size
+    return name, {**kwargs, **overrides}, None, None
 
 
-def create_backbone(name: str, weights: str | Path | None = None, **model_kwargs: Any) -> Backbone:
-    """Build ``name`` (zoo spec or timm ViT name; ``model_kwargs`` override timm kwargs) with random init,
-    or strictly load local ``weights`` (any layout `gkd.models.weights` reads)."""
+def create_backbone(
+    name: str, weights: str | Path | None = None, patch_size: int | None = None, **model_kwargs: Any
+) -> Backbone:
+    """Build ``name`` with random init, or strictly load local ``weights`` (any layout `gkd.models.weights`
+    reads).
+
+    Args:
+        name: zoo spec or timm ViT name.
+        weights: a local checkpoint; ``None`` = random init.
+        patch_size: build at this patch size; a checkpoint of the native patch size is then converted on load
+            (timm's ``resample_patch_embed``, FlexiViT's pseudo-inverse resampling of the patch embedding).
+        model_kwargs: timm kwargs overriding the spec's.
+    """
     if weights is not None and not Path(weights).exists():
         raise FileNotFoundError(f"weights for {name}: {weights} not found")
-    arch, timm_kwargs, mean, std = resolve_model(name, **model_kwargs)
+    arch, timm_kwargs, mean, std = resolve_model(name, patch_size, **model_kwargs)
     backbone = timm_backbone(name, arch, timm_kwargs, mean, std)
     if weights is not None:
-        load_weights(backbone.model, weights)
+        load_weights(backbone.model, weights, resample_patch=patch_size is not None)
     return backbone
+
+
+def with_patch_size(backbone: Backbone, patch_size: int) -> Backbone:
+    """``backbone`` rebuilt at ``patch_size`` with its current weights converted (patch embedding resampled by
+    timm's ``resample_patch_embed``, everything else unchanged): GKD runs stage 1a at patch 14 on 224 crops and
+    turns the student back to patch 16 for 1b. Returns ``backbone`` itself when the patch size already fits."""
+    if backbone.patch_size == patch_size:
+        return backbone
+    arch, kwargs = backbone.timm_arch, dict(backbone.timm_kwargs)
+    grid = kwargs.get("img_size", backbone.model.patch_embed.img_size[0])
+    grid = grid[0] if isinstance(grid, (tuple, list)) else grid
+    kwargs.update(patch_size=patch_size, img_size=grid // backbone.patch_size * patch_size)
+    mean, std = backbone.mean.flatten().tolist(), backbone.std.flatten().tolist()
+    converted = timm_backbone(backbone.name, arch, kwargs, mean, std)
+    load_state(converted.model, backbone.model.state_dict(), f"{backbone.name} at patch {backbone.patch_size}", True)
+    return converted.to(backbone.mean.device)
 
 
 class ModelConfig(BaseModel):
@@ -163,6 +237,12 @@ class ModelConfig(BaseModel):
     weights: Path | None = Field(
         None,
         description=f"local weights (file or HF snapshot dir); relative paths are also looked up in ${WEIGHTS_DIR_ENV}",
+    )
+    patch_size: int | None = Field(
+        None,
+        gt=0,
+        description="run the backbone at this patch size (weights converted on load; GKD: 16 for every model at "
+        "512); null = the architecture's own",
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="timm.create_model kwargs overriding the spec's")
 
@@ -184,7 +264,7 @@ class ModelConfig(BaseModel):
 
 def create_backbone_from_config(config: ModelConfig) -> Backbone:
     """`create_backbone` for a recipe's `ModelConfig`."""
-    return create_backbone(config.name, config.weights, **config.kwargs)
+    return create_backbone(config.name, config.weights, config.patch_size, **config.kwargs)
 
 
 def count_params(arch: str, timm_kwargs: dict[str, Any]) -> int:
