@@ -44,6 +44,8 @@ log = logging.getLogger("gkd")
 TEACHER_FILE = "teacher_segmentor.safetensors"
 ENCODER_FILE = "student_encoder.safetensors"
 SEGMENTOR_FILE = "segmentor.safetensors"
+BEST_SEGMENTOR_FILE = "segmentor_best.safetensors"
+VALIDATION_FILE = "head_validation.json"
 NO_KD_FILE = "no_kd_segmentor.safetensors"
 EVAL_FILE = "eval.json"
 EXPORT_FILE = "export.json"
@@ -232,14 +234,42 @@ def stage_distill(run: Run) -> None:
         save_student_encoder(run, with_patch_size(encoder, student.encoder.patch_size))
 
 
+def head_validator(run: Run, segmentor: Segmentor, objective: torch.nn.Module) -> Callable[[int], None]:
+    """``on_step`` for train-head with ``evaluate.validate_every``: every N steps, mIoU on every domain appended to
+    ``head_validation.json``; the segmentor with the best mean target mIoU so far saved as the best checkpoint.
+    The GKD code validates on the target sets every 4,000 iterations (mmseg ``val_interval``); a best checkpoint
+    chosen that way has seen the targets' labels, so the last checkpoint stays the headline row."""
+    recipe, every = run.recipe, run.recipe.evaluate.validate_every
+    evaluate = make_domain_evaluator(run)
+    history_file = run.file(VALIDATION_FILE)
+
+    def on_step(step: int) -> None:
+        if not run.info.is_main or (step % every and step != recipe.head.steps):
+            return
+        history = read_json(history_file) if history_file.is_file() else []
+        if any(entry["step"] == step for entry in history):
+            return
+        domains = {name: metrics["miou"] for name, metrics in evaluate(torch_predictor(segmentor, run.device)).items()}
+        targets = [miou for name, miou in domains.items() if name != SOURCE_DOMAIN]
+        entry = {"step": step, "miou": domains, "mean_target_miou": sum(targets) / len(targets)}
+        if all(entry["mean_target_miou"] > old["mean_target_miou"] for old in history):
+            save_segmentor(
+                run.file(BEST_SEGMENTOR_FILE), segmentor, recipe.models.student, recipe.models.decoder, run.num_classes
+            )
+        write_json(history_file, [*history, entry])
+        objective.train()
+
+    return on_step
+
+
 def stage_train_head(run: Run) -> None:
     """GKD stage 2: the student encoder frozen, a decoder trained with cross-entropy on source."""
     recipe = run.recipe
     segmentor = student_segmentor(run)
     load_student_encoder(run, segmentor.encoder)
-    run.trainer(
-        "head", TaskObjective(segmentor, freeze_encoder=True), run.dataset(recipe.data.source, train=True), recipe.head
-    ).fit()
+    objective = TaskObjective(segmentor, freeze_encoder=True)
+    trainer = run.trainer("head", objective, run.dataset(recipe.data.source, train=True), recipe.head)
+    trainer.fit(head_validator(run, segmentor, objective) if recipe.evaluate.validate_every else None)
     if run.info.is_main:
         save_segmentor(
             run.file(SEGMENTOR_FILE), segmentor, recipe.models.student, recipe.models.decoder, run.num_classes
@@ -307,7 +337,8 @@ def evaluate_segmentors(run: Run, files: dict[str, str]) -> dict[str, dict]:
 
 def stage_evaluate(run: Run) -> None:
     """mIoU and per-class IoU of every trained model on the source split and each target domain."""
-    results = evaluate_segmentors(run, {"teacher": TEACHER_FILE, "no_kd": NO_KD_FILE, "student": SEGMENTOR_FILE})
+    files = {"teacher": TEACHER_FILE, "no_kd": NO_KD_FILE, "student": SEGMENTOR_FILE}
+    results = evaluate_segmentors(run, {**files, "student_best": BEST_SEGMENTOR_FILE})
     write_json(run.file(EVAL_FILE), {"class_names": run.class_names, "models": results})
 
 

@@ -2,6 +2,7 @@
 patch-14 weights (timm's resampling), normalised EVA02 tokens, the released checkpoints' layouts, fresh QSD
 heads and per-phase patch size / transforms in stage 1, repeated augmentation and the poly power."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -156,9 +157,10 @@ def test_poly_power():
 
 
 @pytest.mark.slow
-def test_stage1_phases_follow_the_authors(tmp_path, monkeypatch):
+def test_stages_follow_the_authors(tmp_path, monkeypatch):
     """1a at patch 14 on timm-augmented crops with repeated augmentation, 1b back at patch 16 with fresh QSD
-    heads and the student carried over, the saved encoder at the recipe's patch 16."""
+    heads and the student carried over, the saved encoder at the recipe's patch 16; stage 2 validated every 3
+    steps, with the best and the last checkpoints both evaluated."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         yaml.safe_dump(
@@ -167,6 +169,8 @@ def test_stage1_phases_follow_the_authors(tmp_path, monkeypatch):
                 "models": {"teacher": {"patch_size": 16}, "student": {"patch_size": 16}},
                 "data": {"proxy_transform": {"input_size": 56}, "distill_transform": {"input_size": 112}},
                 "distill": {"task_agnostic_patch_size": 14, "task_agnostic": {"repeated_augmentation": 3}},
+                "head": {"schedule": "poly", "poly_power": 0.9},
+                "evaluate": {"validate_every": 3},
             }
         )
     )
@@ -206,3 +210,15 @@ def test_stage1_phases_follow_the_authors(tmp_path, monkeypatch):
     torch.testing.assert_close(domain["student_start"], carried)
     saved = load_encoder(out / "student_encoder.safetensors")
     assert saved.patch_size == 16 and timm.models.get_pretrained_cfg(saved.timm_arch) is not None
+
+    monkeypatch.setattr(Trainer, "fit", original)
+    assert main(["train-head", "--out", str(out), "--device", "cpu"]) == 0
+    history = json.loads((out / "head_validation.json").read_text())
+    assert [entry["step"] for entry in history] == [3, 6]
+    assert set(history[0]["miou"]) == {"source", "dusk", "fog"}
+    assert (out / "segmentor_best.safetensors").is_file()
+    assert main(["evaluate", "--out", str(out), "--device", "cpu"]) == 0
+    models = json.loads((out / "eval.json").read_text())["models"]
+    best = max(history, key=lambda entry: entry["mean_target_miou"])
+    assert models["student_best"]["domains"]["fog"]["miou"] == pytest.approx(best["miou"]["fog"])
+    assert models["student"]["domains"]["fog"]["miou"] == pytest.approx(history[-1]["miou"]["fog"])

@@ -17,7 +17,7 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -312,11 +312,12 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def fit(self) -> dict[str, float]:
+    def fit(self, on_step: Callable[[int], None] | None = None) -> dict[str, float]:
         """Train to ``config.steps`` (resuming if a checkpoint exists); returns the last logged metrics.
 
         The host waits for the device only every ``log_every`` steps and before a checkpoint: loss sums and
         the finite check stay on the device in between (a per-step ``.item()`` would serialise a GPU).
+        ``on_step(step)`` runs after every optimizer step, before that step's checkpoint (e.g. validation).
         """
         self._resume()
         metrics: dict[str, float] = {}
@@ -346,6 +347,8 @@ class Trainer:
                     self._raise_if_non_finite(window)
                     metrics = self._log(window, writer, jsonl, progress)
                     window = _Window(self.device)
+                if on_step is not None:
+                    on_step(self.step)
                 if self.step % self.config.checkpoint_every == 0 and self.step < self.config.steps:
                     self._raise_if_non_finite(window)
                     self._save_checkpoint(finished=False)

@@ -20,6 +20,7 @@ MODEL_LABELS = {
     "teacher": "Teacher",
     "no_kd": "Student, no distillation",
     "student": "Student, distilled",
+    "student_best": "Student, distilled (best validation checkpoint)",
 }
 
 
