@@ -73,6 +73,7 @@ def _dry_run(recipe, run_dir: Path) -> int:
     data = recipe.data
     sets = {
         "source": data.source,
+        **{f"extra source {i}": extra for i, extra in enumerate(data.extra_sources)},
         "source_val": data.source_val,
         **({"proxy": data.proxy} if data.proxy else {}),
         **{f"target {k}": v for k, v in data.targets.items()},

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.data import ConcatDataset
 
 from gkd.compress.losses import build_loss, loss_kind
 from gkd.compress.objectives import DistillObjective, JointObjective, TaskObjective
@@ -101,6 +102,9 @@ class Run:
         dataset = build_dataset(config, transform=transform, labeled=labeled)
         if config == data.source and self.info.is_main and not self.file(SOURCE_SELECTION_FILE).is_file():
             dataset.save_fraction_indices(self.file(SOURCE_SELECTION_FILE))  # which labeled samples were used
+        if config == data.source and data.extra_sources:  # multi-source: every source set, concatenated
+            extras = [build_dataset(extra, transform=transform, labeled=labeled) for extra in data.extra_sources]
+            return ConcatDataset([dataset, *extras])
         return dataset
 
     def trainer(self, name: str, objective: torch.nn.Module, dataset, config: OptimConfig) -> Trainer:

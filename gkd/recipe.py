@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gkd.compress.config import OptimConfig, TrainingConfig
 from gkd.compress.losses import loss_kind, validate_loss_options
-from gkd.data.config import DatasetConfig
+from gkd.data.config import DatasetConfig, dataset_info
 from gkd.data.transforms import EvalTransformConfig, ImageNetTransformConfig, TrainTransformConfig
 from gkd.export.config import BenchmarkConfig, ExportConfig
 from gkd.models.decoders import DecoderConfig
@@ -53,6 +53,11 @@ class ModelsConfig(_Strict):
 class DataConfig(_Strict):
     img_size: tuple[int, int] = Field((512, 512), description="(H, W) the segmentor is trained, exported and run at")
     source: DatasetConfig = Field(description="labeled source domain, train split")
+    extra_sources: list[DatasetConfig] = Field(
+        default_factory=list,
+        description="further labeled source datasets trained on together with `source` (multi-source training, "
+        "e.g. GTAV + SYNTHIA + UrbanSyn); each must share source's class table",
+    )
     source_val: DatasetConfig = Field(description="labeled source domain, held-out split")
     proxy: DatasetConfig | None = Field(None, description="unlabeled proxy images (task-agnostic distillation)")
     targets: dict[str, DatasetConfig] = Field(description="unseen target domains, by name (evaluation only)")
@@ -67,6 +72,14 @@ class DataConfig(_Strict):
     distill_transform: ImageNetTransformConfig | None = Field(
         None, description="distill 1b: timm's ImageNet train transform on source images; default: train_transform"
     )
+
+    @model_validator(mode="after")
+    def _same_classes(self) -> DataConfig:
+        classes = dataset_info(self.source.name)[1]
+        for index, extra in enumerate(self.extra_sources):
+            if dataset_info(extra.name)[1] != classes:
+                raise ValueError(f"data.extra_sources.{index}: {extra.name} has other classes than {self.source.name}")
+        return self
 
     @model_validator(mode="after")
     def _crop_is_img_size(self) -> DataConfig:

@@ -127,6 +127,14 @@ def test_released_gkd_checkpoints_load_into_the_student(tmp_path, prefix, wrappe
     torch.testing.assert_close(loaded.model.state_dict(), student.model.state_dict())
 
 
+def test_zoo_lists_the_tiny_and_dino_students(capsys):
+    assert main(["zoo"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["deit_tiny"][3] == "deit_tiny_patch16_224"
+    assert rows["dino_vits16"][2:4] == ["dino", "vit_small_patch16_224.dino"]
+    assert rows["dino_vitb16"][2:4] == ["dino", "vit_base_patch16_224.dino"]
+
+
 def test_imagenet_transform_is_timms():
     config = ImageNetTransformConfig(input_size=32)
     transform = build_imagenet_transform(config)

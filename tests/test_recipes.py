@@ -25,7 +25,12 @@ PAIRS = {
     "f2f_eva02l_eva02b": ("eva02_large", "eva02_base"),
     "f2f_eva02b_eva02s": ("eva02_base", "eva02_small"),
 }
+# Table 6 (GTAV -> ACDC) and the multi-source setting: GKD with the F2L students only
+EXTRA_BENCHMARKS = ("gtav2acdc", "multisource2real")
+EXTRA_PAIRS = {"f2l_dinov2l_deitb", "f2l_dinov2b_deits"}
 SOURCES = {
+    "gtav2acdc": ("gtav", {"night", "snow", "fog", "rain"}),
+    "multisource2real": ("gtav", {"cityscapes", "bdd100k", "mapillary"}),
     "gtav2real": ("gtav", {"cityscapes", "bdd100k", "mapillary"}),
     "cityscapes2acdc": ("cityscapes", {"night", "snow", "fog", "rain"}),
     "potsdam2other": ("potsdam", {"potsdam_irrg", "vaihingen_irrg"}),
@@ -60,6 +65,8 @@ def test_the_paper_recipes_are_there():
     for benchmark in BENCHMARKS:
         for pair in PAIRS:
             assert (RECIPES_DIR / benchmark / f"{pair}_gkd.yaml").is_file()
+    for benchmark in EXTRA_BENCHMARKS:
+        assert {p.stem.removesuffix("_gkd") for p in (RECIPES_DIR / benchmark).glob("*.yaml")} == EXTRA_PAIRS
     assert len(list((RECIPES_DIR / "ablations").glob("table5_*.yaml"))) == 6
     assert len(list((RECIPES_DIR / "ablations").glob("table4_*.yaml"))) == 6
 
@@ -102,7 +109,7 @@ def test_schedules_are_complete(recipes):
 def test_benchmark_and_method_recipes_match_their_file_names(recipes):
     for path, recipe in recipes.items():
         parts = path.relative_to(RECIPES_DIR).parts
-        if parts[0] not in BENCHMARKS:
+        if parts[0] not in (*BENCHMARKS, *EXTRA_BENCHMARKS):
             continue
         benchmark = parts[0]
         pair = next(p for p in PAIRS if path.stem.startswith(p + "_"))
@@ -112,6 +119,8 @@ def test_benchmark_and_method_recipes_match_their_file_names(recipes):
         assert recipe.models.teacher.weights is not None and recipe.models.student.weights is not None
         source, targets = SOURCES[benchmark]
         assert recipe.data.source.name == source and set(recipe.data.targets) == targets, _id(path)
+        extra = [config.name for config in recipe.data.extra_sources]
+        assert extra == (["synthia", "urbansyn"] if benchmark == "multisource2real" else []), _id(path)
         assert recipe.data.source.fraction == "full"
         assert (recipe.distill.schedule, recipe.distill.loss.name) == METHODS[method], _id(path)
 
@@ -192,3 +201,47 @@ def test_dry_run_lists_missing_weights_and_data(tmp_path, monkeypatch, capsys):
     ):
         assert path in missing, f"{path} not listed as missing:\n{out}"
     assert not (tmp_path / "run").exists(), "a dry run writes nothing"
+
+
+def test_recipes_follow_the_authors_protocol(recipes):
+    """Every paper backbone at patch 16 (the GKD code's conversion), GKD's 1a at patch 14 on timm-augmented
+    224 crops, 1b on timm-augmented 512 crops, both with repeated augmentation, poly 0.9, validation every 4k,
+    Mapillary scored at half resolution."""
+    for path, recipe in recipes.items():
+        models = recipe.models
+        assert models.teacher.patch_size == models.student.patch_size == 16, _id(path)
+        trained = [config for config in (recipe.head, recipe.distill.joint, recipe.teacher_training) if config]
+        assert all(config.schedule == "poly" and config.poly_power == 0.9 for config in trained), _id(path)
+        if "mapillary" in recipe.data.targets:
+            assert recipe.data.targets["mapillary"].options["half_resolution"], _id(path)
+        if recipe.distill.schedule != "two_stage":
+            continue
+        assert recipe.evaluate.validate_every == 4000, _id(path)
+        assert recipe.data.distill_transform is not None and recipe.data.distill_transform.input_size == 512
+        assert recipe.distill.domain_agnostic.repeated_augmentation == 3, _id(path)
+        if recipe.distill.task_agnostic is not None:
+            assert recipe.distill.task_agnostic_patch_size == 14, _id(path)
+            assert recipe.data.proxy_transform is not None and recipe.data.proxy_transform.input_size == 224
+            assert recipe.data.proxy_transform.auto_augment == "rand-m9-mstd0.5-inc1"
+            assert recipe.data.proxy_transform.re_prob == 0.25
+            assert recipe.distill.task_agnostic.repeated_augmentation == 3, _id(path)
+
+
+@pytest.mark.parametrize(
+    "name", ["gtav2acdc/f2l_dinov2b_deits_gkd.yaml", "multisource2real/f2l_dinov2l_deitb_gkd.yaml"]
+)
+def test_new_benchmark_recipes_pass_dry_run_once_their_files_exist(tmp_path, monkeypatch, capsys, name):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GKD_WEIGHTS_DIR", raising=False)
+    recipe = RECIPES_DIR / name
+    assert main(["run", str(recipe), "--dry-run", "--out", str(tmp_path / "run")]) == 2
+    missing = capsys.readouterr().out.split("missing:", 1)[1].split()
+    for path in missing:  # what a user would provide: weight files and dataset folders
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).touch() if path.startswith("weights/") else (tmp_path / path).mkdir(exist_ok=True)
+    assert main(["run", str(recipe), "--dry-run", "--out", str(tmp_path / "run")]) == 2  # now the split folders
+    missing = capsys.readouterr().out.split("missing:", 1)[1].split()
+    for path in missing:
+        (tmp_path / path).mkdir(parents=True, exist_ok=True)
+    assert main(["run", str(recipe), "--dry-run", "--out", str(tmp_path / "run")]) == 0
+    assert "everything the recipe names is present" in capsys.readouterr().out

@@ -129,7 +129,8 @@ def to_sample(image: np.ndarray, label: np.ndarray | None, path: str) -> Sample:
 
 class SegmentationDataset(Dataset):
     """Pairs of (image file, label file), a label mapping, and a transform. ``label_reader`` turns a
-    label file into raw ids (default: the stored ids; ``ColorLabelReader`` for colour-coded maps)."""
+    label file into raw ids (default: the stored ids; ``ColorLabelReader`` for colour-coded maps),
+    ``image_reader`` an image file into RGB (default: as stored)."""
 
     def __init__(
         self,
@@ -139,6 +140,7 @@ class SegmentationDataset(Dataset):
         class_names: Sequence[str],
         transform: Transform | None = None,
         label_reader: LabelReader = read_label,
+        image_reader: Callable[[Path], np.ndarray] = read_image,
     ) -> None:
         if not pairs:
             raise DataError("dataset has no samples")
@@ -148,6 +150,7 @@ class SegmentationDataset(Dataset):
         self.class_names = list(class_names)
         self.transform = transform
         self.label_reader = label_reader
+        self.image_reader = image_reader
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -155,7 +158,7 @@ class SegmentationDataset(Dataset):
     def load(self, index: int) -> Sample:
         """The sample at native resolution, before the transform."""
         image_path, label_path = self.pairs[index]
-        image = read_image(image_path)
+        image = self.image_reader(image_path)
         label = self.label_mapper(self.label_reader(label_path), label_path)
         if label.shape != image.shape[:2]:
             raise DataError(f"{label_path}: label size {label.shape[::-1]} differs from image {image.shape[1::-1]}")

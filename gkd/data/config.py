@@ -42,12 +42,16 @@ from gkd.data.fractions import FractionName, fraction_indices, fraction_value
 from gkd.data.isprs import Potsdam, Vaihingen
 from gkd.data.layouts import ImageFolder, Layout
 from gkd.data.mapillary import Mapillary
+from gkd.data.synthia_urbansyn import SYNTHIA, UrbanSyn
 
 log = logging.getLogger("gkd.data")
 
 LAYOUTS: dict[str, type[Layout]] = {
     layout.name: layout
-    for layout in (GTAV, Cityscapes, BDD100K, Mapillary, ACDC, Potsdam, Vaihingen, CamVid, ImageFolder)
+    for layout in (
+        *(GTAV, SYNTHIA, UrbanSyn, Cityscapes, BDD100K, Mapillary, ACDC),
+        *(Potsdam, Vaihingen, CamVid, ImageFolder),
+    )
 }
 SYNTHETIC = "synthetic"
 DATASET_NAMES: tuple[str, ...] = (*LAYOUTS, SYNTHETIC)
@@ -171,7 +175,13 @@ def _split_dataset(
     if not labeled:
         return ImageListDataset([image for image, _ in kept], transform), names, skipped
     dataset = SegmentationDataset(
-        kept, layout.label_mapper(), len(layout.classes), layout.classes, transform, label_reader=layout.read_label
+        kept,
+        layout.label_mapper(),
+        len(layout.classes),
+        layout.classes,
+        transform,
+        label_reader=layout.read_label,
+        image_reader=layout.read_image,
     )
     return dataset, names, skipped
 

@@ -13,6 +13,11 @@ on rails -> train; cyclist / rider -> rider; pole / street light -> pole; curb /
 sidewalk; crosswalk plain / parking / bike lane / service lane / lane marking -> road; the rest void).
 Those rules applied to the v1.2 names give the table below, written out here as data. Note it maps
 traffic-sign backs and frames to traffic sign, unlike narrower tables (e.g. tue-mps/benchmark-vfm-ss).
+
+``options.half_resolution``: the GKD code scores Mapillary on a half-size copy of the validation set
+(its ``tools/convert_datasets/mapillary_resize.py``: images halved bicubic, labels halved nearest, read from
+``half/val_img`` / ``half/val_label``). With the option the original files are halved the same way on read,
+so mIoU is counted on half-resolution labels as in the paper's Mapillary column.
 """
 
 from __future__ import annotations
@@ -20,7 +25,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from gkd.data.base import IGNORE_INDEX, LabelMapper
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from gkd.data.base import IGNORE_INDEX, LabelMapper, read_image, read_label
 from gkd.data.driving import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
 from gkd.data.layouts import Layout, glob_sorted, split_alias
 
@@ -106,12 +115,37 @@ MAPILLARY_TO_CITYSCAPES: dict[int, int] = {
 SPLIT_FOLDERS = {"train": "training", "val": "validation", "test": "testing"}
 
 
+class MapillaryOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    half_resolution: bool = Field(
+        False, description="halve images (bicubic) and labels (nearest) on read, as the GKD code scores Mapillary"
+    )
+
+
+def _halve(array: np.ndarray, resample: Image.Resampling) -> np.ndarray:
+    """``array`` at ``(H // 2, W // 2)`` by PIL (as the GKD code's mapillary_resize.py does it)."""
+    height, width = array.shape[:2]
+    return np.array(Image.fromarray(array).resize((width // 2, height // 2), resample=resample))
+
+
 class Mapillary(Layout):
     """Mapillary Vistas v1.2 mapped to the 19 Cityscapes classes (see the module docstring)."""
 
     name = "mapillary"
     classes = CITYSCAPES_CLASSES
     palette = CITYSCAPES_PALETTE
+    Options = MapillaryOptions
+
+    def read_image(self, path: Path) -> np.ndarray:
+        image = read_image(path)
+        return _halve(image, Image.Resampling.BICUBIC) if self.options.half_resolution else image
+
+    def read_label(self, path: Path) -> np.ndarray:
+        ids = read_label(path)
+        if not self.options.half_resolution:
+            return ids
+        return _halve(ids.astype(np.uint8), Image.Resampling.NEAREST).astype(np.int64)
 
     def split_dir(self) -> Path:
         return self.root / split_alias(self.split, SPLIT_FOLDERS, self.root)
