@@ -24,6 +24,9 @@ PAIRS = {
     "f2f_dinov2b_dinov2s": ("dinov2_vitb14", "dinov2_vits14"),
     "f2f_eva02l_eva02b": ("eva02_large", "eva02_base"),
     "f2f_eva02b_eva02s": ("eva02_base", "eva02_small"),
+    "f2f_dinov2l_dinob": ("dinov2_vitl14", "dino_vitb16"),  # the GKD code's F2F scripts' DINO v1 students
+    "f2f_dinov2b_dinos": ("dinov2_vitb14", "dino_vits16"),
+    "f2l_dinov2b_deitt": ("dinov2_vitb14", "deit_tiny"),  # ViT-Ti student
 }
 # Table 6 (GTAV -> ACDC) and the multi-source setting: GKD with the F2L students only
 EXTRA_BENCHMARKS = ("gtav2acdc", "multisource2real")
