@@ -227,7 +227,7 @@ class Trainer:
                 f"{name}: batch_size {config.batch_size} is not divisible by world size x accumulate ({per_step})"
             )
         self.micro_batch = config.batch_size // per_step
-        if len(dataset) * config.repeated_augmentation < self.micro_batch * info.world_size:
+        if len(dataset) < self.micro_batch * info.world_size:
             raise ValueError(f"{name}: {len(dataset)} samples are fewer than one global batch ({config.batch_size})")
         self.sampler = ResumableSampler(len(dataset), seed, info, config.repeated_augmentation)
         workers = resolve_num_workers(training.num_workers, device)
