@@ -25,7 +25,7 @@ from tests.helpers.data_layouts import cityscapes
 def test_registry_names_and_class_counts():
     counts = {name: dataset_info(name)[0] for name in DATASET_NAMES}
     assert counts == {
-        "gtav": 19, "cityscapes": 19, "bdd100k": 19, "mapillary": 19, "acdc": 19,
+        "gtav": 19, "synthia": 19, "urbansyn": 19, "cityscapes": 19, "bdd100k": 19, "mapillary": 19, "acdc": 19,
         "potsdam": 6, "vaihingen": 6, "camvid": 11, "image_folder": 0, "synthetic": 6,
     }  # fmt: skip
     num_classes, names, palette = dataset_info("cityscapes")
