@@ -16,16 +16,8 @@ from typing import ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from gkd.data.base import (
-    IGNORE_INDEX,
-    RGB,
-    DataError,
-    LabelMapper,
-    identity_label_map,
-    list_images,
-    read_image,
-    read_label,
-)
+from gkd.data import base
+from gkd.data.base import IGNORE_INDEX, RGB, DataError, LabelMapper, identity_label_map, list_images, read_label
 
 
 class NoOptions(BaseModel):
@@ -71,7 +63,7 @@ class Layout:
 
     def read_image(self, path: Path) -> np.ndarray:
         """RGB ``uint8 (H, W, 3)`` of an image file (as stored by default)."""
-        return read_image(path)
+        return base.read_image(path)
 
     def extra_paths(self) -> dict[str, Path]:
         """Optional files the layout uses when present (split files), for ``describe``."""
