@@ -15,7 +15,8 @@ Conventions shared by every feature loss:
 * The student is brought to the teacher: its width by projectors the loss owns (trained with the
   student, never saved into it), its token grid by bilinear resampling onto the teacher's grid
   (:func:`student_on_teacher_grid`), so targets are always the teacher's tokens as computed.
-  (The official GKD code instead resizes the student's patch embedding so both grids coincide.)
+  (The official GKD code resizes the patch embeddings so both grids coincide; recipes do the same with
+  ``models.*.patch_size`` and ``distill.task_agnostic_patch_size``, and the resampling is then a no-op.)
 * Every loss returns ``{"loss": total, "loss_<term>": weighted term (detached), ...}``.
 """
 

@@ -40,9 +40,10 @@ Sources, part by part:
 * Choices of this implementation (not in the paper or code): ``temperature`` and ``num_heads`` as
   options (the code's values, 1 and 1, are the defaults); the switches ``cls_token`` / ``feature`` /
   ``mask_patch`` mirror the rows of the paper's Table 5 ablation — with ``cls_token`` off the CLS token
-  also leaves the feature term (in the released code it is always there); grids are aligned by
-  bilinear resampling of the student tokens (the released code resizes the student's patch embedding
-  to the teacher's patch size instead); the paper's method-section equations could not be read here,
+  also leaves the feature term (in the released code it is always there); where the grids still differ
+  they are aligned by bilinear resampling of the student tokens (the released code, and the paper recipes
+  through ``patch_size``, convert the patch embeddings so they coincide); the paper's method-section
+  equations could not be read here,
   so their notation is not reproduced.
 """
 
