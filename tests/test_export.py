@@ -33,7 +33,7 @@ from gkd.export.onnx import (
     prepare_for_export,
     unsafe_resizes,
 )
-from gkd.export.runtimes import available_runtimes
+from gkd.export.runtimes import CudaGraphRuntime, TorchRuntime, available_runtimes, runtime_loaders
 from gkd.export.stage import benchmark_artifacts, export_artifacts
 from gkd.models.backbone import Backbone
 from gkd.models.decoders import DecoderConfig, build_decoder
@@ -421,3 +421,11 @@ def test_available_runtimes_reports_what_does_not_load(exported, trained, tmp_pa
     assert set(loaded) == {"onnxruntime/fp32", "onnxruntime/int8"}
     assert "absent.onnx" in skipped["onnxruntime/fp16"]
     assert all(key.startswith("onnxruntime/") for key in [*loaded, *skipped])
+
+
+def test_cuda_graph_runtimes_exist_only_on_cuda(exported, trained):
+    out_dir, summary = exported
+    loaders, _ = runtime_loaders(trained, SIZE, out_dir, summary, torch.device("cpu"))
+    assert loaders and not [key for key in loaders if "cudagraph" in key]
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
+        CudaGraphRuntime(TorchRuntime(trained, SIZE, "fp32", torch.device("cpu")), SIZE)

@@ -170,13 +170,15 @@ class CudaGraphRuntime(Runtime):
 
     WARMUP_CALLS = 3
 
-    def __init__(self, inner: Runtime) -> None:
+    def __init__(self, inner: Runtime, img_size: Sequence[int]) -> None:
         if inner.device.type != "cuda":
             raise RuntimeError(f"CUDA graphs need a CUDA device; the device is {inner.device.type}")
         self.runtime = f"{inner.runtime}-cudagraph"
         super().__init__(inner.precision, inner.device, {**inner.info, "cuda_graph": True}, inner.max_batch)
         self.inner = inner
         self.graphs: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] = {}
+        # Capture batch 1 now: a runtime that cannot be captured does not load (reported as skipped, not failed).
+        self.run(torch.zeros(1, 3, *img_size, device=self.device))
 
     def _capture(self, staged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]:
         static_input = staged.clone()
@@ -278,7 +280,7 @@ def runtime_loaders(
     if device.type == "cuda":  # CUDA-graph replay of the eager model and of each AOTInductor package
         for key in [key for key in loaders if key.split("/")[0] in ("torch", "aoti")]:
             runtime, precision = key.split("/")
-            loaders[f"{runtime}-cudagraph/{precision}"] = lambda inner=loaders[key]: CudaGraphRuntime(inner())
+            loaders[f"{runtime}-cudagraph/{precision}"] = lambda inner=loaders[key]: CudaGraphRuntime(inner(), img_size)
     loaders = {key: loader for key, loader in loaders.items() if key.split("/")[0] in wanted}
     return loaders, {key: why for key, why in skipped.items() if key.split("/")[0] in wanted}
 
