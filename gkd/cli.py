@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
+import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 from gkd import __version__
+from gkd.utils.errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, EXIT_INTERRUPTED
 
 log = logging.getLogger("gkd")
-
-EXIT_FAILED_CHECK = 1
-EXIT_BAD_INPUT = 2
 
 
 def _setup_logging(run_dir: Path | None, is_main: bool = True) -> None:
@@ -46,26 +48,36 @@ def _resolve_recipe(recipe_path: str | None, out: str | None):
     return recipe, run_dir, dump_recipe(recipe)
 
 
-def _dry_run(recipe, run_dir: Path) -> int:
+def _stages_of(recipe, command: str) -> list:
+    """The stages a pipeline command runs: all needed ones for ``run``, else the one named."""
+    from gkd.pipeline import STAGES
+
+    if command == "run":
+        return [stage for stage in STAGES if stage.needed(recipe)]
+    stage = next(s for s in STAGES if s.name == command)
+    if not stage.needed(recipe):
+        raise ValueError(f"stage {stage.name} is not part of this recipe")
+    return [stage]
+
+
+def _dry_run(recipe, run_dir: Path, full_check: bool) -> int:
     from gkd.data.config import describe_dataset
-    from gkd.pipeline import STAGES, Run
+    from gkd.pipeline import HASHES_FILE, RECORDS_DIR, STAGES, FileHashes, Run, check_run_inputs, decide
     from gkd.utils.runtime import DistInfo
 
     print(f"recipe: {recipe.name}\nrun directory: {run_dir}")
-    fake = Run(recipe, run_dir, device=None, info=DistInfo())  # type: ignore[arg-type]
+    plan = Run(recipe, run_dir, device=None, info=DistInfo())  # type: ignore[arg-type]
+    checked = check_run_inputs(plan, [s for s in STAGES if s.needed(recipe)], full=full_check, use_cache=False)
+    hashes = FileHashes(run_dir / RECORDS_DIR / HASHES_FILE)
     print("stages:")
     for stage in STAGES:
-        status = (
-            "not in this recipe" if not stage.needed(recipe) else ("complete" if stage.complete(fake) else "to run")
-        )
-        print(f"  {stage.name:<14} {status:<18} -> {', '.join(stage.outputs(recipe))}")
+        status = decide(plan, stage, hashes).reason if stage.needed(recipe) else "not in this recipe"
+        print(f"  {stage.name:<14} {status:<40} -> {', '.join(stage.outputs(recipe))}")
     missing: list[str] = []
     print("models:")
     for role, model in (("teacher", recipe.models.teacher), ("student", recipe.models.student)):
         weights = model.weights
         state = "random init" if weights is None else (str(weights) if Path(weights).exists() else f"{weights} MISSING")
-        if weights is not None and not Path(weights).exists():
-            missing.append(str(weights))
         print(f"  {role}: {model.name} {model.kwargs or ''} weights: {state}")
     print(
         f"  decoder: {recipe.models.decoder.name}; distillation: {recipe.distill.schedule} / {recipe.distill.loss.name}"
@@ -81,51 +93,102 @@ def _dry_run(recipe, run_dir: Path) -> int:
     print("data:")
     for role, config in sets.items():
         described = describe_dataset(config)
-        missing += described.get("missing", [])
-        print(f"  {role}: {config.name} {config.root or ''} split={config.split} {json.dumps(described)}")
+        missing += [path for path in described.get("missing", []) if path not in missing]
+        where = "generated" if config.name == "synthetic" else f"root {config.root}"
+        samples = checked.num_samples.get(role)
+        print(f"  {role}: {config.name}, split {config.split}, {where}" + (f", {samples} samples" if samples else ""))
     if missing:
-        print("missing:\n" + "\n".join(f"  {path}" for path in missing))
+        print(f"missing (relative paths are relative to the current directory, {Path.cwd()}):")
+        print("\n".join(f"  {path}" for path in missing))
+    problems = [problem for problem in checked.problems if not any(path in problem for path in missing)]
+    if problems:
+        print("problems:\n" + "\n".join(f"  {problem}" for problem in problems))
+    if missing or problems:
         return EXIT_BAD_INPUT
-    print("everything the recipe names is present")
+    print("everything the recipe names is present and readable")
     return 0
+
+
+def _summary(run_dir: Path) -> str:
+    """The last lines of a run: the distilled student's mIoU, the fastest runtime, where the report is."""
+    from gkd.utils.io import read_json
+
+    lines = [f"done: {run_dir}"]
+    report_file = run_dir / "report.json"
+    if not report_file.is_file():
+        return lines[0]
+    report = read_json(report_file)
+    student = report["models"].get("student")
+    if student:
+        domains = ", ".join(f"{domain} {miou:.1f}" for domain, miou in student["miou"].items())
+        lines.append(f"  distilled student mIoU (%): {domains}")
+    timings = [
+        (latency["p50_ms"], key, batch)
+        for key, entry in ((report.get("benchmark") or {}).get("runtimes") or {}).items()
+        if not entry.get("failed")
+        for batch, latency in entry["latency"].items()
+        if "p50_ms" in latency and batch == min(entry["latency"], key=int)
+    ]
+    if timings:
+        p50, key, batch = min(timings)
+        lines.append(f"  fastest runtime: {key}, {p50:.2f} ms p50 at batch {batch}")
+    lines.append(f"  report: {run_dir / 'report.md'}")
+    return "\n".join(lines)
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     import torch
 
-    from gkd.pipeline import STAGES, Run, run_all, run_stage
+    from gkd.pipeline import RECORDS_DIR, Run, check_run_inputs, run_all, run_stage
+    from gkd.utils.cpu import choose_threads
     from gkd.utils.install import onnxruntime_install_problem
-    from gkd.utils.io import write_text
-    from gkd.utils.runtime import init_distributed, resolve_device, seed_everything
+    from gkd.utils.io import remove_temporary_files, write_text
+    from gkd.utils.lock import RunDirLock
+    from gkd.utils.runtime import init_distributed, resolve_device, resolve_num_workers, seed_everything
 
     recipe, run_dir, resolved = _resolve_recipe(args.recipe, args.out)
+    stages = _stages_of(recipe, args.command)
     if getattr(args, "dry_run", False):
         _setup_logging(None)
-        return _dry_run(recipe, run_dir)
+        return _dry_run(recipe, run_dir, args.check_data == "full")
+    for stage in stages if args.command != "run" else []:  # before anything is created in the run dir
+        stage.check_inputs(Run(recipe, run_dir, device=None, info=None))  # type: ignore[arg-type]
     device_kind = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     info = init_distributed(device_kind)
     device = resolve_device(args.device, info)
-    _setup_logging(run_dir, info.is_main)
-    install_problem = onnxruntime_install_problem(gpu=device.type == "cuda")
-    if install_problem and info.is_main:
-        log.warning(install_problem)
-    if info.is_main:
-        write_text(run_dir / "recipe.resolved.yaml", resolved)
-        log.info("run directory %s (device %s, world size %d)", run_dir, device, info.world_size)
-    seed_everything(recipe.seed + info.rank)
-    run = Run(recipe, run_dir, device, info)
-    if args.command == "run":
-        run_all(run, force=tuple(args.force or ()))
-    else:
-        stage = next(s for s in STAGES if s.name == args.command)
-        if not stage.needed(recipe):
-            raise ValueError(f"stage {stage.name} is not part of this recipe")
-        run_stage(run, stage)
-    if info.is_main and _failed_checks(run_dir, args.command):
-        return EXIT_FAILED_CHECK
-    if info.is_main:
-        log.info("done: %s", run_dir)
-    return 0
+    created = info.is_main and not run_dir.exists()
+    try:
+        with RunDirLock(run_dir) if info.is_main else nullcontext():
+            _setup_logging(run_dir, info.is_main)
+            install_problem = onnxruntime_install_problem(gpu=device.type == "cuda")
+            if install_problem and info.is_main:
+                log.warning(install_problem)
+            if info.is_main:
+                for temp in remove_temporary_files(run_dir):
+                    log.info("removed %s (left by a killed run)", temp)
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            workers = resolve_num_workers(recipe.training.num_workers, device, local_ranks)
+            threads, why = choose_threads(args.threads, workers, local_ranks)
+            torch.set_num_threads(threads)
+            log.info("run directory %s (device %s, world size %d)", run_dir, device, info.world_size)
+            log.info("%d CPU threads (%s)", threads, why)
+            run = Run(recipe, run_dir, device, info)
+            if info.is_main:
+                check_run_inputs(run, stages, full=args.check_data == "full").raise_if_problems()
+                write_text(run_dir / "recipe.resolved.yaml", resolved)
+            seed_everything(recipe.seed + info.rank)
+            if args.command == "run":
+                run_all(run, force=tuple(args.force or ()))
+            else:
+                run_stage(run, stages[0], scratch=False)
+    except BaseException:
+        if created and not (run_dir / RECORDS_DIR).exists():  # nothing ran: leave no half-made run dir behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    if not info.is_main:
+        return 0
+    print(_summary(run_dir) if args.command in ("run", "report") else f"done: {run_dir}")
+    return EXIT_FAILED_CHECK if _failed_checks(run_dir, args.command) else 0
 
 
 def _failed_checks(run_dir: Path, command: str) -> bool:
@@ -150,6 +213,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.workers < 1 or (args.max_seeds is not None and args.max_seeds < 1):
         raise ValueError("--workers and --max-seeds must be at least 1")
     recipe = load_recipe(args.recipe)
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out) if args.out else Path("runs") / f"{recipe.name}_compare"
     out.mkdir(parents=True, exist_ok=True)
     _setup_logging(out)
@@ -186,76 +253,132 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+DEVICES = ("auto", "cpu", "cuda")
+DEVICE_HELP = "auto (default): CUDA when a GPU is visible, else CPU; cuda without a GPU is an error"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gkd.pipeline import STAGES
 
     parser = argparse.ArgumentParser(
         prog="gkd-compress",
         description="Distil a vision foundation model into a small segmentation model, export and benchmark it.",
+        epilog="exit codes: 0 ok, 1 a check failed, 2 bad input, 3 run directory busy, 4 disk full, "
+        "5 not writable, 6 corrupt file, 7 device not available, 130 interrupted",
     )
     parser.add_argument("--version", action="version", version=f"gkd-compress {__version__}")
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="print the traceback of an error"
+    )
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def pipeline_command(name: str, help_text: str) -> argparse.ArgumentParser:
-        command = commands.add_parser(name, help=help_text)
+        command = commands.add_parser(name, help=help_text, description=help_text, parents=[debug])
         command.add_argument(
             "recipe", nargs="?", help="recipe YAML (default: the run dir's recipe, else the embedded default)"
         )
         command.add_argument("--out", help="run directory (default: runs/<recipe name>)")
-        command.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+        command.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+        command.add_argument(
+            "--threads", type=int, help="CPU threads for torch and ONNX Runtime (default: the CPUs free right now)"
+        )
+        command.add_argument(
+            "--check-data",
+            choices=("fast", "full"),
+            default="fast",
+            help="before training, check every data file: fast (default) reads headers, full decodes everything",
+        )
         command.set_defaults(handler=_cmd_pipeline)
         return command
 
-    run = pipeline_command("run", "all stages; complete stages are skipped, training resumes from checkpoints")
-    run.add_argument("--dry-run", action="store_true", help="validate the recipe and print the plan; load nothing")
+    run = pipeline_command(
+        "run", "all stages; up-to-date stages are skipped, stale ones rerun, training resumes from checkpoints"
+    )
     run.add_argument(
-        "--force", nargs="+", choices=[s.name for s in STAGES], help="re-run these stages even if complete"
+        "--dry-run", action="store_true", help="validate the recipe, check the data, print the plan; train nothing"
+    )
+    run.add_argument(
+        "--force",
+        nargs="+",
+        choices=[s.name for s in STAGES],
+        help="redo these stages from scratch, and every stage downstream of them",
     )
     for stage in STAGES:
         pipeline_command(stage.name, (stage.run.__doc__ or stage.name).strip().splitlines()[0])
 
     compare = commands.add_parser(
-        "compare", help="train the recipe's compare.methods over their seeds from one shared teacher; tabulate"
+        "compare",
+        help="train the recipe's compare.methods over their seeds from one shared teacher; tabulate",
+        parents=[debug],
     )
     compare.add_argument("recipe", help="recipe YAML with compare.methods")
     compare.add_argument("--out", help="output directory (default: runs/<recipe name>_compare)")
     compare.add_argument("--workers", type=int, default=2, help="jobs trained at once (CPU threads split evenly)")
-    compare.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    compare.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     compare.add_argument("--methods", nargs="+", help="only these methods (default: all the recipe lists)")
     compare.add_argument("--max-seeds", type=int, help="only the first N seeds of each method")
     compare.set_defaults(handler=_cmd_compare)
 
-    zoo = commands.add_parser("zoo", help="list the teacher/student model zoo")
-    zoo.add_argument("--json", action="store_true")
+    zoo = commands.add_parser("zoo", help="list the teacher/student model zoo", parents=[debug])
+    zoo.add_argument("--json", action="store_true", help="print JSON instead of a table")
     zoo.set_defaults(handler=_cmd_zoo)
 
     data = commands.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
-    inspect = data.add_parser("inspect", help="sample count and class pixel counts of a split (native resolution)")
-    inspect.add_argument("name")
-    inspect.add_argument("root")
-    inspect.add_argument("--split", default="train")
+    inspect = data.add_parser(
+        "inspect",
+        help="sample count and class pixel counts of a split (native resolution)",
+        description="Count the samples of one split and the pixels of each class (after the label mapping, at "
+        "native resolution); every file is decoded, so bad files are found too.",
+        parents=[debug],
+    )
+    inspect.add_argument("name", help="dataset: gtav, cityscapes, bdd100k, mapillary, acdc, camvid, ...")
+    inspect.add_argument("root", help="the dataset's folder")
+    inspect.add_argument("--split", default="train", help="split to read (default: train)")
     inspect.add_argument("--options", help='dataset options as JSON, e.g. \'{"domain": "dusk"}\'')
     inspect.add_argument("--skip-bad", action="store_true", help="skip (and log) bad samples instead of stopping")
-    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(handler=_cmd_data_inspect)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _error_exit(error: BaseException) -> tuple[int, str] | None:
+    """The exit code and one-line message for an error a user can act on; None for anything else (a bug)."""
     from gkd.compare import ComparisonError
     from gkd.data.base import DataError
     from gkd.models.weights import WeightsMismatchError
     from gkd.recipe import RecipeError
+    from gkd.utils.errors import UserError, user_error_for_write
 
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted; re-run the same command to continue (finished stages are kept)"
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+        error = user_error_for_write(error, error.filename or "a file") or error
+    elif isinstance(error, RuntimeError) and not isinstance(error, UserError):
+        error = user_error_for_write(error, "a file") or error  # a library's wrapped ENOSPC
+    if isinstance(error, UserError):
+        return error.exit_code, str(error)
+    if isinstance(error, (RecipeError, DataError, WeightsMismatchError, FileNotFoundError, ValueError)):
+        return EXIT_BAD_INPUT, str(error)
+    if isinstance(error, ComparisonError):
+        return EXIT_FAILED_CHECK, str(error)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (RecipeError, DataError, WeightsMismatchError, FileNotFoundError, ValueError) as error:
-        print(f"gkd-compress: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ComparisonError as error:
-        print(f"gkd-compress: error: {error}", file=sys.stderr)
-        return EXIT_FAILED_CHECK
+    except BaseException as error:
+        handled = _error_exit(error) if isinstance(error, Exception | KeyboardInterrupt) else None
+        if handled is None:
+            raise
+        code, message = handled
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"gkd-compress: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

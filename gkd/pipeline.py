@@ -1,16 +1,23 @@
 """The stages of a run and their files in the run directory.
 
 Data flows recipe -> models + data -> compress -> evaluate -> export -> benchmark -> report; each stage
-reads the previous stages' files, so any one can be re-run alone. A stage is complete when its outputs
-exist (each is written atomically, last); ``run`` skips complete stages, and training stages resume
-from their checkpoints.
+reads the previous stages' files, so any one can be re-run alone. Each output is written atomically.
+
+The run directory works like a build: ``stages/<stage>.json`` records what a stage consumed (hashes of its
+recipe sections, of the run-directory files and weights it read, fingerprints of its data). ``run`` skips
+a stage only when its outputs exist and nothing it consumed has changed; a changed input reruns it from
+scratch and, through its new outputs, everything downstream. An interrupted training stage resumes from
+its checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +43,9 @@ from gkd.models.checkpoint import build_segmentor, load_segmentor, save_segmento
 from gkd.models.segmentor import Segmentor
 from gkd.models.weights import check_fit, save_encoder
 from gkd.models.zoo import create_backbone_from_config, with_patch_size
+from gkd.preflight import CHECKS_DIR, CheckResult, DataUse, TrainingUse, preflight
 from gkd.recipe import OptimConfig, Recipe
-from gkd.utils.io import load_state_dict, read_json, write_json
+from gkd.utils.io import file_sha256, load_state_dict, read_json, write_json
 from gkd.utils.runtime import DistInfo
 
 log = logging.getLogger("gkd")
@@ -53,6 +61,8 @@ EXPORT_FILE = "export.json"
 BENCHMARK_FILE = "benchmark.json"
 SOURCE_SELECTION_FILE = "source_selection.json"
 SOURCE_DOMAIN = "source"  # the held-out source split among the evaluated domains
+RECORDS_DIR = "stages"  # stages/<stage>.json: what each stage consumed; stages/file_hashes.json
+HASHES_FILE = "file_hashes.json"
 
 
 @dataclass
@@ -63,6 +73,7 @@ class Run:
     dir: Path
     device: torch.device
     info: DistInfo
+    fingerprints: dict[str, str] = field(default_factory=dict)  # data role -> fingerprint (pre-flight check)
 
     def file(self, name: str) -> Path:
         return self.dir / name
@@ -191,8 +202,10 @@ def stage_train_teacher(run: Run) -> None:
 
 
 def stage_distill(run: Run) -> None:
-    """GKD stage 1 (1a task-agnostic on proxy images, 1b domain-agnostic on source images), or the
-    one-stage joint schedule of the conventional baselines."""
+    """Distil the student encoder: GKD stage 1 (or the baselines' one-stage joint schedule).
+
+    Two-stage: 1a task-agnostic on proxy images, 1b domain-agnostic on source images. One-stage: task loss
+    plus distillation loss, jointly, as the conventional baselines do."""
     recipe, distill = run.recipe, run.recipe.distill
     student = student_segmentor(run)
     if distill.schedule == "one_stage":
@@ -394,6 +407,7 @@ def stage_benchmark(run: Run) -> None:
 
 
 def stage_report(run: Run) -> None:
+    """report.json, report.md and plots from the files the other stages wrote."""
     from gkd.report.report import write_report
 
     write_report(run)
@@ -401,12 +415,27 @@ def stage_report(run: Run) -> None:
 
 @dataclass(frozen=True)
 class Stage:
+    """A stage: what it runs, the files it writes and reads, and what else it consumes.
+
+    ``inputs`` are files of earlier stages it cannot run without; ``reads`` every run-directory file it
+    consumes when present (default: ``inputs``). ``data`` and ``trainings`` name the splits it reads and the
+    training phases it runs (their checkpoints); ``sections`` the recipe keys (dotted) its results depend on.
+    """
+
     name: str
     run: Callable[[Run], None]
     outputs: Callable[[Recipe], tuple[str, ...]]
     needed: Callable[[Recipe], bool]
     distributed: bool  # runs on every rank (training) or on rank 0 only
     inputs: Callable[[Recipe], tuple[str, ...]] = lambda recipe: ()
+    reads: Callable[[Recipe], tuple[str, ...]] | None = None
+    data: Callable[[Recipe], list[DataUse]] = lambda recipe: []
+    trainings: Callable[[Recipe], list[TrainingUse]] = lambda recipe: []
+    sections: tuple[str, ...] = ("",)
+    weights: tuple[str, ...] = ()  # model roles whose recipe weights it loads
+
+    def consumed_files(self, recipe: Recipe) -> tuple[str, ...]:
+        return (self.reads or self.inputs)(recipe)
 
     def complete(self, run: Run) -> bool:
         return all(run.file(name).is_file() for name in self.outputs(run.recipe))
@@ -431,9 +460,55 @@ def distill_inputs(recipe: Recipe) -> tuple[str, ...]:
     return (TEACHER_FILE,) if recipe.models.teacher.train_encoder or teacher_head else ()
 
 
+def _source(recipe: Recipe, labeled: bool = True) -> list[DataUse]:
+    return [DataUse("source", recipe.data.source, labeled)]
+
+
+def _evaluation_data(recipe: Recipe) -> list[DataUse]:
+    return [DataUse("source_val", recipe.data.source_val, True)] + [
+        DataUse(f"target {name}", config, True) for name, config in recipe.data.targets.items()
+    ]
+
+
+def _distill_data(recipe: Recipe) -> list[DataUse]:
+    if not _two_stage(recipe):
+        return _source(recipe)
+    proxy = [DataUse("proxy", recipe.data.proxy, False)] if recipe.distill.task_agnostic and recipe.data.proxy else []
+    return proxy + (_source(recipe, labeled=False) if recipe.distill.domain_agnostic else [])
+
+
+def _distill_trainings(recipe: Recipe) -> list[TrainingUse]:
+    distill = recipe.distill
+    if not _two_stage(recipe):
+        return [TrainingUse("distill_joint", distill.joint, "source")]
+    phases = [
+        ("distill_task_agnostic", distill.task_agnostic, "proxy"),
+        ("distill_domain_agnostic", distill.domain_agnostic, "source"),
+    ]
+    return [TrainingUse(name, config, role) for name, config, role in phases if config is not None]
+
+
+_TRAIN_DATA = ("seed", "data.img_size", "data.source", "data.train_transform", "training")
+_EVAL_DATA = ("data.img_size", "data.source_val", "data.targets", "data.eval_transform")
+
 STAGES: tuple[Stage, ...] = (
     Stage(
-        "train-teacher", stage_train_teacher, lambda r: (TEACHER_FILE,), lambda r: r.teacher_training is not None, True
+        "train-teacher",
+        stage_train_teacher,
+        lambda r: (TEACHER_FILE,),
+        lambda r: r.teacher_training is not None,
+        True,
+        data=_source,
+        trainings=lambda r: [TrainingUse("teacher", r.teacher_training, "source")],
+        sections=(
+            *_TRAIN_DATA,
+            "models.teacher",
+            "models.teacher_decoder",
+            "models.decoder",
+            "data.teacher_transform",
+            "teacher_training",
+        ),
+        weights=("teacher",),
     ),
     Stage(
         "distill",
@@ -442,11 +517,55 @@ STAGES: tuple[Stage, ...] = (
         lambda r: True,
         True,
         distill_inputs,
+        data=_distill_data,
+        trainings=_distill_trainings,
+        sections=(*_TRAIN_DATA, "models", "data.proxy", "distill"),
+        weights=("teacher", "student"),
     ),
-    Stage("train-head", stage_train_head, lambda r: (SEGMENTOR_FILE,), _two_stage, True, lambda r: (ENCODER_FILE,)),
-    Stage("train-no-kd", stage_train_no_kd, lambda r: (NO_KD_FILE,), lambda r: r.compare.no_kd is not None, True),
-    Stage("evaluate", stage_evaluate, lambda r: (EVAL_FILE,), lambda r: True, False, lambda r: (SEGMENTOR_FILE,)),
-    Stage("export", stage_export, lambda r: (EXPORT_FILE,), lambda r: True, False, lambda r: (SEGMENTOR_FILE,)),
+    Stage(
+        "train-head",
+        stage_train_head,
+        lambda r: (SEGMENTOR_FILE,),
+        _two_stage,
+        True,
+        lambda r: (ENCODER_FILE,),
+        data=_source,
+        trainings=lambda r: [TrainingUse("head", r.head, "source")],
+        sections=(*_TRAIN_DATA, "models.student", "models.decoder", "head"),
+        weights=("student",),
+    ),
+    Stage(
+        "train-no-kd",
+        stage_train_no_kd,
+        lambda r: (NO_KD_FILE,),
+        lambda r: r.compare.no_kd is not None,
+        True,
+        data=_source,
+        trainings=lambda r: [TrainingUse("no_kd", r.compare.no_kd, "source")],
+        sections=(*_TRAIN_DATA, "models.student", "models.decoder", "compare.no_kd"),
+        weights=("student",),
+    ),
+    Stage(
+        "evaluate",
+        stage_evaluate,
+        lambda r: (EVAL_FILE,),
+        lambda r: True,
+        False,
+        lambda r: (SEGMENTOR_FILE,),
+        reads=lambda r: (TEACHER_FILE, NO_KD_FILE, SEGMENTOR_FILE),
+        data=_evaluation_data,
+        sections=(*_EVAL_DATA, "evaluate"),
+    ),
+    Stage(
+        "export",
+        stage_export,
+        lambda r: (EXPORT_FILE,),
+        lambda r: True,
+        False,
+        lambda r: (SEGMENTOR_FILE,),
+        data=lambda r: [*_source(r), DataUse("source_val", r.data.source_val, True)],
+        sections=("seed", "data.img_size", "data.source", "data.source_val", "data.eval_transform", "export"),
+    ),
     Stage(
         "benchmark",
         stage_benchmark,
@@ -454,30 +573,234 @@ STAGES: tuple[Stage, ...] = (
         lambda r: True,
         False,
         lambda r: (SEGMENTOR_FILE, EXPORT_FILE),
+        data=lambda r: _evaluation_data(r) if r.benchmark.accuracy else [],
+        sections=(*_EVAL_DATA, "evaluate", "benchmark"),
     ),
     Stage(
-        "report", stage_report, lambda r: ("report.json", "report.md"), lambda r: True, False, lambda r: (EVAL_FILE,)
+        "report",
+        stage_report,
+        lambda r: ("report.json", "report.md"),
+        lambda r: True,
+        False,
+        lambda r: (EVAL_FILE,),
+        reads=lambda r: (EVAL_FILE, EXPORT_FILE, BENCHMARK_FILE),
     ),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 
-def run_stage(run: Run, stage: Stage) -> None:
-    """Run one stage on the ranks it belongs to; everyone waits for it to finish."""
+# -- what each stage consumed, and what is out of date -------------------------------------------------
+def _section(dumped: dict, dotted: str) -> object:
+    value: object = dumped
+    for key in filter(None, dotted.split(".")):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _hash_json(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class FileHashes:
+    """Content hashes of files, remembered with each file's size and mtime in ``stages/file_hashes.json`` so
+    an unchanged file (a multi-GB teacher) is hashed once, not on every run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.known: dict[str, list] = read_json(path) if path.is_file() else {}
+        self.changed = False
+
+    def __call__(self, file: Path) -> str | None:
+        """The file's SHA-256 (None when it does not exist)."""
+        if not file.is_file():
+            return None
+        stat = file.stat()
+        key = str(file.resolve())
+        known = self.known.get(key)
+        if known and known[:2] == [stat.st_size, stat.st_mtime_ns]:
+            return known[2]
+        digest = file_sha256(file)
+        self.known[key] = [stat.st_size, stat.st_mtime_ns, digest]
+        self.changed = True
+        return digest
+
+    def save(self) -> None:
+        if self.changed:
+            write_json(self.path, self.known)
+            self.changed = False
+
+
+def _record_file(run: Run, stage: Stage) -> Path:
+    return run.file(RECORDS_DIR) / f"{stage.name}.json"
+
+
+def consumed(run: Run, stage: Stage, hashes: FileHashes) -> dict:
+    """What ``stage`` consumes now: hashes of its recipe sections, its run-directory inputs, the recipe's
+    weight files it loads, and the fingerprints of the splits it reads (from the pre-flight check)."""
+    recipe = run.recipe
+    dumped = recipe.model_dump(mode="json")
+    weights = {role: getattr(recipe.models, role).weights for role in stage.weights}
+    return {
+        "recipe": {section or "(all)": _hash_json(_section(dumped, section)) for section in stage.sections},
+        "inputs": {name: hashes(run.file(name)) for name in stage.consumed_files(recipe)},
+        "weights": {role: hashes(Path(path)) if path else None for role, path in weights.items()},
+        "data": {use.role: run.fingerprints.get(use.role) for use in stage.data(recipe)},
+    }
+
+
+def _changes(before: dict, now: dict) -> list[str]:
+    """What differs between two `consumed` records, in words (an unknown data fingerprint is no change)."""
+    changes = []
+    for kind, label in (("recipe", "recipe section"), ("inputs", "input"), ("weights", "weights of"), ("data", "data")):
+        old, new = before.get(kind, {}), now.get(kind, {})
+        for key in sorted(set(old) | set(new)):
+            if kind == "data" and (old.get(key) is None or new.get(key) is None):
+                continue
+            if old.get(key) != new.get(key):
+                changes.append(f"{label} {key} changed")
+    return changes
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a stage runs, from scratch (checkpoints dropped) or resuming, and why."""
+
+    run: bool
+    scratch: bool
+    reason: str
+
+
+def decide(run: Run, stage: Stage, hashes: FileHashes, forced: bool = False) -> Decision:
+    """Run ``stage``? Like a build system: when forced, when an output is missing, when it did not finish,
+    or when anything it consumed changed since it ran (then from scratch, as it also is when forced)."""
+    if forced:
+        return Decision(True, True, "forced")
+    record_file = _record_file(run, stage)
+    record = read_json(record_file) if record_file.is_file() else None
+    changes = _changes(record["consumed"], consumed(run, stage, hashes)) if record else []
+    if changes:
+        return Decision(True, True, "; ".join(changes))
+    if not stage.complete(run):
+        return Decision(True, False, "outputs missing" if record is None else "interrupted, resuming")
+    if record is None:
+        return Decision(True, False, "no record of what it consumed")
+    if record["status"] != "complete":
+        return Decision(True, False, "did not finish")
+    return Decision(False, False, "up to date")
+
+
+def downstream(recipe: Recipe, names: tuple[str, ...]) -> set[str]:
+    """``names`` and every needed stage that consumes their outputs, transitively."""
+    selected = set(names)
+    for stage in STAGES:  # in pipeline order, so one pass sees every producer before its consumers
+        if not stage.needed(recipe) or stage.name in selected:
+            continue
+        produced = {file for s in STAGES if s.name in selected for file in s.outputs(recipe)}
+        if produced & set(stage.consumed_files(recipe)):
+            selected.add(stage.name)
+    return selected
+
+
+def _drop_training_state(run: Run, stage: Stage) -> None:
+    """Checkpoints, JSONL metrics and TensorBoard events of the stage's training phases (a fresh start)."""
+    for use in stage.trainings(run.recipe):
+        shutil.rmtree(run.file("checkpoints") / use.name, ignore_errors=True)
+        shutil.rmtree(run.file("tensorboard") / use.name, ignore_errors=True)
+        run.file("logs").joinpath(f"{use.name}.jsonl").unlink(missing_ok=True)
+
+
+def run_stage(run: Run, stage: Stage, scratch: bool = False, hashes: FileHashes | None = None) -> None:
+    """Run one stage on the ranks it belongs to (``scratch``: drop its checkpoints first); everyone waits for
+    it to finish. Rank 0 records what it consumed, before ("running") and after ("complete")."""
     stage.check_inputs(run)
+    hashes = hashes or FileHashes(run.file(RECORDS_DIR) / HASHES_FILE)
+    if run.info.is_main:
+        if scratch:
+            _drop_training_state(run, stage)
+        record = {"stage": stage.name, "status": "running", "consumed": consumed(run, stage, hashes)}
+        write_json(_record_file(run, stage), record)
+    if run.info.enabled:
+        dist.barrier()
     if stage.distributed or run.info.is_main:
         log.info("stage %s", stage.name)
         stage.run(run)
     if run.info.enabled:
         dist.barrier()
+    if run.info.is_main:
+        outputs = {name: hashes(run.file(name)) for name in stage.outputs(run.recipe)}
+        write_json(_record_file(run, stage), {**record, "status": "complete", "outputs": outputs})
+        hashes.save()
 
 
-def run_all(run: Run, force: tuple[str, ...] = ()) -> None:
-    """Every needed stage in order, skipping those whose outputs are complete."""
+def _decide_on_main(run: Run, stage: Stage, hashes: FileHashes, forced: bool) -> Decision:
+    """Rank 0 decides (it alone read the data); the other ranks take its decision."""
+    decision = [decide(run, stage, hashes, forced) if run.info.is_main else None]
+    if run.info.enabled:
+        dist.broadcast_object_list(decision, src=0)
+    return decision[0]
+
+
+def run_all(run: Run, force: tuple[str, ...] = ()) -> list[str]:
+    """Every needed stage in order, skipping those that are up to date; ``force`` names stages to redo from
+    scratch with everything downstream of them. Returns the names of the stages that ran."""
+    forced = downstream(run.recipe, force) if force else set()
+    hashes = FileHashes(run.file(RECORDS_DIR) / HASHES_FILE)
+    ran = []
     for stage in STAGES:
         if not stage.needed(run.recipe):
             continue
-        if stage.complete(run) and stage.name not in force:
-            log.info("stage %s: complete, skipped", stage.name)
+        decision = _decide_on_main(run, stage, hashes, stage.name in forced)
+        if not decision.run:
+            log.info("stage %s: up to date, skipped", stage.name)
             continue
-        run_stage(run, stage)
+        log.info("stage %s: %s%s", stage.name, decision.reason, " (from scratch)" if decision.scratch else "")
+        run_stage(run, stage, decision.scratch, hashes)
+        ran.append(stage.name)
+    if run.info.is_main:
+        hashes.save()
+    return ran
+
+
+def stage_data(recipe: Recipe, stages: list[Stage]) -> list[DataUse]:
+    """The splits ``stages`` read, each role once (labeled if any of them reads its labels)."""
+    uses: dict[str, DataUse] = {}
+    for stage in stages:
+        for use in stage.data(recipe):
+            known = uses.get(use.role)
+            uses[use.role] = use if known is None or use.labeled else known
+    return list(uses.values())
+
+
+def check_run_inputs(run: Run, stages: list[Stage], full: bool = False, use_cache: bool = True) -> CheckResult:
+    """The pre-flight check of everything ``stages`` read and build (see `gkd.preflight`); the data
+    fingerprints are kept on ``run`` for the stage records. Problems are listed, not raised.
+
+    Args:
+        run: the run (its recipe, directory and world size).
+        stages: the stages about to run.
+        full: decode every image and label instead of the header check.
+        use_cache: read and write the record of passed data checks in the run directory.
+    """
+    recipe, models = run.recipe, run.recipe.models
+    loads = {role for stage in stages for role in stage.weights}
+    segmentors = {
+        "teacher": (models.teacher, models.teacher_decoder or models.decoder),
+        "student": (models.student, models.decoder),
+    }
+    segmentors = {
+        role: (model if role in loads else model.model_copy(update={"weights": None}), decoder)
+        for role, (model, decoder) in segmentors.items()
+    }
+    trainings = [use for stage in stages for use in stage.trainings(recipe)]
+    result = preflight(
+        stage_data(recipe, stages),
+        segmentors,
+        trainings,
+        run.num_classes,
+        tuple(recipe.data.img_size),
+        run.info.world_size,
+        run.file(CHECKS_DIR) if use_cache else None,
+        full,
+    )
+    run.fingerprints.update(result.fingerprints)
+    return result

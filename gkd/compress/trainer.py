@@ -1,7 +1,8 @@
 """The training loop every stage uses: DDP (torchrun), mixed precision, gradient accumulation and
 clipping, AdamW with optional layer-wise lr decay, warm-up + cosine/poly schedule, atomic resumable
 checkpoints (model, optimizer, scheduler, scaler, sampler position, RNG), JSONL + TensorBoard metrics,
-a progress bar, and a hard stop on a non-finite loss.
+a progress bar, and a hard stop on a non-finite loss. Ctrl-C (single process) finishes the current step,
+checkpoints it and raises `TrainingInterrupted`; a second Ctrl-C stops at once.
 
 An *objective* is an ``nn.Module`` whose ``forward(batch) -> dict[str, Tensor]`` returns the total
 under ``"loss"``; its parameters with ``requires_grad`` are what the stage trains.
@@ -14,7 +15,9 @@ import json
 import logging
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -32,7 +35,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from gkd.compress.config import OptimConfig, TrainingConfig
-from gkd.utils.io import torch_save
+from gkd.utils.errors import TrainingInterrupted
+from gkd.utils.io import torch_load, torch_save
 from gkd.utils.runtime import DistInfo, resolve_num_workers, rng_state, set_rng_state
 
 log = logging.getLogger("gkd.train")
@@ -42,6 +46,30 @@ _NO_DECAY_NAMES = ("cls_token", "reg_token", "pos_embed", "mask_token", "registe
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+class StopRequest:
+    """While active, SIGINT asks the loop to stop at the next step boundary instead of raising mid-step (where
+    the optimizer state could be half-updated); a second SIGINT raises ``KeyboardInterrupt`` at once. Inactive
+    off the main thread (no signal handlers there) and under DDP, where ranks could see it at different steps."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def install(self) -> None:
+        if self.active:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def uninstall(self) -> None:
+        if self.active:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 class ResumableSampler(Sampler):
@@ -258,7 +286,7 @@ class Trainer:
     def _load_checkpoint_file(self) -> dict | None:
         if not self.checkpoint_path.is_file():
             return None
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        state = torch_load(self.checkpoint_path)
         if state.get("fingerprint") != self.fingerprint:
             raise RuntimeError(
                 f"{self.checkpoint_path} belongs to other settings than this recipe's stage {self.name}; "
@@ -339,6 +367,8 @@ class Trainer:
         )
         batches = self._batches()
         window = _Window(self.device)
+        stop = StopRequest(active=not self.info.enabled)
+        stop.install()
         try:
             while self.step < self.config.steps:
                 self._train_step(batches, window)
@@ -352,8 +382,13 @@ class Trainer:
                 if self.step % self.config.checkpoint_every == 0 and self.step < self.config.steps:
                     self._raise_if_non_finite(window)
                     self._save_checkpoint(finished=False)
+                if stop.requested and self.step < self.config.steps:
+                    self._raise_if_non_finite(window)
+                    self._save_checkpoint(finished=False)
+                    raise TrainingInterrupted(f"{self.name}: interrupted at step {self.step}; re-run to resume")
             self._save_checkpoint(finished=True)
         finally:
+            stop.uninstall()
             batches.close()  # shuts persistent loader workers down with the stage
             progress.close()
             if writer:

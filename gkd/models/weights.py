@@ -42,13 +42,14 @@ from typing import Any
 
 import timm
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import eva, vision_transformer
 from torch import nn
 
 from gkd.models.backbone import Backbone
-from gkd.utils.io import load_state_dict, save_state_dict
+from gkd.utils.io import corrupt_safetensors, load_state_dict, save_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +324,10 @@ def load_encoder(path: str | Path) -> Backbone:
 
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as error:
+            raise corrupt_safetensors(path, error) from error
     if path.suffix not in WEIGHT_SUFFIXES:
         raise ValueError(f"{path}: unknown weight file type (expected one of {', '.join(WEIGHT_SUFFIXES)})")
     try:

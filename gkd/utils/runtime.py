@@ -10,6 +10,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gkd.utils.cpu import available_cpus
+from gkd.utils.errors import DeviceUnavailableError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -43,7 +46,10 @@ def resolve_device(spec: str, info: DistInfo | None = None) -> torch.device:
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: no CUDA device is available")
+            raise DeviceUnavailableError(
+                "--device cuda: no CUDA device is visible to this process (check nvidia-smi and "
+                "CUDA_VISIBLE_DEVICES), or use --device cpu / auto"
+            )
         index = info.local_rank if info else 0
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
@@ -53,13 +59,6 @@ def resolve_device(spec: str, info: DistInfo | None = None) -> torch.device:
 
 
 MAX_AUTO_WORKERS = 16
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, as set by taskset, cgroups or a scheduler)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def resolve_num_workers(setting: int | str, device: torch.device, local_world_size: int | None = None) -> int:
