@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from gkd.cli import main
 from gkd.compress.objectives import DistillObjective
 from gkd.models.checkpoint import load_segmentor
+from gkd.utils.errors import EXIT_INTERRUPTED
 
 TINY = Path(__file__).parent / "data" / "tiny_recipe.yaml"
 pytestmark = pytest.mark.slow
@@ -97,8 +99,7 @@ def test_killed_distillation_resumes_from_its_checkpoint(tmp_path, monkeypatch):
         return original(self, batch)
 
     monkeypatch.setattr(DistillObjective, "forward", killed_at_call_10)
-    with pytest.raises(KeyboardInterrupt):
-        main(["distill", "--out", str(out), "--device", "cpu"])
+    assert main(["distill", "--out", str(out), "--device", "cpu"]) == EXIT_INTERRUPTED  # a crash, not Ctrl-C
     assert not (out / "student_encoder.safetensors").exists()
     monkeypatch.setattr(DistillObjective, "forward", original)
     calls["n"] = 0
@@ -153,3 +154,44 @@ def test_parity_miss_is_recorded_the_stage_completes_and_the_exit_code_says_so(f
     assert not benchmark["ok"] and "onnx/fp32" in benchmark["export_failed"]
     assert "| onnx/fp32 | `model.onnx` |" in (run / "report.md").read_text()
     assert "FAILED: max |logit difference|" in (run / "report.md").read_text()
+
+
+def test_run_dir_is_a_build(finished_run, tmp_path, monkeypatch, capsys):
+    """--force benchmark refreshes the report; a changed upstream file reruns the stages after it and nothing
+    else; leftovers of a killed run are cleaned; files are 0644; a run ends with a summary."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training ran again")
+
+    monkeypatch.setattr("gkd.compress.trainer.Trainer.fit", refuse)
+    mode = 0o666 & ~_umask()
+    assert all(p.stat().st_mode & 0o777 == mode for p in out.iterdir() if p.is_file() and p.name != ".lock")
+
+    leftover = out / ".model.pt2.k1ll3d.tmp"
+    leftover.touch()
+    stale = json.loads((out / "benchmark.json").read_text())
+    assert main(["run", "--out", str(out), "--device", "cpu", "--force", "benchmark"]) == 0
+    fresh = json.loads((out / "benchmark.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert fresh["runtimes"] != stale["runtimes"]  # re-measured (latencies never repeat to the last digit)
+    assert report["benchmark"]["runtimes"] == fresh["runtimes"]
+    assert not leftover.exists()
+
+    evaluation = json.loads((out / "eval.json").read_text())
+    evaluation["models"]["student"]["domains"]["dusk"]["miou"] = 99.5
+    (out / "eval.json").write_text(json.dumps(evaluation))  # an upstream file changed
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
+    assert main(["run", "--out", str(out), "--device", "cpu"]) == 0
+    assert json.loads((out / "report.json").read_text())["models"]["student"]["miou"]["dusk"] == 99.5
+    changed = {p.name for p in out.glob("*.json") if p.stat().st_mtime_ns != stamps.get(p.name)}
+    assert changed == {"report.json"}
+    assert "stage report: input eval.json changed" in (out / "logs" / "gkd.log").read_text()
+    assert f"report: {out / 'report.md'}" in capsys.readouterr().out  # the closing summary
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

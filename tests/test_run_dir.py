@@ -1,0 +1,178 @@
+"""The run directory as a trustworthy build, through the CLI: bad input found before training, one run at a
+time, Ctrl-C, stale stages, full disks and corrupt files as one-line errors with their own exit codes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from gkd.cli import main
+from gkd.compress.objectives import DistillObjective
+from gkd.pipeline import downstream
+from gkd.recipe import load_recipe
+from gkd.utils.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_BUSY,
+    EXIT_CORRUPT_FILE,
+    EXIT_DISK_FULL,
+    EXIT_INTERRUPTED,
+    EXIT_NO_DEVICE,
+    DiskFullError,
+)
+from gkd.utils.io import save_state_dict
+from tests.helpers import data_layouts
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "data" / "tiny_recipe.yaml"
+
+
+def _recipe(path: Path, **overrides) -> Path:
+    path.write_text(yaml.safe_dump({"base": str(TINY), **overrides}))
+    return path
+
+
+def _refuse_training(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("training ran")
+
+    monkeypatch.setattr("gkd.compress.trainer.Trainer.fit", refuse)
+
+
+def test_bad_target_frame_shape_and_batch_stop_run_before_training(tmp_path, monkeypatch, capsys):
+    root = data_layouts.cityscapes(tmp_path / "cityscapes", split="val", frames=3)
+    frame = sorted((root / "leftImg8bit" / "val").rglob("*.png"))[1]
+    frame.write_bytes(frame.read_bytes()[:60])  # truncated, as by an interrupted copy
+    recipe = _recipe(
+        tmp_path / "bad.yaml",
+        name="bad",
+        models={"student": {"kwargs": {"img_size": 112, "embed_dim": 30, "depth": 4, "num_heads": 4}}},
+        data={"targets": {"city": {"name": "cityscapes", "root": str(root), "split": "val"}}},
+        head={"batch_size": 64},
+    )
+    _refuse_training(monkeypatch)
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), "--device", "cpu"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert str(frame) in err and "corrupt or unreadable image" in err  # the file, named
+    assert "embed_dim" in err or "divisible by num_heads" in err  # every problem at once
+    assert "head: batch_size 64 is larger than its dataset" in err
+    assert "Traceback" not in err
+    assert not out.exists()  # nothing ran: no half-made run directory is left
+
+
+def test_second_run_on_a_busy_directory_is_refused_naming_the_holder(tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from gkd.utils.lock import RunDirLock\n"
+         f"with RunDirLock({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        assert main(["run", str(TINY), "--out", str(out), "--device", "cpu"]) == EXIT_BUSY
+        assert time.monotonic() - started < 30  # refused at once, not after training
+        err = capsys.readouterr().err
+        assert f"PID {holder.pid}" in err and "in use by another run" in err
+        assert not (out / "recipe.resolved.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_sigint_checkpoints_the_current_step_and_the_rerun_resumes_there(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert main(["train-teacher", str(TINY), "--out", str(out), "--device", "cpu"]) == 0
+    original = DistillObjective.forward
+    calls = {"n": 0}
+
+    def ctrl_c_at_call_10(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 10:  # 1a done (6 steps); Ctrl-C during 1b's step 4 (checkpoints every 2 steps)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch)
+
+    monkeypatch.setattr(DistillObjective, "forward", ctrl_c_at_call_10)
+    capsys.readouterr()
+    assert main(["distill", "--out", str(out), "--device", "cpu"]) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "distill_domain_agnostic: interrupted at step 4; re-run to resume" in err
+    assert "Traceback" not in err
+    assert calls["n"] == 10  # the step in flight finished, no further one started
+    calls["n"] = 0
+    assert main(["distill", "--out", str(out), "--device", "cpu"]) == 0
+    assert calls["n"] == 2  # 1b steps 5 and 6 only
+    assert "distill_domain_agnostic: resumed at step 4" in (out / "logs" / "gkd.log").read_text()
+
+
+def test_force_reaches_every_stage_downstream():
+    recipe = load_recipe(TINY)
+    assert downstream(recipe, ("benchmark",)) == {"benchmark", "report"}
+    assert downstream(recipe, ("distill",)) == {"distill", "train-head", "evaluate", "export", "benchmark", "report"}
+    assert "distill" in downstream(recipe, ("train-teacher",))  # the tiny teacher's encoder is distilled
+
+
+def test_disk_full_at_a_checkpoint_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+    real_save = torch.save
+
+    def save_then_fill_the_disk(obj, handle, *args, **kwargs):
+        real_save({"partial": torch.zeros(10)}, handle)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_then_fill_the_disk)
+    out = tmp_path / "run"
+    assert main(["train-teacher", str(TINY), "--out", str(out), "--device", "cpu"]) == EXIT_DISK_FULL
+    err = capsys.readouterr().err
+    assert "disk full while writing" in err and "last.pt" in err and "Traceback" not in err
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob("last.pt"))
+
+
+def test_disk_full_on_a_small_tmpfs(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        with pytest.raises(DiskFullError, match="disk full while writing"):
+            save_state_dict(mount / "big.safetensors", {"w": torch.zeros(200_000)})
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_corrupt_checkpoint_and_truncated_weights_name_the_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    checkpoint = out / "checkpoints" / "teacher" / "last.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"PK\x03\x04 not a whole checkpoint")
+    assert main(["train-teacher", str(TINY), "--out", str(out), "--device", "cpu"]) == EXIT_CORRUPT_FILE
+    err = capsys.readouterr().err
+    assert f"{checkpoint} is truncated or corrupt" in err and "Traceback" not in err
+
+    weights = tmp_path / "student.safetensors"
+    save_state_dict(weights, {"w": torch.zeros(1000)})
+    weights.write_bytes(weights.read_bytes()[:-100])
+    recipe = _recipe(tmp_path / "weights.yaml", name="weights", models={"student": {"weights": str(weights)}})
+    assert main(["run", str(recipe), "--out", str(tmp_path / "other"), "--device", "cpu"]) == EXIT_BAD_INPUT
+    assert f"{weights} is truncated or corrupt" in capsys.readouterr().err
+
+
+def test_unavailable_device_and_a_stage_without_inputs_leave_nothing_behind(tmp_path, capsys):
+    if not torch.cuda.is_available():
+        assert main(["run", str(TINY), "--out", str(tmp_path / "cuda"), "--device", "cuda"]) == EXIT_NO_DEVICE
+        assert "no CUDA device" in capsys.readouterr().err
+        assert not (tmp_path / "cuda").exists()
+    assert main(["report", str(TINY), "--out", str(tmp_path / "new")]) == EXIT_BAD_INPUT
+    assert "written by stage evaluate" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
