@@ -176,3 +176,36 @@ def test_unavailable_device_and_a_stage_without_inputs_leave_nothing_behind(tmp_
     assert main(["report", str(TINY), "--out", str(tmp_path / "new")]) == EXIT_BAD_INPUT
     assert "written by stage evaluate" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_latency_on_a_busy_machine_is_marked_in_the_report(monkeypatch):
+    from gkd.export.latency import measure_latency
+    from gkd.report.report import _benchmark_markdown
+    from gkd.utils.cpu import available_cpus
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    spin = "import time\nend = time.monotonic() + 20\nwhile time.monotonic() < end: pass"
+    spinners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(available_cpus())]
+    try:
+        time.sleep(0.5)
+        latency = measure_latency(lambda: time.sleep(0.05), lambda: None, 1, torch.device("cpu"), 10, 0)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert latency["machine_busy"] and latency["other_cpus"] > 0.5
+    benchmark = {"device": "cpu", "runtimes": {"torch/fp32": {"latency": {"1": latency}}}}
+    assert "| BUSY machine (" in "\n".join(_benchmark_markdown(benchmark))  # not "ok"
+
+
+def test_threads_follow_the_request_then_the_environment(monkeypatch):
+    from gkd.utils.cpu import available_cpus, choose_threads
+
+    assert choose_threads(3) == (3, "--threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert choose_threads() == (2, "OMP_NUM_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    threads, why = choose_threads(loader_workers=1)
+    assert 1 <= threads <= available_cpus() and "CPUs available" in why
+    with pytest.raises(ValueError, match="at least 1"):
+        choose_threads(0)

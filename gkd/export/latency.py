@@ -2,11 +2,14 @@
 
 Conventions follow trtexec / mmdeploy: untimed warm-up (iterations and/or seconds), then every iteration is
 timed on its own with the device synchronised (``torch.cuda.synchronize``) so asynchronous launches are
-not mistaken for finished work. Percentiles interpolate linearly (numpy's default).
+not mistaken for finished work. Percentiles interpolate linearly (numpy's default). CPU time other
+processes took during the timed iterations is recorded (``other_cpus``); a row timed on a busy machine is
+marked ``machine_busy`` and warned about.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import re
@@ -22,6 +25,9 @@ import numpy as np
 import torch
 
 from gkd.export.runtimes import Runtime
+from gkd.utils.cpu import OtherLoad, available_cpus, machine_busy
+
+log = logging.getLogger("gkd")
 
 _PROC_STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -104,11 +110,19 @@ def measure_latency(
     memory = PeakMemory(device)
     memory.reset()
     seconds = []
+    others = OtherLoad().start()
     for _ in range(iterations):
         start = time.perf_counter()
         run()
         synchronize()
         seconds.append(time.perf_counter() - start)
+    other_cpus = others.stop()
+    busy = machine_busy(other_cpus, torch.get_num_threads())
+    if busy:
+        log.warning(
+            "latency measured while other processes used %.1f of %d CPUs: batch %d timings are not reliable",
+            other_cpus, available_cpus(), batch_size,
+        )  # fmt: skip
     return {
         "batch_size": batch_size,
         "iterations": iterations,
@@ -118,6 +132,8 @@ def measure_latency(
         "peak_memory_mib": round(memory.peak_mib(), 1),
         "memory_baseline_mib": round(memory.baseline_mib, 1),
         "memory_kind": memory.kind,
+        "other_cpus": None if other_cpus is None else round(other_cpus, 2),
+        "machine_busy": busy,
     }
 
 

@@ -181,6 +181,7 @@ def _benchmark_markdown(benchmark: dict | None) -> list[str]:
         "| runtime | batch | p50 ms | p90 ms | p99 ms | images/s | mean target mIoU | status |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
+    any_busy = False
     for key, entry in benchmark["runtimes"].items():
         miou = entry.get("miou")
         mean_miou = sum(miou.values()) / len(miou) if miou else None
@@ -189,13 +190,24 @@ def _benchmark_markdown(benchmark: dict | None) -> list[str]:
             if "error" in latency:
                 lines.append(f"| {key} | {batch} | {latency['error']} | | | | | |")
                 continue
+            row_status = status
+            if latency.get("machine_busy"):  # timed while other processes competed for the CPUs
+                any_busy = True
+                busy = f"BUSY machine ({latency['other_cpus']:.1f} CPUs used by others)"
+                row_status = busy if status == "ok" else f"{status}; {busy}"
             lines.append(
                 f"| {key} | {batch} | {latency['p50_ms']:.2f} | {latency['p90_ms']:.2f} | {latency['p99_ms']:.2f} "
-                f"| {latency['images_per_s']:.1f} | {_fmt(mean_miou)} | {status} |"
+                f"| {latency['images_per_s']:.1f} | {_fmt(mean_miou)} | {row_status} |"
             )
     for key, reason in benchmark.get("skipped", {}).items():
         lines.append(f"| {key} | | | | | | | skipped: {reason} |")
     lines.append("")
+    if any_busy:
+        lines += [
+            "Rows marked BUSY were timed while other processes competed for the CPUs: their latencies are not "
+            "reliable. Re-measure on an idle machine with `gkd-compress run --out DIR --force benchmark`.",
+            "",
+        ]
     if benchmark.get("pareto_plot"):
         lines += [f"![latency vs mIoU]({benchmark['pareto_plot']})", ""]
     return lines
