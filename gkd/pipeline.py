@@ -45,7 +45,7 @@ from gkd.models.weights import check_fit, save_encoder
 from gkd.models.zoo import create_backbone_from_config, with_patch_size
 from gkd.preflight import CHECKS_DIR, CheckResult, DataUse, TrainingUse, preflight
 from gkd.recipe import OptimConfig, Recipe
-from gkd.utils.io import file_sha256, load_state_dict, read_json, write_json
+from gkd.utils.io import file_sha256, load_state_dict, read_json, require_free_space, write_json
 from gkd.utils.runtime import DistInfo
 
 log = logging.getLogger("gkd")
@@ -120,6 +120,10 @@ class Run:
 
     def trainer(self, name: str, objective: torch.nn.Module, dataset, config: OptimConfig) -> Trainer:
         recipe = self.recipe
+        if self.info.is_main:  # the checkpoint (state + AdamW moments) may exist twice while it is replaced
+            state = sum(t.numel() * t.element_size() for t in objective.state_dict().values())
+            moments = sum(2 * p.numel() * p.element_size() for p in objective.parameters() if p.requires_grad)
+            require_free_space(self.file("checkpoints"), 2 * (state + moments) + 16 * 2**20, f"training {name}")
         settings = fingerprint(
             name,
             recipe.seed,
@@ -375,6 +379,8 @@ def _images(run: Run, config: DatasetConfig, count: int, seed: int) -> torch.Ten
 def stage_export(run: Run) -> None:
     """ONNX (fp32 / fp16 / int8 QDQ), TensorRT engines where possible, AOTInductor; parity checked."""
     recipe = run.recipe
+    # ONNX fp32/fp16/int8, the AOTInductor package and engines: a few copies of the weights at most
+    require_free_space(run.dir, 6 * run.file(SEGMENTOR_FILE).stat().st_size + 64 * 2**20, "export")
     segmentor = load_segmentor(run.file(SEGMENTOR_FILE))[0].to(run.device).eval()
     calibration = _images(run, recipe.data.source, recipe.export.calibration_images, recipe.seed)
     parity = _images(run, recipe.data.source_val, 4, recipe.seed + 1)

@@ -209,3 +209,16 @@ def test_threads_follow_the_request_then_the_environment(monkeypatch):
     assert 1 <= threads <= available_cpus() and "CPUs available" in why
     with pytest.raises(ValueError, match="at least 1"):
         choose_threads(0)
+
+
+def test_export_without_room_for_its_files_stops_before_writing(tmp_path, monkeypatch, capsys):
+    import shutil as shell
+
+    out = tmp_path / "run"
+    out.mkdir()
+    save_state_dict(out / "segmentor.safetensors", {"w": torch.zeros(10)})
+    usage = shell.disk_usage(tmp_path)
+    monkeypatch.setattr("shutil.disk_usage", lambda path: usage._replace(free=10 * 2**20))
+    assert main(["export", str(TINY), "--out", str(out), "--device", "cpu"]) == EXIT_DISK_FULL
+    assert "export needs about" in capsys.readouterr().err
+    assert not (out / "model.onnx").exists()

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from gkd.utils.errors import CorruptFileError, user_error_for_write
+from gkd.utils.errors import CorruptFileError, DiskFullError, user_error_for_write
 
 TEMP_SUFFIX = ".tmp"
 
@@ -55,6 +56,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise friendly from error
     finally:
         temp.unlink(missing_ok=True)
+
+
+def require_free_space(directory: str | Path, needed_bytes: int, what: str) -> None:
+    """Stop with `DiskFullError` before work whose files would not fit: some writers (ONNX, TensorRT) abort the
+    process on a full disk instead of raising."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes:
+        raise DiskFullError(
+            f"{what} needs about {needed_bytes / 2**20:.0f} MiB free in {directory}, {free / 2**20:.0f} MiB are free: "
+            "free space or use another --out, then re-run (completed stages are kept)"
+        )
 
 
 def remove_temporary_files(root: str | Path) -> list[Path]:
