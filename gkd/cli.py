@@ -78,6 +78,8 @@ def _dry_run(recipe, run_dir: Path, full_check: bool) -> int:
     for role, model in (("teacher", recipe.models.teacher), ("student", recipe.models.student)):
         weights = model.weights
         state = "random init" if weights is None else (str(weights) if Path(weights).exists() else f"{weights} MISSING")
+        if weights is not None and not Path(weights).exists():
+            missing.append(str(weights))
         print(f"  {role}: {model.name} {model.kwargs or ''} weights: {state}")
     print(
         f"  decoder: {recipe.models.decoder.name}; distillation: {recipe.distill.schedule} / {recipe.distill.loss.name}"

@@ -257,7 +257,7 @@ def preflight(
         fingerprint, samples, problems = check_dataset(use, cache_dir, full)
         if fingerprint is not None:
             result.fingerprints[use.role] = fingerprint
-        result.num_samples[use.role] = samples
+            result.num_samples[use.role] = samples
         result.problems += problems
     result.problems += check_models(models, num_classes, img_size)
     result.problems += check_batches(trainings, result.num_samples, world_size)
