@@ -211,6 +211,7 @@ def _failed_checks(run_dir: Path, command: str) -> bool:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from gkd.compare import run_comparison
     from gkd.recipe import load_recipe
+    from gkd.utils.lock import RunDirLock
 
     if args.workers < 1 or (args.max_seeds is not None and args.max_seeds < 1):
         raise ValueError("--workers and --max-seeds must be at least 1")
@@ -220,9 +221,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out) if args.out else Path("runs") / f"{recipe.name}_compare"
-    out.mkdir(parents=True, exist_ok=True)
-    _setup_logging(out)
-    summary = run_comparison(recipe, out, args.workers, args.device, args.methods, args.max_seeds)
+    with RunDirLock(out):
+        _setup_logging(out)
+        summary = run_comparison(recipe, out, args.workers, args.device, args.methods, args.max_seeds)
     log.info("done: %s (%.1f min); table: %s", out, summary["wall_minutes"], out / "comparison.md")
     return 0
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gkd.recipe import Recipe, RecipeError, dump_recipe, load_recipe, merge, parse_recipe
+from gkd.utils.cpu import available_cpus
 from gkd.utils.io import write_json, write_text
 
 log = logging.getLogger("gkd")
@@ -207,7 +208,7 @@ def run_comparison(
     if saved.is_file() and load_recipe(saved) != recipe:
         raise RecipeError(f"{out} holds a comparison of another recipe ({saved}); use a new --out directory")
     write_text(saved, dump_recipe(recipe))
-    threads = max(1, (os.cpu_count() or 1) // workers) if device == "cpu" else 1
+    threads = max(1, available_cpus() // workers) if device == "cpu" else 1
     teacher = next((job for job in jobs if job.method == TEACHER_JOB), None)
     teacher_file = out / TEACHER_JOB / "teacher_segmentor.safetensors"
 

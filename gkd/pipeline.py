@@ -759,7 +759,12 @@ def run_all(run: Run, force: tuple[str, ...] = ()) -> list[str]:
         if not decision.run:
             log.info("stage %s: up to date, skipped", stage.name)
             continue
-        log.info("stage %s: %s%s", stage.name, decision.reason, " (from scratch)" if decision.scratch else "")
+        log.info(
+            "stage %s: %s%s",
+            stage.name,
+            decision.reason,
+            " (from scratch)" if decision.scratch and stage.trainings(run.recipe) else "",
+        )
         run_stage(run, stage, decision.scratch, hashes)
         ran.append(stage.name)
     if run.info.is_main:
