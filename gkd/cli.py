@@ -71,8 +71,10 @@ def _dry_run(recipe, run_dir: Path, full_check: bool) -> int:
     hashes = FileHashes(run_dir / RECORDS_DIR / HASHES_FILE)
     print("stages:")
     for stage in STAGES:
-        status = decide(plan, stage, hashes).reason if stage.needed(recipe) else "not in this recipe"
-        print(f"  {stage.name:<14} {status:<40} -> {', '.join(stage.outputs(recipe))}")
+        decision = decide(plan, stage, hashes) if stage.needed(recipe) else None
+        status = "not in this recipe" if decision is None else decision.reason
+        status = f"to run: {status}" if decision is not None and decision.run else status
+        print(f"  {stage.name:<14} {status:<48} -> {', '.join(stage.outputs(recipe))}")
     missing: list[str] = []
     print("models:")
     for role, model in (("teacher", recipe.models.teacher), ("student", recipe.models.student)):
