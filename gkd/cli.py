@@ -102,7 +102,7 @@ def _dry_run(recipe, run_dir: Path, full_check: bool) -> int:
         samples = checked.num_samples.get(role)
         print(f"  {role}: {config.name}, split {config.split}, {where}" + (f", {samples} samples" if samples else ""))
     if missing:
-        print(f"missing (relative paths are relative to the current directory, {Path.cwd()}):")
+        print(f"missing: (relative paths are relative to the current directory, {Path.cwd()})")
         print("\n".join(f"  {path}" for path in missing))
     problems = [problem for problem in checked.problems if not any(path in problem for path in missing)]
     if problems:
