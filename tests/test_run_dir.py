@@ -222,3 +222,24 @@ def test_export_without_room_for_its_files_stops_before_writing(tmp_path, monkey
     assert main(["export", str(TINY), "--out", str(out), "--device", "cpu"]) == EXIT_DISK_FULL
     assert "export needs about" in capsys.readouterr().err
     assert not (out / "model.onnx").exists()
+
+
+def test_a_stage_redone_from_scratch_trains_every_step_again(tmp_path, monkeypatch):
+    from gkd.compress.objectives import TaskObjective
+    from gkd.pipeline import STAGES, Run, run_stage
+    from gkd.utils.runtime import DistInfo
+
+    out = tmp_path / "run"
+    assert main(["train-teacher", str(TINY), "--out", str(out), "--device", "cpu"]) == 0
+    original, calls = TaskObjective.forward, {"n": 0}
+
+    def counting(self, batch):
+        calls["n"] += 1
+        return original(self, batch)
+
+    monkeypatch.setattr(TaskObjective, "forward", counting)
+    run = Run(load_recipe(TINY), out, torch.device("cpu"), DistInfo())
+    run_stage(run, STAGES[0])  # the finished checkpoint: nothing to train
+    assert calls["n"] == 0
+    run_stage(run, STAGES[0], scratch=True)  # as --force does: not "resumed at step 6"
+    assert calls["n"] == 6
