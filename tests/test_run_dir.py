@@ -26,6 +26,7 @@ from gkd.utils.errors import (
     EXIT_DISK_FULL,
     EXIT_INTERRUPTED,
     EXIT_NO_DEVICE,
+    EXIT_NOT_WRITABLE,
     DiskFullError,
 )
 from gkd.utils.io import save_state_dict
@@ -138,17 +139,54 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_leaves_no_partial_file(tmp_pa
     assert not list(out.rglob("*.tmp")) and not list(out.rglob("last.pt"))
 
 
+def _mount_tmpfs(mount: Path, options: str) -> None:
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+
+
 def test_disk_full_on_a_small_tmpfs(tmp_path):
     mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
+    _mount_tmpfs(mount, "size=256k")
     try:
         with pytest.raises(DiskFullError, match="disk full while writing"):
             save_state_dict(mount / "big.safetensors", {"w": torch.zeros(200_000)})
         assert list(mount.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_read_only_out_is_one_line(tmp_path, capsys):
+    mount = tmp_path / "read_only"
+    _mount_tmpfs(mount, "ro,size=64k")
+    try:
+        assert main(["run", str(TINY), "--out", str(mount / "run"), "--device", "cpu"]) == EXIT_NOT_WRITABLE
+        err = capsys.readouterr().err
+        assert f"cannot write {mount / 'run'}" in err and "Read-only file system" in err and "Traceback" not in err
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_data_check_is_cached_until_a_file_changes(tmp_path, monkeypatch):
+    from gkd.data.config import DatasetConfig
+    from gkd.preflight import DataUse, check_dataset
+
+    root = data_layouts.cityscapes(tmp_path / "cityscapes", split="val", frames=2)
+    use = DataUse("target city", DatasetConfig(name="cityscapes", root=root, split="val"), labeled=True)
+    cache = tmp_path / "checks"
+    fingerprint, samples, problems = check_dataset(use, cache, full=False)
+    assert (samples, problems) == (2, [])
+
+    def unreadable(path):
+        raise AssertionError(f"{path} read again")
+
+    monkeypatch.setattr("gkd.preflight._header_size", unreadable)
+    assert check_dataset(use, cache, full=False) == (fingerprint, 2, [])  # stat only, nothing read
+    frame = sorted((root / "leftImg8bit" / "val").rglob("*.png"))[0]
+    frame.write_bytes(frame.read_bytes()[:60])
+    monkeypatch.undo()
+    changed, _, problems = check_dataset(use, cache, full=False)
+    assert changed != fingerprint and len(problems) == 1 and str(frame) in problems[0]
 
 
 def test_corrupt_checkpoint_and_truncated_weights_name_the_file(tmp_path, capsys):
