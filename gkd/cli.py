@@ -143,7 +143,7 @@ def _summary(run_dir: Path) -> str:
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     import torch
 
-    from gkd.pipeline import RECORDS_DIR, Run, check_run_inputs, run_all, run_stage
+    from gkd.pipeline import RECORDS_DIR, Run, check_run_inputs, run_all, run_one
     from gkd.utils.cpu import choose_threads
     from gkd.utils.install import onnxruntime_install_problem
     from gkd.utils.io import remove_temporary_files, write_text
@@ -184,7 +184,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
             if args.command == "run":
                 run_all(run, force=tuple(args.force or ()))
             else:
-                run_stage(run, stages[0], scratch=False)
+                run_one(run, stages[0])
     except BaseException:
         if created and not (run_dir / RECORDS_DIR).exists():  # nothing ran: leave no half-made run dir behind
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -746,6 +746,16 @@ def _decide_on_main(run: Run, stage: Stage, hashes: FileHashes, forced: bool) ->
     return decision[0]
 
 
+def run_one(run: Run, stage: Stage) -> None:
+    """A stage's own subcommand: it runs even when up to date (resuming a finished checkpoint trains
+    nothing), and from scratch when something it consumed changed since it last ran."""
+    hashes = FileHashes(run.file(RECORDS_DIR) / HASHES_FILE)
+    decision = _decide_on_main(run, stage, hashes, forced=False)
+    if decision.run:
+        log.info("stage %s: %s", stage.name, decision.reason)
+    run_stage(run, stage, decision.scratch, hashes)
+
+
 def run_all(run: Run, force: tuple[str, ...] = ()) -> list[str]:
     """Every needed stage in order, skipping those that are up to date; ``force`` names stages to redo from
     scratch with everything downstream of them. Returns the names of the stages that ran."""

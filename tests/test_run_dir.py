@@ -4,6 +4,7 @@ time, Ctrl-C, stale stages, full disks and corrupt files as one-line errors with
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -281,3 +282,10 @@ def test_a_stage_redone_from_scratch_trains_every_step_again(tmp_path, monkeypat
     assert calls["n"] == 0
     run_stage(run, STAGES[0], scratch=True)  # as --force does: not "resumed at step 6"
     assert calls["n"] == 6
+
+    record = out / "stages" / "train-teacher.json"
+    stale = json.loads(record.read_text())
+    stale["consumed"]["recipe"]["teacher_training"] = "another"
+    record.write_text(json.dumps(stale))  # as if the stage had last run on other settings
+    assert main(["train-teacher", "--out", str(out), "--device", "cpu"]) == 0
+    assert calls["n"] == 12  # the subcommand saw it was stale and trained from scratch
