@@ -687,7 +687,8 @@ def decide(run: Run, stage: Stage, hashes: FileHashes, forced: bool = False) -> 
     if changes:
         return Decision(True, True, "; ".join(changes))
     if not stage.complete(run):
-        return Decision(True, False, "outputs missing" if record is None else "interrupted, resuming")
+        interrupted = record is not None and record["status"] != "complete"
+        return Decision(True, False, "interrupted, resuming" if interrupted else "outputs missing")
     if record is None:
         return Decision(True, False, "no record of what it consumed")
     if record["status"] != "complete":
