@@ -221,10 +221,16 @@ def check_batches(trainings: list[TrainingUse], num_samples: dict[str, int], wor
                 f"{use.name}: batch_size {config.batch_size} is not divisible by world size x accumulate ({per_step})"
             )
         available = num_samples.get(use.data_role)
-        if available is not None and available < config.batch_size:
+        per_pass = config.batch_size // config.accumulate  # one forward pass over all ranks, as the trainer needs
+        if available is not None and available < per_pass:
             problems.append(
                 f"{use.name}: batch_size {config.batch_size} is larger than its dataset "
                 f"(data {use.data_role}: {available} samples)"
+                + (
+                    f"; with accumulate {config.accumulate}, {per_pass} samples are needed"
+                    if config.accumulate > 1
+                    else ""
+                )
             )
     return problems
 
