@@ -10,7 +10,7 @@ traceback is printed only with ``--debug``. Exit codes:
 3     the run directory is in use by another run
 4     the disk is full
 5     a directory or file cannot be written (read-only, permissions)
-6     a file in the run directory is corrupt or truncated (a checkpoint, a weights file)
+6     a file in the run directory is corrupt or truncated (a checkpoint, a segmentor file)
 7     the requested device is not available
 130   interrupted (Ctrl-C); completed stages and checkpoints are kept
 ====  ==========================================================================
