@@ -424,8 +424,9 @@ class Stage:
     """A stage: what it runs, the files it writes and reads, and what else it consumes.
 
     ``inputs`` are files of earlier stages it cannot run without; ``reads`` every run-directory file it
-    consumes when present (default: ``inputs``). ``data`` and ``trainings`` name the splits it reads and the
-    training phases it runs (their checkpoints); ``sections`` the recipe keys (dotted) its results depend on.
+    consumes when present (default: ``inputs``); ``side_outputs`` files it writes only in some recipes.
+    ``data`` and ``trainings`` name the splits it reads and the training phases it runs (their checkpoints);
+    ``sections`` the recipe keys (dotted) its results depend on.
     """
 
     name: str
@@ -439,6 +440,7 @@ class Stage:
     trainings: Callable[[Recipe], list[TrainingUse]] = lambda recipe: []
     sections: tuple[str, ...] = ("",)
     weights: tuple[str, ...] = ()  # model roles whose recipe weights it loads
+    side_outputs: tuple[str, ...] = ()  # files it may also write (not needed for completeness); cleared on a redo
 
     def consumed_files(self, recipe: Recipe) -> tuple[str, ...]:
         return (self.reads or self.inputs)(recipe)
@@ -467,7 +469,9 @@ def distill_inputs(recipe: Recipe) -> tuple[str, ...]:
 
 
 def _source(recipe: Recipe, labeled: bool = True) -> list[DataUse]:
-    return [DataUse("source", recipe.data.source, labeled)]
+    """The source split and, for multi-source recipes, every extra source (trained on together)."""
+    extras = [DataUse(f"extra source {i}", extra, labeled) for i, extra in enumerate(recipe.data.extra_sources)]
+    return [DataUse("source", recipe.data.source, labeled), *extras]
 
 
 def _evaluation_data(recipe: Recipe) -> list[DataUse]:
@@ -494,7 +498,7 @@ def _distill_trainings(recipe: Recipe) -> list[TrainingUse]:
     return [TrainingUse(name, config, role) for name, config, role in phases if config is not None]
 
 
-_TRAIN_DATA = ("seed", "data.img_size", "data.source", "data.train_transform", "training")
+_TRAIN_DATA = ("seed", "data.img_size", "data.source", "data.extra_sources", "data.train_transform", "training")
 _EVAL_DATA = ("data.img_size", "data.source_val", "data.targets", "data.eval_transform")
 
 STAGES: tuple[Stage, ...] = (
@@ -525,7 +529,7 @@ STAGES: tuple[Stage, ...] = (
         distill_inputs,
         data=_distill_data,
         trainings=_distill_trainings,
-        sections=(*_TRAIN_DATA, "models", "data.proxy", "distill"),
+        sections=(*_TRAIN_DATA, "models", "data.proxy", "data.proxy_transform", "data.distill_transform", "distill"),
         weights=("teacher", "student"),
     ),
     Stage(
@@ -535,10 +539,11 @@ STAGES: tuple[Stage, ...] = (
         _two_stage,
         True,
         lambda r: (ENCODER_FILE,),
-        data=_source,
+        data=lambda r: _source(r) + (_evaluation_data(r) if r.evaluate.validate_every else []),
         trainings=lambda r: [TrainingUse("head", r.head, "source")],
-        sections=(*_TRAIN_DATA, "models.student", "models.decoder", "head"),
+        sections=(*_TRAIN_DATA, "models.student", "models.decoder", "head", "evaluate.validate_every"),
         weights=("student",),
+        side_outputs=(BEST_SEGMENTOR_FILE, VALIDATION_FILE),
     ),
     Stage(
         "train-no-kd",
@@ -558,7 +563,7 @@ STAGES: tuple[Stage, ...] = (
         lambda r: True,
         False,
         lambda r: (SEGMENTOR_FILE,),
-        reads=lambda r: (TEACHER_FILE, NO_KD_FILE, SEGMENTOR_FILE),
+        reads=lambda r: (TEACHER_FILE, NO_KD_FILE, SEGMENTOR_FILE, BEST_SEGMENTOR_FILE),
         data=_evaluation_data,
         sections=(*_EVAL_DATA, "evaluate"),
     ),
@@ -569,7 +574,7 @@ STAGES: tuple[Stage, ...] = (
         lambda r: True,
         False,
         lambda r: (SEGMENTOR_FILE,),
-        data=lambda r: [*_source(r), DataUse("source_val", r.data.source_val, True)],
+        data=lambda r: [DataUse("source", r.data.source, True), DataUse("source_val", r.data.source_val, True)],
         sections=("seed", "data.img_size", "data.source", "data.source_val", "data.eval_transform", "export"),
     ),
     Stage(
@@ -702,14 +707,17 @@ def downstream(recipe: Recipe, names: tuple[str, ...]) -> set[str]:
     for stage in STAGES:  # in pipeline order, so one pass sees every producer before its consumers
         if not stage.needed(recipe) or stage.name in selected:
             continue
-        produced = {file for s in STAGES if s.name in selected for file in s.outputs(recipe)}
+        produced = {file for s in STAGES if s.name in selected for file in (*s.outputs(recipe), *s.side_outputs)}
         if produced & set(stage.consumed_files(recipe)):
             selected.add(stage.name)
     return selected
 
 
 def _drop_training_state(run: Run, stage: Stage) -> None:
-    """Checkpoints, JSONL metrics and TensorBoard events of the stage's training phases (a fresh start)."""
+    """Checkpoints, JSONL metrics and TensorBoard events of the stage's training phases, and its side outputs
+    (a fresh start: a validation history must not carry over)."""
+    for name in stage.side_outputs:
+        run.file(name).unlink(missing_ok=True)
     for use in stage.trainings(run.recipe):
         shutil.rmtree(run.file("checkpoints") / use.name, ignore_errors=True)
         shutil.rmtree(run.file("tensorboard") / use.name, ignore_errors=True)

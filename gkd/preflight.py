@@ -52,7 +52,8 @@ class DataUse:
 
 @dataclass(frozen=True)
 class TrainingUse:
-    """A training phase: its name, its optimisation settings and the role of the split it trains on."""
+    """A training phase: its name, its optimisation settings and the role of the split it trains on (with
+    ``source``, every ``extra source <i>`` of a multi-source recipe counts towards its samples)."""
 
     name: str
     config: OptimConfig
@@ -220,7 +221,10 @@ def check_batches(trainings: list[TrainingUse], num_samples: dict[str, int], wor
             problems.append(
                 f"{use.name}: batch_size {config.batch_size} is not divisible by world size x accumulate ({per_step})"
             )
-        available = num_samples.get(use.data_role)
+        extras = [role for role in num_samples if use.data_role == "source" and role.startswith("extra source ")]
+        available = (
+            sum(num_samples[role] for role in (use.data_role, *extras)) if use.data_role in num_samples else None
+        )
         per_pass = config.batch_size // config.accumulate  # one forward pass over all ranks, as the trainer needs
         if available is not None and available < per_pass:
             problems.append(
