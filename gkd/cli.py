@@ -101,12 +101,12 @@ def _dry_run(recipe, run_dir: Path, full_check: bool) -> int:
         where = "generated" if config.name == "synthetic" else f"root {config.root}"
         samples = checked.num_samples.get(role)
         print(f"  {role}: {config.name}, split {config.split}, {where}" + (f", {samples} samples" if samples else ""))
-    if missing:
-        print(f"missing: (relative paths are relative to the current directory, {Path.cwd()})")
-        print("\n".join(f"  {path}" for path in missing))
     problems = [problem for problem in checked.problems if not any(path in problem for path in missing)]
     if problems:
         print("problems:\n" + "\n".join(f"  {problem}" for problem in problems))
+    if missing:  # last, one path a line
+        print(f"missing: (relative paths are relative to the current directory, {Path.cwd()})")
+        print("\n".join(f"  {path}" for path in missing))
     if missing or problems:
         return EXIT_BAD_INPUT
     print("everything the recipe names is present and readable")

@@ -181,6 +181,8 @@ def _weights_problem(role: str, model: ModelConfig) -> str | None:
     path = Path(weights)
     if not path.exists():
         return f"models.{role}.weights: {path} not found"
+    if path.is_file() and path.stat().st_size == 0:
+        return f"models.{role}.weights: {path} is empty (an interrupted copy?); copy it again"
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt"):

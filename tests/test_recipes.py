@@ -233,7 +233,7 @@ def test_recipes_follow_the_authors_protocol(recipes):
 @pytest.mark.parametrize(
     "name", ["gtav2acdc/f2l_dinov2b_deits_gkd.yaml", "multisource2real/f2l_dinov2l_deitb_gkd.yaml"]
 )
-def test_new_benchmark_recipes_pass_dry_run_once_their_files_exist(tmp_path, monkeypatch, capsys, name):
+def test_new_benchmark_recipes_name_every_path_in_dry_run(tmp_path, monkeypatch, capsys, name):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("GKD_WEIGHTS_DIR", raising=False)
     recipe = RECIPES_DIR / name
@@ -246,5 +246,10 @@ def test_new_benchmark_recipes_pass_dry_run_once_their_files_exist(tmp_path, mon
     missing = capsys.readouterr().out.split("missing:", 1)[1].split()
     for path in missing:
         (tmp_path / path).mkdir(parents=True, exist_ok=True)
-    assert main(["run", str(recipe), "--dry-run", "--out", str(tmp_path / "run")]) == 0
-    assert "everything the recipe names is present" in capsys.readouterr().out
+    # every path the recipe names now exists; the pre-flight check reports the empty folders and weight files
+    assert main(["run", str(recipe), "--dry-run", "--out", str(tmp_path / "run")]) == 2
+    out = capsys.readouterr().out
+    assert "missing:" not in out
+    problems = out.split("problems:", 1)[1].strip().splitlines()
+    assert any("is empty" in problem for problem in problems), problems
+    assert all("samples in split" in problem or "is empty" in problem for problem in problems), problems
