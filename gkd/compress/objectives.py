@@ -13,6 +13,7 @@ from torch import nn
 from gkd.compress.losses.base import DistillLoss
 from gkd.data.base import IGNORE_INDEX
 from gkd.models.backbone import Backbone
+from gkd.models.decoders import upsample_logits
 from gkd.models.features import ViTFeatures
 from gkd.models.segmentor import Segmentor
 
@@ -33,6 +34,21 @@ def select_layers(features: ViTFeatures, layers: tuple[int, ...]) -> ViTFeatures
         grid=features.grid,
         layers=tuple(layers),
     )
+
+
+def segmentation_loss(
+    segmentor: Segmentor, maps: list[torch.Tensor], labels: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits at the labels' size and the task loss of the segmentor's decoder: cross-entropy (ignore 255),
+    or the decoder's own loss where it has one (Mask2Former's set loss on its per-layer query outputs)."""
+    decoder, size = segmentor.decoder, labels.shape[-2:]
+    if hasattr(decoder, "forward_queries"):
+        queries = decoder.forward_queries(maps)
+        logits = upsample_logits(decoder.semantic(queries), tuple(size))
+        return logits, decoder.loss(queries, labels)
+    logits = segmentor.decode(maps, size)
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+    return logits, {"loss": loss, "loss_ce": loss.detach()}
 
 
 class _WithFrozenTeacher(nn.Module):
@@ -66,7 +82,7 @@ class DistillObjective(_WithFrozenTeacher):
 
 
 class TaskObjective(nn.Module):
-    """Cross-entropy (ignore 255) of a segmentor; with ``freeze_encoder`` only the decoder trains
+    """The task loss of a segmentor (`segmentation_loss`); with ``freeze_encoder`` only the decoder trains
     (GKD stage 2)."""
 
     def __init__(self, segmentor: Segmentor, freeze_encoder: bool) -> None:
@@ -83,19 +99,13 @@ class TaskObjective(nn.Module):
         return self
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        images = batch["image"]
-        if self.freeze_encoder:
-            with torch.no_grad():
-                maps = self.segmentor.encoder(images, layers=self.segmentor.layers).maps()
-            logits = self.segmentor.decode(maps, images.shape[-2:])
-        else:
-            logits = self.segmentor(images)
-        loss = F.cross_entropy(logits.float(), batch["label"], ignore_index=IGNORE_INDEX)
-        return {"loss": loss, "loss_ce": loss.detach()}
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+            maps = self.segmentor.encode(batch["image"]).maps()
+        return segmentation_loss(self.segmentor, maps, batch["label"])[1]
 
 
 class JointObjective(_WithFrozenTeacher):
-    """The conventional one-stage schedule: ``CE(H(F_s(x)), y) + w * L_distill`` on source data.
+    """The conventional one-stage schedule: ``L_task(H(F_s(x)), y) + w * L_distill`` on source data.
 
     Feature losses compare encoder tokens (one student pass serves decoder and loss); logit losses
     compare the segmentor's logits with a teacher segmentor's.
@@ -121,13 +131,16 @@ class JointObjective(_WithFrozenTeacher):
             else:
                 teacher_out = self.teacher(images.to(self.teacher_dtype)).float()
         if self.loss.kind == "feature":
-            features = self.student.encoder(images, layers=self.all_layers)
-            logits = self.student.decode(select_layers(features, self.student.layers).maps(), images.shape[-2:])
-            distill = self.loss(select_layers(features, self.loss_layers), teacher_out, self.student.encoder, images)
+            features = self.student.encode(images, layers=self.all_layers)
+            logits, task = segmentation_loss(self.student, select_layers(features, self.student.layers).maps(), labels)
+            loss_features = select_layers(features, self.loss_layers)
+            if not self.student.normalised_taps:  # the decoder took raw tokens; losses compare normalised ones
+                loss_features = self.student.encoder.final_norm(loss_features)
+            distill = self.loss(loss_features, teacher_out, self.student.encoder, images)
         else:
-            logits = self.student(images)
+            logits, task = segmentation_loss(self.student, self.student.encode(images).maps(), labels)
             distill = self.loss(logits.float(), teacher_out)
-        ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
         outputs = {f"distill_{k}": v.detach() for k, v in distill.items()}
-        outputs.update(loss=ce + self.weight * distill["loss"], loss_ce=ce.detach())
+        outputs.update({key: value for key, value in task.items() if key != "loss"})
+        outputs["loss"] = task["loss"] + self.weight * distill["loss"]
         return outputs

@@ -84,8 +84,10 @@ class Backbone(nn.Module):
         layers: Sequence[int] = (-1,),
         mask: torch.Tensor | None = None,
         mask_token: torch.Tensor | None = None,
+        norm: bool = True,
     ) -> ViTFeatures:
-        """Tokens of ``layers`` for ``images`` ``(B, 3, H, W)`` in ``[0, 1]``.
+        """Tokens of ``layers`` for ``images`` ``(B, 3, H, W)`` in ``[0, 1]``, each passed through the
+        ViT's final norm unless ``norm=False`` (the raw block outputs; `final_norm` normalises them later).
 
         With ``mask`` (``(B, N)`` bool over the patch grid) the embeddings of masked patches are
         replaced by ``mask_token`` (``(C,)``, owned by the caller, e.g. a distiller) before the
@@ -104,7 +106,7 @@ class Backbone(nn.Module):
                 x,
                 indices=list(layers),
                 return_prefix_tokens=True,
-                norm=True,
+                norm=norm,
                 output_fmt="NLC",
                 intermediates_only=True,
             )
@@ -114,6 +116,16 @@ class Backbone(nn.Module):
         patch_tokens = [spatial for spatial, _ in outputs]
         cls_tokens = [prefix[:, 0] if self.has_cls_token else None for _, prefix in outputs]
         return ViTFeatures(patch_tokens=patch_tokens, cls_tokens=cls_tokens, grid=grid, layers=layers)
+
+    def final_norm(self, features: ViTFeatures) -> ViTFeatures:
+        """Raw block outputs (``forward(..., norm=False)``) through the ViT's final norm: the same tokens as
+        ``forward(..., norm=True)`` (a per-token norm), without a second pass."""
+        return ViTFeatures(
+            patch_tokens=[self.model.norm(tokens) for tokens in features.patch_tokens],
+            cls_tokens=[None if cls is None else self.model.norm(cls) for cls in features.cls_tokens],
+            grid=features.grid,
+            layers=features.layers,
+        )
 
     @contextmanager
     def _masked_patches(self, mask: torch.Tensor | None, mask_token: torch.Tensor | None):

@@ -23,19 +23,27 @@ class DecoderConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["uper", "linear"] = "uper"
-    channels: int = Field(256, gt=0, description="decoder width (uper)")
+    name: Literal["uper", "linear", "mask2former"] = "uper"
+    channels: int = Field(256, gt=0, description="decoder width (uper, mask2former)")
     layers: tuple[int, ...] | None = Field(
         None,
-        description="encoder blocks to tap (negative = from the end); default: 4 evenly spaced (uper), last (linear)",
+        description="encoder blocks to tap (negative = from the end); default: 4 evenly spaced (uper), last "
+        "(linear), the authors' [3, 5, 7, 11] of 12 (mask2former)",
     )
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="before the classifier (uper, linear)")
+    queries: int = Field(100, gt=0, description="mask2former: learned queries")
+    pixel_decoder_layers: int = Field(6, gt=0, description="mask2former: deformable-attention layers")
+    decoder_layers: int = Field(9, gt=0, description="mask2former: masked-attention decoder layers")
+    points: int = Field(12544, gt=0, description="mask2former: points per mask for the matcher and mask losses")
 
 
 def default_layers(depth: int, name: str) -> tuple[int, ...]:
-    """Four evenly spaced blocks ending at the last one (uper), or the last block only (linear)."""
+    """Four evenly spaced blocks ending at the last one (uper), the last block only (linear), or the GKD
+    authors' Mask2Former taps, blocks [3, 5, 7, 11] of 12 scaled to ``depth`` ([7, 11, 15, 23] of 24)."""
     if name == "linear":
         return (depth - 1,)
+    if name == "mask2former":
+        return tuple(round(depth * k / 12) - 1 for k in (4, 6, 8, 12))
     step = depth / 4
     return tuple(sorted({max(0, round(step * (i + 1)) - 1) for i in range(4)}))
 
@@ -100,10 +108,23 @@ def build_decoder(
 ) -> tuple[nn.Module, tuple[int, ...]]:
     """The decoder and the encoder layers it reads."""
     layers = tuple(config.layers) if config.layers else default_layers(depth, config.name)
+    if config.name in ("uper", "mask2former") and len(layers) != 4:
+        raise ValueError(f"decoder.layers: {config.name} takes 4 layers, got {layers}")
     if config.name == "uper":
-        if len(layers) != 4:
-            raise ValueError(f"decoder.layers: uper takes 4 layers, got {layers}")
         return UPerHead(embed_dim, num_classes, config.channels, config.dropout), layers
+    if config.name == "mask2former":
+        # Imported here: it needs the optional `transformers` dependency.
+        from gkd.models.mask2former import Mask2FormerHead, mask2former_config
+
+        head_config = mask2former_config(
+            num_classes,
+            config.channels,
+            config.queries,
+            config.pixel_decoder_layers,
+            config.decoder_layers,
+            config.points,
+        )
+        return Mask2FormerHead(embed_dim, head_config), layers
     return LinearHead(embed_dim, len(layers), num_classes, config.dropout), layers
 
 

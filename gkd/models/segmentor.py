@@ -10,6 +10,7 @@ from torch import nn
 
 from gkd.models.backbone import Backbone
 from gkd.models.decoders import upsample_logits
+from gkd.models.features import ViTFeatures
 
 
 class Segmentor(nn.Module):
@@ -20,9 +21,15 @@ class Segmentor(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.layers = encoder.resolve_layers(layers)
+        # Mask2Former as the GKD authors build it reads raw block outputs, the other heads normalised tokens.
+        self.normalised_taps = not getattr(decoder, "takes_raw_tokens", False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encoder(images, layers=self.layers).maps(), images.shape[-2:])
+        return self.decode(self.encode(images).maps(), images.shape[-2:])
+
+    def encode(self, images: torch.Tensor, layers: Sequence[int] | None = None) -> ViTFeatures:
+        """Encoder tokens of ``layers`` (default: the decoder's), normalised or raw as the decoder takes them."""
+        return self.encoder(images, layers=self.layers if layers is None else layers, norm=self.normalised_taps)
 
     def decode(self, maps: list[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
         """Decoder logits for encoder maps, upsampled to ``size``."""
