@@ -7,6 +7,7 @@ stage measures accuracy). The JSON written to ``--out`` records the command that
 
     python benchmarks/latency.py --arch deit_small --img-size 512 --batch-sizes 1 8 --out vits_512.json
     python benchmarks/latency.py --arch deit_base --img-size 512 --out vitb_512.json
+    python benchmarks/latency.py --arch deit_small --decoder mask2former --img-size 512 --out vits_m2f_512.json
     python benchmarks/latency.py --segmentor runs/x/segmentor.safetensors --img-size 512 --out x.json
 
 On CUDA every PyTorch and AOTInductor row is also timed as a CUDA graph (``torch-cudagraph``, ``aoti-cudagraph``).
@@ -37,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="deit_small", help="zoo spec or timm ViT name (random init)")
     parser.add_argument("--timm-kwargs", default="{}", help='JSON timm kwargs, e.g. \'{"embed_dim": 64, "depth": 4}\'')
-    parser.add_argument("--decoder", choices=["uper", "linear"], default="uper")
-    parser.add_argument("--channels", type=int, default=256, help="decoder width (uper)")
+    parser.add_argument("--decoder", choices=["uper", "linear", "mask2former"], default="uper")
+    parser.add_argument("--channels", type=int, default=256, help="decoder width (uper, mask2former)")
     parser.add_argument("--num-classes", type=int, default=19)
     parser.add_argument("--segmentor", type=Path, help="a trained segmentor.safetensors (overrides the arch options)")
     parser.add_argument("--img-size", type=int, nargs="+", default=[512, 512], help="H [W]")
