@@ -12,6 +12,8 @@ import torch
 pytest.importorskip("transformers")
 
 from gkd.cli import main
+from gkd.compress.losses import build_loss
+from gkd.compress.objectives import JointObjective
 from gkd.models.backbone import Backbone
 from gkd.models.checkpoint import load_segmentor
 from gkd.models.decoders import DecoderConfig, build_decoder, default_layers
@@ -224,6 +226,45 @@ def test_authors_taps_are_raw_block_outputs():
         normalised = segmentor.encoder(images, layers=segmentor.layers)
         assert not torch.allclose(raw.patch_tokens[0], normalised.patch_tokens[0])
         torch.testing.assert_close(segmentor.encoder.final_norm(raw).patch_tokens[0], normalised.patch_tokens[0])
+
+
+def test_one_stage_feature_distillation_feeds_the_loss_normalised_tokens():
+    """The joint schedule takes raw taps for Mask2Former and hands the distillation loss the ViT's normalised
+    tokens, as every other decoder's run does; the set loss and the distillation loss both train the student."""
+    segmentor = tiny_segmentor().train()
+    teacher = tiny_segmentor().encoder
+    loss = build_loss("mse", {}, 32, 32)
+    objective = JointObjective(segmentor, loss, teacher, weight=1.0, teacher_dtype=torch.float32)
+    seen = {}
+    original = loss.forward
+
+    def recording(student_features, *args):
+        seen["tokens"] = student_features.patch_tokens[-1].detach()
+        return original(student_features, *args)
+
+    loss.forward = recording
+    images, labels = torch.rand(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64))
+    outputs = objective({"image": images, "label": labels})
+    outputs["loss"].backward()
+    expected = segmentor.encoder(images, layers=loss.student_layers).patch_tokens[-1]
+    torch.testing.assert_close(seen["tokens"], expected.detach())
+    assert {"loss_class", "loss_mask", "loss_dice", "distill_loss"} <= set(outputs)
+    assert segmentor.encoder.model.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_camvid_head_comparison_recipe_plans_both_heads_without_a_teacher(tmp_path):
+    from gkd.compare import plan
+    from gkd.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "camvid_day2dusk_mask2former.yaml")
+    jobs = plan(recipe, tmp_path, methods=["no_kd", "no_kd_mask2former"])
+    assert [(job.method, job.seed) for job in jobs] == [
+        (method, seed) for method in ("no_kd", "no_kd_mask2former") for seed in (0, 1, 2)
+    ]
+    decoders = {job.method: job.recipe.models.decoder for job in jobs}
+    assert decoders["no_kd"].name == "uper"
+    assert (decoders["no_kd_mask2former"].name, decoders["no_kd_mask2former"].points) == ("mask2former", 1296)
+    assert {job.recipe.compare.no_kd.steps for job in jobs} == {150}
 
 
 @pytest.mark.slow
