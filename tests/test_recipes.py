@@ -79,7 +79,7 @@ def test_recipe_loads_and_validates(path):
     recipe = load_recipe(path)
     assert recipe.name != "recipe", "every paper recipe names itself"
     assert recipe.data.img_size == (512, 512)
-    assert recipe.models.decoder.name == "uper"
+    assert (recipe.models.decoder.name, recipe.models.decoder.layers) == ("mask2former", (3, 5, 7, 11))
     assert recipe.evaluate.mode == "slide"
 
 
