@@ -225,7 +225,7 @@ def test_authors_taps_are_raw_block_outputs():
         raw = segmentor.encode(images)
         normalised = segmentor.encoder(images, layers=segmentor.layers)
         assert not torch.allclose(raw.patch_tokens[0], normalised.patch_tokens[0])
-        torch.testing.assert_close(segmentor.encoder.final_norm(raw).patch_tokens[0], normalised.patch_tokens[0])
+        torch.testing.assert_close(segmentor.encoder.normalise(raw).patch_tokens[0], normalised.patch_tokens[0])
 
 
 def test_one_stage_feature_distillation_feeds_the_loss_normalised_tokens():

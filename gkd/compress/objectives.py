@@ -135,7 +135,7 @@ class JointObjective(_WithFrozenTeacher):
             logits, task = segmentation_loss(self.student, select_layers(features, self.student.layers).maps(), labels)
             loss_features = select_layers(features, self.loss_layers)
             if not self.student.normalised_taps:  # the decoder took raw tokens; losses compare normalised ones
-                loss_features = self.student.encoder.final_norm(loss_features)
+                loss_features = self.student.encoder.normalise(loss_features)
             distill = self.loss(loss_features, teacher_out, self.student.encoder, images)
         else:
             logits, task = segmentation_loss(self.student, self.student.encode(images).maps(), labels)

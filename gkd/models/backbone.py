@@ -87,7 +87,7 @@ class Backbone(nn.Module):
         norm: bool = True,
     ) -> ViTFeatures:
         """Tokens of ``layers`` for ``images`` ``(B, 3, H, W)`` in ``[0, 1]``, each passed through the
-        ViT's final norm unless ``norm=False`` (the raw block outputs; `final_norm` normalises them later).
+        ViT's final norm unless ``norm=False`` (the raw block outputs; `normalise` normalises them later).
 
         With ``mask`` (``(B, N)`` bool over the patch grid) the embeddings of masked patches are
         replaced by ``mask_token`` (``(C,)``, owned by the caller, e.g. a distiller) before the
@@ -111,18 +111,19 @@ class Backbone(nn.Module):
                 intermediates_only=True,
             )
         final_norm = self.final_norm if self.final_norm is not self.model.norm else None
-        if final_norm is not None:  # forward_intermediates applied timm's identity `norm`; apply the real one
+        if norm and final_norm is not None:  # forward_intermediates applied timm's identity `norm`; apply the real one
             outputs = [(final_norm(spatial), final_norm(prefix)) for spatial, prefix in outputs]
         patch_tokens = [spatial for spatial, _ in outputs]
         cls_tokens = [prefix[:, 0] if self.has_cls_token else None for _, prefix in outputs]
         return ViTFeatures(patch_tokens=patch_tokens, cls_tokens=cls_tokens, grid=grid, layers=layers)
 
-    def final_norm(self, features: ViTFeatures) -> ViTFeatures:
-        """Raw block outputs (``forward(..., norm=False)``) through the ViT's final norm: the same tokens as
+    def normalise(self, features: ViTFeatures) -> ViTFeatures:
+        """Raw block outputs (``forward(..., norm=False)``) through the ViT's `final_norm`: the same tokens as
         ``forward(..., norm=True)`` (a per-token norm), without a second pass."""
+        norm = self.final_norm
         return ViTFeatures(
-            patch_tokens=[self.model.norm(tokens) for tokens in features.patch_tokens],
-            cls_tokens=[None if cls is None else self.model.norm(cls) for cls in features.cls_tokens],
+            patch_tokens=[norm(tokens) for tokens in features.patch_tokens],
+            cls_tokens=[None if cls is None else norm(cls) for cls in features.cls_tokens],
             grid=features.grid,
             layers=features.layers,
         )
