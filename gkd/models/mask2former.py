@@ -130,6 +130,9 @@ class Mask2FormerHead(nn.Module):
         super().__init__()
         self.pyramid = Feature2Pyramid(embed_dim)
         self.pixel_decoder = hf.Mask2FormerPixelDecoder(config, feature_channels=[embed_dim] * 4)
+        # transformers creates `level_embed` with the legacy `torch.Tensor(...)` constructor, which ignores a
+        # `torch.device` context (the pre-flight check builds models on "meta"); recreate it where the rest is.
+        self.pixel_decoder.level_embed = nn.Parameter(torch.empty(self.pixel_decoder.level_embed.shape))
         self.transformer = hf.Mask2FormerTransformerModule(in_features=config.feature_size, config=config)
         self.class_head = nn.Linear(config.hidden_dim, config.num_labels + 1)
         self.criterion = Mask2FormerCriterion(config)
