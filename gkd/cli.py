@@ -230,6 +230,30 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from gkd.predict import predict
+
+    _setup_logging(None)
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    summary = predict(
+        args.run_dir,
+        args.inputs,
+        args.out,
+        runtime=args.runtime,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        device=device,
+        strict=args.strict,
+        frame_step=args.frame_step,
+    )
+    log.info("predict: %d frames written to %s", len(summary["frames"]), args.out)
+    for item in summary["skipped"]:
+        log.warning("predict: skipped %s", item["error"])
+    return 0 if summary["frames"] else EXIT_BAD_INPUT
+
+
 def _cmd_zoo(args: argparse.Namespace) -> int:
     from gkd.models.zoo import format_zoo_table, zoo_rows
 
@@ -263,6 +287,7 @@ DEVICE_HELP = "auto (default): CUDA when a GPU is visible, else CPU; cuda withou
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gkd.export.runtimes import RUNTIME_NAMES
     from gkd.pipeline import STAGES
 
     parser = argparse.ArgumentParser(
@@ -325,6 +350,24 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", nargs="+", help="only these methods (default: all the recipe lists)")
     compare.add_argument("--max-seeds", type=int, help="only the first N seeds of each method")
     compare.set_defaults(handler=_cmd_compare)
+
+    predict = commands.add_parser(
+        "predict",
+        help="segment pictures, folders, globs and videos with a run's model; labels, overlays, summary",
+        parents=[debug],
+    )
+    predict.add_argument("run_dir", help="a finished run directory")
+    predict.add_argument("inputs", nargs="+", help="pictures, folders, glob patterns ('**' recurses), videos")
+    predict.add_argument("--out", required=True, help="output folder: labels/, overlays/, contact sheet, summary")
+    predict.add_argument(
+        "--runtime", default="torch", choices=RUNTIME_NAMES, help="torch, or a runtime of an exported artifact"
+    )
+    predict.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "int8"))
+    predict.add_argument("--batch-size", type=int, default=8, help="frames (or slide windows) per model call")
+    predict.add_argument("--frame-step", type=int, default=1, help="videos: segment every n-th frame")
+    predict.add_argument("--strict", action="store_true", help="stop at an unreadable input instead of skipping it")
+    predict.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    predict.set_defaults(handler=_cmd_predict)
 
     zoo = commands.add_parser("zoo", help="list the teacher/student model zoo", parents=[debug])
     zoo.add_argument("--json", action="store_true", help="print JSON instead of a table")
