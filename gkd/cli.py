@@ -210,6 +210,19 @@ def _failed_checks(run_dir: Path, command: str) -> bool:
     return failed
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    """The export stage, then (``--triton DIR``) a Triton model repository of its artifacts."""
+    status = _cmd_pipeline(args)
+    if status != 0 or not args.triton:
+        return status
+    from gkd.export.triton import write_triton_repository
+
+    recipe, run_dir, _ = _resolve_recipe(args.recipe, args.out)
+    models = write_triton_repository(run_dir, args.triton, args.triton_name or recipe.name)
+    log.info("triton: %s in %s (tritonserver --model-repository %s)", ", ".join(models), args.triton, args.triton)
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from gkd.compare import run_comparison
     from gkd.recipe import load_recipe
@@ -335,8 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[s.name for s in STAGES],
         help="redo these stages from scratch, and every stage downstream of them",
     )
-    for stage in STAGES:
-        pipeline_command(stage.name, (stage.run.__doc__ or stage.name).strip().splitlines()[0])
+    stage_commands = {
+        stage.name: pipeline_command(stage.name, (stage.run.__doc__ or stage.name).strip().splitlines()[0])
+        for stage in STAGES
+    }
+    export = stage_commands["export"]
+    export.add_argument("--triton", metavar="DIR", help="also write a Triton Inference Server model repository")
+    export.add_argument("--triton-name", help="Triton model name (default: the recipe's name)")
+    export.set_defaults(handler=_cmd_export)
 
     compare = commands.add_parser(
         "compare",
