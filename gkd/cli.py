@@ -260,11 +260,37 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         device=device,
         strict=args.strict,
         frame_step=args.frame_step,
+        model=args.model,
     )
     log.info("predict: %d frames written to %s", len(summary["frames"]), args.out)
     for item in summary["skipped"]:
         log.warning("predict: skipped %s", item["error"])
     return 0 if summary["frames"] else EXIT_BAD_INPUT
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from gkd.recipe import load_recipe
+    from gkd.sweep import run_sweep
+
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out) if args.out else Path("runs") / f"{recipe.name}_sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    _setup_logging(out)
+    summary = run_sweep(recipe, args.students, out, args.img_sizes, args.workers, args.device, args.max_latency_ms)
+    log.info("done: %s; table: %s", out, out / "sweep.md")
+    if args.max_latency_ms is not None:
+        best = summary["best_under_max_latency"]
+        print(
+            f"best at <= {args.max_latency_ms:g} ms: "
+            + (
+                f"{best['student']} in {best['runtime']} ({best['latency_ms']:.2f} ms, {best['miou']:.1f} mIoU)"
+                if best
+                else "no student is that fast here"
+            )
+        )
+    return 1 if summary["failures"] else 0
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
@@ -382,11 +408,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--runtime", default="torch", choices=RUNTIME_NAMES, help="torch, or a runtime of an exported artifact"
     )
     predict.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "int8"))
+    predict.add_argument(
+        "--model", default="student", choices=("student", "no_kd", "teacher"), help="which of the run's models"
+    )
     predict.add_argument("--batch-size", type=int, default=8, help="frames (or slide windows) per model call")
     predict.add_argument("--frame-step", type=int, default=1, help="videos: segment every n-th frame")
     predict.add_argument("--strict", action="store_true", help="stop at an unreadable input instead of skipping it")
     predict.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     predict.set_defaults(handler=_cmd_predict)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="distil, export and benchmark several students; latency vs target-mIoU Pareto front",
+        parents=[debug],
+    )
+    sweep.add_argument("recipe", help="recipe YAML (its student is replaced by each of --students)")
+    sweep.add_argument(
+        "--students", nargs="+", required=True, help="NAME[,key=value...]: zoo/timm name, timm kwargs, weights=PATH"
+    )
+    sweep.add_argument("--img-sizes", nargs="+", help="input sizes, N or HxW (default: the recipe's)")
+    sweep.add_argument("--out", help="output directory (default: runs/<recipe name>_sweep)")
+    sweep.add_argument("--workers", type=int, default=2, help="students trained at once")
+    sweep.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    sweep.add_argument("--max-latency-ms", type=float, help="print the best student x runtime within this latency")
+    sweep.set_defaults(handler=_cmd_sweep)
 
     zoo = commands.add_parser("zoo", help="list the teacher/student model zoo", parents=[debug])
     zoo.add_argument("--json", action="store_true", help="print JSON instead of a table")

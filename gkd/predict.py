@@ -143,17 +143,25 @@ def iter_frames(
                 skipped.append({"input": str(path), "error": str(error)})
 
 
-def load_run_runtime(run_dir: Path, runtime: str, precision: str, device: torch.device) -> tuple[Runtime, Recipe]:
-    """The run's segmentor in ``runtime`` at ``precision``: PyTorch from ``segmentor.safetensors``, any other
-    runtime from the artifacts in ``export.json``."""
-    from gkd.pipeline import EXPORT_FILE, SEGMENTOR_FILE
+def load_run_runtime(
+    run_dir: Path, runtime: str, precision: str, device: torch.device, model: str = "student"
+) -> tuple[Runtime, Recipe]:
+    """A segmentor of the run in ``runtime`` at ``precision``: PyTorch from its safetensors file, any other
+    runtime from the artifacts in ``export.json`` (the distilled student's only). ``model``: ``student``
+    (the deployed model), ``no_kd`` or ``teacher`` (the run's reference models, PyTorch only)."""
+    from gkd.pipeline import EXPORT_FILE, NO_KD_FILE, SEGMENTOR_FILE, TEACHER_FILE
 
+    files = {"student": SEGMENTOR_FILE, "no_kd": NO_KD_FILE, "teacher": TEACHER_FILE}
+    if model not in files:
+        raise PredictError(f"unknown model {model!r}; a run holds {', '.join(files)}")
+    if model != "student" and runtime != "torch":
+        raise PredictError(f"only the student is exported; run the {model} with --runtime torch")
     run_dir = Path(run_dir)
-    for name in ("recipe.resolved.yaml", SEGMENTOR_FILE):
+    for name in ("recipe.resolved.yaml", files[model]):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a finished gkd-compress run?")
     recipe = load_recipe(run_dir / "recipe.resolved.yaml")
-    segmentor = load_segmentor(run_dir / SEGMENTOR_FILE)[0].to(device).eval()
+    segmentor = load_segmentor(run_dir / files[model])[0].to(device).eval()
     img_size = recipe.data.img_size
     if runtime == "torch":
         return TorchRuntime(segmentor, img_size, precision, device), recipe
@@ -294,6 +302,7 @@ def predict(
     strict: bool = False,
     frame_step: int = 1,
     show_progress: bool = True,
+    model: str = "student",
 ) -> dict:
     """Segment every picture and video frame of ``inputs`` with the run's model; write labels, overlays,
     a contact sheet and ``summary.json`` into ``out``; return the summary.
@@ -310,13 +319,14 @@ def predict(
         strict: stop at the first unreadable input instead of skipping it.
         frame_step: keep every n-th video frame.
         show_progress: a progress bar on stderr.
+        model: ``student`` (default), or the run's ``no_kd`` / ``teacher`` reference (torch only).
     """
     if batch_size < 1 or frame_step < 1:
         raise ValueError("--batch-size and --frame-step must be at least 1")
     out = Path(out)
     paths = collect_inputs(inputs)
     device = torch.device(device)
-    loaded, recipe = load_run_runtime(Path(run_dir), runtime, precision, device)
+    loaded, recipe = load_run_runtime(Path(run_dir), runtime, precision, device, model)
     segmenter = Segmenter(loaded, recipe, batch_size)
     _, class_names, palette_tuple = dataset_info(recipe.data.source.name)
     palette = np.zeros((256, 3), dtype=np.uint8)
@@ -367,6 +377,7 @@ def predict(
             flush(batch)
     summary = {
         "run_dir": str(run_dir),
+        "model": model,
         "runtime": loaded.info,
         "img_size": list(recipe.data.img_size),
         "mode": recipe.evaluate.mode,

@@ -125,6 +125,17 @@ def test_unreadable_input_is_skipped_by_name_or_stops_with_strict(run_dir, input
     assert main(["predict", str(run_dir), str(tmp_path / "missing*.png"), "--out", str(tmp_path / "o")]) == 2
 
 
+def test_reference_models_run_in_torch_only(run_dir, inputs, tmp_path):
+    (run_dir / "no_kd_segmentor.safetensors").write_bytes((run_dir / "segmentor.safetensors").read_bytes())
+    frame = str(next(inputs.glob("Seq05VD_*.png")))
+    summary = predict(run_dir, [frame], tmp_path / "no_kd", model="no_kd", show_progress=False)
+    assert summary["model"] == "no_kd" and len(summary["frames"]) == 1
+    with pytest.raises(PredictError, match="only the student is exported"):
+        predict(run_dir, [frame], tmp_path / "x", runtime="onnxruntime", model="no_kd", show_progress=False)
+    with pytest.raises(FileNotFoundError, match="teacher_segmentor"):
+        predict(run_dir, [frame], tmp_path / "x", model="teacher", show_progress=False)
+
+
 def test_video_frames_are_segmented(run_dir, tmp_path):
     av = pytest.importorskip("av")  # the `video` extra, in `dev`
     frames = [np.asarray(Image.open(path).convert("RGB").resize((240, 176))) for path in camvid_frames("test", 3)]
