@@ -341,7 +341,7 @@ def predict(
     def flush(batch: list[Frame]) -> None:
         for frame, label in zip(batch, segmenter.labels([f.image for f in batch]), strict=True):
             label_file, overlay_file = f"labels/{frame.name}.png", f"overlays/{frame.name}.png"
-            label_image = Image.fromarray(label, mode="L").convert("P")
+            label_image = Image.fromarray(label)  # uint8 ids; a palette makes it a "P" image, ids unchanged
             label_image.putpalette(palette_bytes)
             _save_png(label_image, out / label_file)
             blended = overlay(frame.image, label, palette)
