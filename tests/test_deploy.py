@@ -167,6 +167,8 @@ def test_triton_repository_config_parses_and_matches_the_onnx_model(run_dir, tmp
     (run_dir / "model.fp16.engine").write_bytes(b"stand-in engine")  # a GPU run would have built it
     export = json.loads((run_dir / "export.json").read_text())
     export["artifacts"]["tensorrt/fp16"] = {"file": "model.fp16.engine"}
+    export["artifacts"]["onnx/int8"] = {"file": "model.onnx"}  # listed, but failed its parity check: not served
+    export["failed"] = {"onnx/int8": "parity: argmax agreement 0.5 < 0.9"}
     monkeypatch.setattr("gkd.export.triton.read_json", lambda path: export)
     repository = tmp_path / "triton"
     models = write_triton_repository(run_dir, repository, "camvid tiny")

@@ -5,7 +5,7 @@ Triton serves one model per folder: ``<repository>/<model>/<version>/model.onnx`
 format (github.com/triton-inference-server/common, ``model_config.proto``). Each artifact of ``export.json``
 that Triton can serve becomes one model: the fp32 ONNX file under the run's name, the others as
 ``<name>_<kind>_<precision>`` (``default_onnx_fp16``, ``default_tensorrt_fp16``). AOTInductor packages have
-no Triton backend and are left out.
+no Triton backend, and artifacts that failed the export's checks are not served: both are left out.
 
 Inputs and outputs are read from the fp32 ONNX graph: ``images`` float32 ``(B, 3, H, W)`` in [0, 1],
 ``logits`` float32 ``(B, K, H, W)`` for every artifact (the export keeps float32 I/O at every precision).
@@ -19,6 +19,7 @@ and renamed into it, so a repository never holds half a model.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -28,6 +29,8 @@ from pathlib import Path
 import onnx
 
 from gkd.utils.io import read_json
+
+log = logging.getLogger("gkd")
 
 ONNX_PLATFORM = "onnxruntime_onnx"
 TENSORRT_PLATFORM = "tensorrt_plan"
@@ -137,6 +140,9 @@ def write_triton_repository(run_dir: str | Path, repository: str | Path, name: s
     for key, artifact in artifacts.items():
         kind, precision = key.split("/")
         if kind not in MODEL_FILES:
+            continue
+        if key in export.get("failed", {}):
+            log.warning("triton: %s left out, it failed its export checks: %s", key, export["failed"][key])
             continue
         file_name, platform = MODEL_FILES[kind]
         model = base if key == "onnx/fp32" else f"{base}_{kind}_{precision}"
