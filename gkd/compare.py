@@ -208,6 +208,8 @@ def run_jobs(jobs: list[Job], out: Path, workers: int = 2, device: str = "cpu") 
         "compare: %d jobs, %d to run, %d workers x %d threads, in %s", len(jobs), len(pending), workers, threads, out
     )
     failures: list[str] = []
+    if not pending:  # all reused: no worker processes to start
+        return failures
     with (
         ProcessPoolExecutor(workers, get_context("spawn"), initializer=_die_with_parent) as pool,
         tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="compare", unit="job") as progress,
