@@ -210,6 +210,19 @@ def _failed_checks(run_dir: Path, command: str) -> bool:
     return failed
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    """The export stage, then (``--triton DIR``) a Triton model repository of its artifacts."""
+    status = _cmd_pipeline(args)
+    if status != 0 or not args.triton:
+        return status
+    from gkd.export.triton import write_triton_repository
+
+    recipe, run_dir, _ = _resolve_recipe(args.recipe, args.out)
+    models = write_triton_repository(run_dir, args.triton, args.triton_name or recipe.name)
+    log.info("triton: %s in %s (tritonserver --model-repository %s)", ", ".join(models), args.triton, args.triton)
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from gkd.compare import run_comparison
     from gkd.recipe import load_recipe
@@ -228,6 +241,56 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         summary = run_comparison(recipe, out, args.workers, args.device, args.methods, args.max_seeds)
     log.info("done: %s (%.1f min); table: %s", out, summary["wall_minutes"], out / "comparison.md")
     return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from gkd.predict import predict
+
+    _setup_logging(None)
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    summary = predict(
+        args.run_dir,
+        args.inputs,
+        args.out,
+        runtime=args.runtime,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        device=device,
+        strict=args.strict,
+        frame_step=args.frame_step,
+        model=args.model,
+    )
+    log.info("predict: %d frames written to %s", len(summary["frames"]), args.out)
+    for item in summary["skipped"]:
+        log.warning("predict: skipped %s", item["error"])
+    return 0 if summary["frames"] else EXIT_BAD_INPUT
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from gkd.recipe import load_recipe
+    from gkd.sweep import run_sweep
+
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out) if args.out else Path("runs") / f"{recipe.name}_sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    _setup_logging(out)
+    summary = run_sweep(recipe, args.students, out, args.img_sizes, args.workers, args.device, args.max_latency_ms)
+    log.info("done: %s; table: %s", out, out / "sweep.md")
+    if args.max_latency_ms is not None:
+        best = summary["best_under_max_latency"]
+        print(
+            f"best at <= {args.max_latency_ms:g} ms: "
+            + (
+                f"{best['student']} in {best['runtime']} ({best['latency_ms']:.2f} ms, {best['miou']:.1f} mIoU)"
+                if best
+                else "no student is that fast here"
+            )
+        )
+    return 1 if summary["failures"] else 0
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
@@ -263,6 +326,7 @@ DEVICE_HELP = "auto (default): CUDA when a GPU is visible, else CPU; cuda withou
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gkd.export.runtimes import RUNTIME_NAMES
     from gkd.pipeline import STAGES
 
     parser = argparse.ArgumentParser(
@@ -310,8 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[s.name for s in STAGES],
         help="redo these stages from scratch, and every stage downstream of them",
     )
-    for stage in STAGES:
-        pipeline_command(stage.name, (stage.run.__doc__ or stage.name).strip().splitlines()[0])
+    stage_commands = {
+        stage.name: pipeline_command(stage.name, (stage.run.__doc__ or stage.name).strip().splitlines()[0])
+        for stage in STAGES
+    }
+    export = stage_commands["export"]
+    export.add_argument("--triton", metavar="DIR", help="also write a Triton Inference Server model repository")
+    export.add_argument("--triton-name", help="Triton model name (default: the recipe's name)")
+    export.set_defaults(handler=_cmd_export)
 
     compare = commands.add_parser(
         "compare",
@@ -325,6 +395,43 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", nargs="+", help="only these methods (default: all the recipe lists)")
     compare.add_argument("--max-seeds", type=int, help="only the first N seeds of each method")
     compare.set_defaults(handler=_cmd_compare)
+
+    predict = commands.add_parser(
+        "predict",
+        help="segment pictures, folders, globs and videos with a run's model; labels, overlays, summary",
+        parents=[debug],
+    )
+    predict.add_argument("run_dir", help="a finished run directory")
+    predict.add_argument("inputs", nargs="+", help="pictures, folders, glob patterns ('**' recurses), videos")
+    predict.add_argument("--out", required=True, help="output folder: labels/, overlays/, contact sheet, summary")
+    predict.add_argument(
+        "--runtime", default="torch", choices=RUNTIME_NAMES, help="torch, or a runtime of an exported artifact"
+    )
+    predict.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "int8"))
+    predict.add_argument(
+        "--model", default="student", choices=("student", "no_kd", "teacher"), help="which of the run's models"
+    )
+    predict.add_argument("--batch-size", type=int, default=8, help="frames (or slide windows) per model call")
+    predict.add_argument("--frame-step", type=int, default=1, help="videos: segment every n-th frame")
+    predict.add_argument("--strict", action="store_true", help="stop at an unreadable input instead of skipping it")
+    predict.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    predict.set_defaults(handler=_cmd_predict)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="distil, export and benchmark several students; latency vs target-mIoU Pareto front",
+        parents=[debug],
+    )
+    sweep.add_argument("recipe", help="recipe YAML (its student is replaced by each of --students)")
+    sweep.add_argument(
+        "--students", nargs="+", required=True, help="NAME[,key=value...]: zoo/timm name, timm kwargs, weights=PATH"
+    )
+    sweep.add_argument("--img-sizes", nargs="+", help="input sizes, N or HxW (default: the recipe's)")
+    sweep.add_argument("--out", help="output directory (default: runs/<recipe name>_sweep)")
+    sweep.add_argument("--workers", type=int, default=2, help="students trained at once")
+    sweep.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    sweep.add_argument("--max-latency-ms", type=float, help="print the best student x runtime within this latency")
+    sweep.set_defaults(handler=_cmd_sweep)
 
     zoo = commands.add_parser("zoo", help="list the teacher/student model zoo", parents=[debug])
     zoo.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -192,22 +192,9 @@ def _link(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def run_comparison(
-    recipe: Recipe,
-    out: Path,
-    workers: int = 2,
-    device: str = "cpu",
-    methods: list[str] | None = None,
-    max_seeds: int | None = None,
-) -> dict:
-    """Run every job not yet complete (``workers`` at a time), then write the comparison report."""
-    from gkd.report.comparison import write_comparison
-
-    jobs = plan(recipe, out, methods, max_seeds)
-    saved = out / "recipe.resolved.yaml"
-    if saved.is_file() and load_recipe(saved) != recipe:
-        raise RecipeError(f"{out} holds a comparison of another recipe ({saved}); use a new --out directory")
-    write_text(saved, dump_recipe(recipe))
+def run_jobs(jobs: list[Job], out: Path, workers: int = 2, device: str = "cpu") -> list[str]:
+    """Run every job of ``jobs`` not yet complete, ``workers`` at a time, the teacher first; returns the
+    failures (each naming its job and log folder)."""
     threads = max(1, available_cpus() // workers) if device == "cpu" else 1
     teacher = next((job for job in jobs if job.method == TEACHER_JOB), None)
     teacher_file = out / TEACHER_JOB / "teacher_segmentor.safetensors"
@@ -221,6 +208,8 @@ def run_comparison(
         "compare: %d jobs, %d to run, %d workers x %d threads, in %s", len(jobs), len(pending), workers, threads, out
     )
     failures: list[str] = []
+    if not pending:  # all reused: no worker processes to start
+        return failures
     with (
         ProcessPoolExecutor(workers, get_context("spawn"), initializer=_die_with_parent) as pool,
         tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="compare", unit="job") as progress,
@@ -252,6 +241,26 @@ def run_comparison(
                 submit_ready()
     if pending and not teacher_done():
         failures.append(f"{len(pending)} jobs not run: the teacher did not finish")
+    return failures
+
+
+def run_comparison(
+    recipe: Recipe,
+    out: Path,
+    workers: int = 2,
+    device: str = "cpu",
+    methods: list[str] | None = None,
+    max_seeds: int | None = None,
+) -> dict:
+    """Run every job not yet complete (``workers`` at a time), then write the comparison report."""
+    from gkd.report.comparison import write_comparison
+
+    jobs = plan(recipe, out, methods, max_seeds)
+    saved = out / "recipe.resolved.yaml"
+    if saved.is_file() and load_recipe(saved) != recipe:
+        raise RecipeError(f"{out} holds a comparison of another recipe ({saved}); use a new --out directory")
+    write_text(saved, dump_recipe(recipe))
+    failures = run_jobs(jobs, out, workers, device)
     if failures:
         if any(job.done() for job in jobs):  # what did finish is still tabulated
             write_comparison(recipe, jobs, out)

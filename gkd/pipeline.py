@@ -60,6 +60,7 @@ EVAL_FILE = "eval.json"
 EXPORT_FILE = "export.json"
 BENCHMARK_FILE = "benchmark.json"
 SOURCE_SELECTION_FILE = "source_selection.json"
+MODEL_CARD_FILE = "MODEL_CARD.md"
 SOURCE_DOMAIN = "source"  # the held-out source split among the evaluated domains
 RECORDS_DIR = "stages"  # stages/<stage>.json: what each stage consumed; stages/file_hashes.json
 HASHES_FILE = "file_hashes.json"
@@ -590,7 +591,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "report",
         stage_report,
-        lambda r: ("report.json", "report.md"),
+        lambda r: ("report.json", "report.md", MODEL_CARD_FILE),
         lambda r: True,
         False,
         lambda r: (EVAL_FILE,),

@@ -18,7 +18,7 @@ from gkd.export.runtimes import TorchRuntime
 from gkd.models.backbone import Backbone
 from gkd.models.decoders import DecoderConfig, build_decoder
 from gkd.models.segmentor import Segmentor
-from gkd.report.pareto import pareto_front, pareto_plot
+from gkd.report.pareto import MIN_MIOU_SPAN, pareto_figure, pareto_front, pareto_plot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,6 +120,25 @@ def test_pareto_front_and_plot(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError):
         pareto_plot([], tmp_path / "empty.png")
+
+
+def test_pareto_labels_do_not_overlap_and_equal_accuracies_look_equal():
+    # the default run's case: four runtimes with one mIoU to a hundredth, two of them nearly as fast
+    points = [
+        {"label": "torch/fp32", "latency_ms": 2.48, "miou": 35.61},
+        {"label": "onnxruntime/fp32", "latency_ms": 0.83, "miou": 35.61},
+        {"label": "aoti/fp32", "latency_ms": 0.86, "miou": 35.61},
+        {"label": "onnxruntime/fp16", "latency_ms": 0.85, "miou": 35.60},
+    ]
+    figure = pareto_figure(points)
+    low, high = figure.axes[0].get_ylim()
+    assert high - low >= MIN_MIOU_SPAN - 1e-9 and low < 35.6 < high
+    renderer = figure.canvas.get_renderer()
+    boxes = [text.get_window_extent(renderer) for text in figure.axes[0].texts]
+    assert len(boxes) == len(points)
+    for i, first in enumerate(boxes):
+        for second in boxes[i + 1 :]:
+            assert not first.overlaps(second), (first, second)
 
 
 def test_latency_script_writes_results(tmp_path):

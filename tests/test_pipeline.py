@@ -34,6 +34,7 @@ def test_run_writes_every_artifact(finished_run):
         "model.onnx",
         "report.json",
         "report.md",
+        "MODEL_CARD.md",
     ):
         assert (finished_run / name).is_file(), name
     assert not list(finished_run.rglob("*.tmp"))  # nothing half-written
@@ -55,6 +56,32 @@ def test_report_has_domains_parity_and_latency(finished_run):
             assert 0 < latency["p50_ms"] <= latency["p90_ms"] <= latency["p99_ms"]
     markdown = (finished_run / "report.md").read_text()
     assert "dusk" in markdown and "p50" in markdown
+
+
+def test_model_card_carries_the_measured_numbers(finished_run):
+    import yaml
+
+    report = json.loads((finished_run / "report.json").read_text())
+    card = (finished_run / "MODEL_CARD.md").read_text()
+    _, front_matter, body = card.split("---\n", 2)
+    metadata = yaml.safe_load(front_matter)
+    assert metadata["pipeline_tag"] == "image-segmentation" and metadata["datasets"] == ["synthetic"]
+    assert metadata["license"] == "apache-2.0"  # generated data, random initialisations: only the project's licence
+    results = {r["dataset"]["name"]: r["metrics"][0]["value"] for r in metadata["model-index"][0]["results"]}
+    student = report["models"]["student"]["miou"]
+    assert results == {f"synthetic ({domain})": round(value, 2) for domain, value in student.items()}
+    for section in (
+        "## Model details",
+        "## Training data and domains",
+        "## Evaluation",
+        "## Latency per runtime",
+        "## Intended use and limits",
+        "## Licences",
+    ):
+        assert section in body
+    p50 = report["benchmark"]["runtimes"]["onnxruntime/fp32"]["latency"]["1"]["p50_ms"]
+    assert f"| onnxruntime/fp32 | 1 | {p50:.2f} |" in body
+    assert f"| {student['fog']:.1f} |" in body or f" {student['fog']:.1f} |" in body
 
 
 def test_student_encoder_loads_into_plain_timm(finished_run):

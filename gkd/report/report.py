@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from gkd.report.model_card import render_model_card
 from gkd.utils.io import read_json, write_json, write_text
 
 if TYPE_CHECKING:
@@ -214,7 +215,7 @@ def _benchmark_markdown(benchmark: dict | None) -> list[str]:
 
 
 def write_report(run: Run) -> None:
-    """`report.json`, `report.md` and `domain_miou.png` in the run directory."""
+    """`report.json`, `report.md`, `domain_miou.png` and the model card `MODEL_CARD.md` in the run directory."""
     report = build_report(run)
     if report["models"]:
         plot_domain_miou(report, run.file("domain_miou.png"))
@@ -227,3 +228,6 @@ def write_report(run: Run) -> None:
             "## mIoU per domain (%)\n", "## mIoU per domain (%)\n\n![mIoU per domain](domain_miou.png)\n", 1
         )
     write_text(run.file("report.md"), markdown)
+    from gkd.pipeline import MODEL_CARD_FILE
+
+    write_text(run.file(MODEL_CARD_FILE), render_model_card(report, run.recipe))

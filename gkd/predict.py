@@ -1,0 +1,394 @@
+"""``gkd-compress predict``: a run's segmentor on the user's own images, folders, globs and videos.
+
+Every input frame goes through the same inference as the recipe's evaluation (``whole``: resized to the
+model's input size, logits resized back; ``slide``: windows of the input size), so labels come back at the
+frame's native size whatever its size. The model runs in any runtime of `gkd.export.runtimes` (PyTorch, or an
+artifact the export stage wrote). ``--out`` receives::
+
+    labels/<name>.png      class ids, palette PNG in the dataset's colours (opens as a colour image)
+    overlays/<name>.png    the frame with its label colours blended in
+    contact_sheet.png      up to 16 frames and overlays side by side, with the class legend
+    summary.json           per frame: input, size, share of each class; the inputs skipped and why
+
+Each file is written atomically and ``summary.json`` last. Video frames (``<video stem>_f<index>``) are
+decoded by PyAV (the ``video`` extra). An unreadable input is logged with its name and listed in the summary
+(``strict`` stops at it instead).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from gkd.data.base import IMAGE_SUFFIXES, DataError, read_image
+from gkd.data.config import dataset_info
+from gkd.evaluate.inference import slide_logits
+from gkd.export.runtimes import RUNTIME_NAMES, Runtime, TorchRuntime, load_runtime, runtime_loaders
+from gkd.models.checkpoint import load_segmentor
+from gkd.recipe import Recipe, load_recipe
+from gkd.utils.io import atomic_path, read_json, write_json
+
+log = logging.getLogger("gkd")
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+SUMMARY_FILE = "summary.json"
+CONTACT_SHEET_FILE = "contact_sheet.png"
+SHEET_FRAMES = 16
+SHEET_WIDTH = 240  # pixels of one thumbnail
+SHEET_PAIRS_PER_ROW = 2
+OVERLAY_ALPHA = 0.5
+
+
+class PredictError(ValueError):
+    """An input that stops `predict` (with ``strict``), or a runtime the run directory cannot provide."""
+
+
+@dataclass
+class Frame:
+    """One image to segment: a picture file, or one frame of a video."""
+
+    name: str
+    source: Path
+    index: int | None  # frame index in a video, None for a picture
+    image: np.ndarray  # RGB uint8 (H, W, 3)
+
+
+def collect_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Files named by ``inputs`` (files, folders, glob patterns), in order, each once.
+
+    A folder gives its pictures and videos (by suffix, sorted, not recursive); a pattern the files it matches
+    (``**`` recurses). A file given by name is taken whatever its suffix (so an unreadable one is reported).
+    """
+    found: list[Path] = []
+    suffixes = (*IMAGE_SUFFIXES, *VIDEO_SUFFIXES)
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            matches = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+        elif path.is_file():
+            matches = [path]
+        else:
+            matches = [Path(p) for p in sorted(glob.glob(item, recursive=True)) if Path(p).suffix.lower() in suffixes]
+        if not matches:
+            raise FileNotFoundError(f"{item}: no such file or folder, and no picture or video matches it")
+        found += matches
+    return list(dict.fromkeys(found))
+
+
+def _video_frames(path: Path, frame_step: int) -> Iterator[tuple[int, np.ndarray]]:
+    try:
+        import av
+    except ImportError as error:
+        raise PredictError(f"{path}: video input needs PyAV: pip install 'gkd-compress[video]'") from error
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError(f"{path}: no video stream")
+            for index, frame in enumerate(container.decode(video=0)):
+                if index % frame_step == 0:
+                    yield index, frame.to_ndarray(format="rgb24")
+    except av.FFmpegError as error:
+        raise DataError(f"{path}: corrupt or unreadable video ({error})") from error
+
+
+def _video_length(path: Path, frame_step: int) -> int | None:
+    """Frames a video will give (from its header; None when unknown or unreadable)."""
+    try:
+        import av
+
+        with av.open(str(path)) as container:
+            frames = container.streams.video[0].frames if container.streams.video else 0
+    except Exception:  # an unreadable video is reported when it is decoded
+        return None
+    return -(-frames // frame_step) if frames else None
+
+
+def iter_frames(
+    paths: Sequence[Path], frame_step: int = 1, strict: bool = False, skipped: list[dict] | None = None
+) -> Iterator[Frame]:
+    """Every picture and video frame of ``paths``; unreadable inputs go to ``skipped`` (``strict``: raised)."""
+    used: set[str] = set()
+
+    def unique(name: str) -> str:
+        candidate, count = name, 1
+        while candidate in used:
+            count += 1
+            candidate = f"{name}-{count}"
+        used.add(candidate)
+        return candidate
+
+    for path in paths:
+        try:
+            if path.suffix.lower() in VIDEO_SUFFIXES:
+                stem = unique(path.stem)
+                for index, image in _video_frames(path, frame_step):
+                    yield Frame(f"{stem}_f{index:06d}", path, index, image)
+            else:
+                image = read_image(path)
+                yield Frame(unique(path.stem), path, None, image)
+        except DataError as error:
+            if strict:
+                raise PredictError(str(error)) from error
+            log.error("predict: skipped %s", error)
+            if skipped is not None:
+                skipped.append({"input": str(path), "error": str(error)})
+
+
+def load_run_runtime(
+    run_dir: Path, runtime: str, precision: str, device: torch.device, model: str = "student"
+) -> tuple[Runtime, Recipe]:
+    """A segmentor of the run in ``runtime`` at ``precision``: PyTorch from its safetensors file, any other
+    runtime from the artifacts in ``export.json`` (the distilled student's only). ``model``: ``student``
+    (the deployed model), ``no_kd`` or ``teacher`` (the run's reference models, PyTorch only)."""
+    from gkd.pipeline import EXPORT_FILE, NO_KD_FILE, SEGMENTOR_FILE, TEACHER_FILE
+
+    files = {"student": SEGMENTOR_FILE, "no_kd": NO_KD_FILE, "teacher": TEACHER_FILE}
+    if model not in files:
+        raise PredictError(f"unknown model {model!r}; a run holds {', '.join(files)}")
+    if model != "student" and runtime != "torch":
+        raise PredictError(f"only the student is exported; run the {model} with --runtime torch")
+    run_dir = Path(run_dir)
+    for name in ("recipe.resolved.yaml", files[model]):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a finished gkd-compress run?")
+    recipe = load_recipe(run_dir / "recipe.resolved.yaml")
+    segmentor = load_segmentor(run_dir / files[model])[0].to(device).eval()
+    img_size = recipe.data.img_size
+    if runtime == "torch":
+        return TorchRuntime(segmentor, img_size, precision, device), recipe
+    if runtime not in RUNTIME_NAMES:
+        raise PredictError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIME_NAMES)}")
+    if not (run_dir / EXPORT_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir / EXPORT_FILE} not found: run `gkd-compress export --out {run_dir}` first")
+    export_summary = read_json(run_dir / EXPORT_FILE)
+    loaders, skipped = runtime_loaders(segmentor, img_size, run_dir, export_summary, device, [runtime])
+    key = f"{runtime}/{precision}"
+    if key not in loaders:
+        why = skipped.get(key, f"the run has {', '.join(sorted(loaders)) or 'no artifact'} for {runtime}")
+        raise PredictError(f"{key} is not available in {run_dir}: {why}")
+    loaded, why = load_runtime(loaders[key])
+    if loaded is None:
+        raise PredictError(f"{key} does not load here: {why}")
+    return loaded, recipe
+
+
+class Segmenter:
+    """Labels at native resolution from a `Runtime`, with the recipe's evaluation mode."""
+
+    def __init__(self, runtime: Runtime, recipe: Recipe, batch_size: int) -> None:
+        self.runtime = runtime
+        self.size = tuple(recipe.data.img_size)
+        self.mode = recipe.evaluate.mode
+        self.stride = recipe.evaluate.stride or (max(1, self.size[0] * 2 // 3), max(1, self.size[1] * 2 // 3))
+        self.batch_size = batch_size
+
+    def _predict(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.runtime.predict(images.numpy().astype(np.float32)))
+
+    @torch.no_grad()
+    def labels(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """uint8 ``(H, W)`` class ids of each RGB uint8 image, at its own size."""
+        tensors = [torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0) for image in images]
+        if self.mode == "slide":
+            logits = [slide_logits(self._predict, t, self.size, self.stride, self.batch_size) for t in tensors]
+        else:
+            resized = torch.stack(
+                [F.interpolate(t[None], size=self.size, mode="bilinear", align_corners=False)[0] for t in tensors]
+            )
+            logits = list(self._predict(resized))
+        labels = []
+        for tensor, frame_logits in zip(tensors, logits, strict=True):
+            if frame_logits.shape[-2:] != tensor.shape[-2:]:
+                frame_logits = F.interpolate(
+                    frame_logits[None], size=tensor.shape[-2:], mode="bilinear", align_corners=False
+                )[0]
+            labels.append(frame_logits.argmax(0).to(torch.uint8).numpy())
+        return labels
+
+
+def _palette_bytes(palette: Sequence[Sequence[int]]) -> list[int]:
+    flat = [int(v) for color in palette for v in color]
+    return flat + [0] * (768 - len(flat))
+
+
+def overlay(image: np.ndarray, label: np.ndarray, palette: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """The image with its label colours blended in (``alpha`` of colour)."""
+    colors = palette[label]
+    return (image.astype(np.float32) * (1 - alpha) + colors.astype(np.float32) * alpha).round().astype(np.uint8)
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    with atomic_path(path) as temp:
+        image.save(temp, format="PNG")
+
+
+def _thumbnail(image: np.ndarray) -> Image.Image:
+    height = max(1, round(image.shape[0] * SHEET_WIDTH / image.shape[1]))
+    return Image.fromarray(image).resize((SHEET_WIDTH, height))
+
+
+class SheetSampler:
+    """Evenly spaced thumbnails of a stream of unknown length in bounded memory: every ``stride``-th frame
+    is kept, and when more than twice the wanted count are held, every other one is dropped and the stride
+    doubles."""
+
+    def __init__(self, count: int = SHEET_FRAMES) -> None:
+        self.count = count
+        self.stride = 1
+        self.seen = 0
+        self.kept: list[tuple[int, str, Image.Image, Image.Image]] = []
+
+    def add(self, name: str, image: np.ndarray, overlay_image: np.ndarray) -> None:
+        if self.seen % self.stride == 0:
+            self.kept.append((self.seen, name, _thumbnail(image), _thumbnail(overlay_image)))
+            if len(self.kept) > 2 * self.count:
+                self.stride *= 2
+                self.kept = [item for item in self.kept if item[0] % self.stride == 0]
+        self.seen += 1
+
+    def picks(self) -> list[tuple[str, Image.Image, Image.Image]]:
+        """At most ``count`` of the kept frames, evenly spaced, first and last included."""
+        if not self.kept:
+            return []
+        indices = np.unique(np.linspace(0, len(self.kept) - 1, min(self.count, len(self.kept))).round().astype(int))
+        return [self.kept[int(i)][1:] for i in indices]
+
+
+def contact_sheet(
+    cells: Sequence[tuple[str, Image.Image, Image.Image]], class_names: Sequence[str], palette: np.ndarray, path: Path
+) -> None:
+    """A PNG grid of ``(name, image, overlay)`` thumbnail pairs, ``SHEET_PAIRS_PER_ROW`` to a row, and a legend
+    of the class colours below."""
+    text_height, legend_columns = 12, 4
+    cell_width = 2 * SHEET_WIDTH
+    cell_height = max(image.height for _, image, _ in cells) + text_height + 4
+    columns = min(SHEET_PAIRS_PER_ROW, len(cells))
+    rows = -(-len(cells) // columns)
+    width = columns * cell_width
+    legend_height = (text_height + 4) * -(-len(class_names) // legend_columns) + 4
+    sheet = Image.new("RGB", (width, rows * cell_height + legend_height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (name, image, overlay_image) in enumerate(cells):
+        x, y = (i % columns) * cell_width, (i // columns) * cell_height
+        draw.text((x + 2, y), name, fill="black")
+        sheet.paste(image, (x, y + text_height + 2))
+        sheet.paste(overlay_image, (x + SHEET_WIDTH, y + text_height + 2))
+    legend_width = width // legend_columns
+    for c, name in enumerate(class_names):
+        x = (c % legend_columns) * legend_width + 2
+        top = rows * cell_height + 4 + (c // legend_columns) * (text_height + 4)
+        draw.rectangle((x, top, x + text_height, top + text_height), fill=tuple(int(v) for v in palette[c]))
+        draw.text((x + text_height + 4, top), name, fill="black")
+    _save_png(sheet, path)
+
+
+def predict(
+    run_dir: str | Path,
+    inputs: Sequence[str],
+    out: str | Path,
+    runtime: str = "torch",
+    precision: str = "fp32",
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    strict: bool = False,
+    frame_step: int = 1,
+    show_progress: bool = True,
+    model: str = "student",
+) -> dict:
+    """Segment every picture and video frame of ``inputs`` with the run's model; write labels, overlays,
+    a contact sheet and ``summary.json`` into ``out``; return the summary.
+
+    Args:
+        run_dir: a finished run directory (``recipe.resolved.yaml``, ``segmentor.safetensors``; ``export.json``
+            and its artifacts for runtimes other than torch).
+        inputs: files, folders and glob patterns of pictures and videos.
+        out: output folder (created; files of the same names are replaced).
+        runtime: ``torch`` or a runtime of `gkd.export.runtimes` whose artifact the run exported.
+        precision: the artifact's precision (``fp32``, ``fp16``, ``int8``; ``bf16``/``fp16`` autocast for torch).
+        batch_size: frames per model call (``whole``) or windows per call (``slide``).
+        device: where the model runs.
+        strict: stop at the first unreadable input instead of skipping it.
+        frame_step: keep every n-th video frame.
+        show_progress: a progress bar on stderr.
+        model: ``student`` (default), or the run's ``no_kd`` / ``teacher`` reference (torch only).
+    """
+    if batch_size < 1 or frame_step < 1:
+        raise ValueError("--batch-size and --frame-step must be at least 1")
+    out = Path(out)
+    paths = collect_inputs(inputs)
+    device = torch.device(device)
+    loaded, recipe = load_run_runtime(Path(run_dir), runtime, precision, device, model)
+    segmenter = Segmenter(loaded, recipe, batch_size)
+    _, class_names, palette_tuple = dataset_info(recipe.data.source.name)
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    palette[: len(palette_tuple)] = np.asarray(palette_tuple, dtype=np.uint8)
+    palette_bytes = _palette_bytes(palette_tuple)
+
+    lengths = [1 if p.suffix.lower() not in VIDEO_SUFFIXES else _video_length(p, frame_step) for p in paths]
+    total = None if None in lengths else sum(lengths)
+    skipped: list[dict] = []
+    records: list[dict] = []
+
+    def flush(batch: list[Frame]) -> None:
+        for frame, label in zip(batch, segmenter.labels([f.image for f in batch]), strict=True):
+            label_file, overlay_file = f"labels/{frame.name}.png", f"overlays/{frame.name}.png"
+            label_image = Image.fromarray(label)  # uint8 ids; a palette makes it a "P" image, ids unchanged
+            label_image.putpalette(palette_bytes)
+            _save_png(label_image, out / label_file)
+            blended = overlay(frame.image, label, palette)
+            _save_png(Image.fromarray(blended), out / overlay_file)
+            sheet.add(frame.name, frame.image, blended)
+            counts = np.bincount(label.ravel(), minlength=len(class_names))[: len(class_names)]
+            records.append(
+                {
+                    "name": frame.name,
+                    "input": str(frame.source),
+                    **({"frame": frame.index} if frame.index is not None else {}),
+                    "size": [int(label.shape[0]), int(label.shape[1])],
+                    "label": label_file,
+                    "overlay": overlay_file,
+                    "class_area": {
+                        n: round(float(c) / label.size, 6) for n, c in zip(class_names, counts, strict=True)
+                    },
+                }
+            )
+            progress.update()
+
+    batch: list[Frame] = []
+    sheet = SheetSampler()
+    with tqdm(
+        total=total, desc=f"predict ({runtime}/{precision})", unit="frame", disable=not show_progress
+    ) as progress:
+        for frame in iter_frames(paths, frame_step, strict, skipped):
+            batch.append(frame)
+            if len(batch) == batch_size:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
+    summary = {
+        "run_dir": str(run_dir),
+        "model": model,
+        "runtime": loaded.info,
+        "img_size": list(recipe.data.img_size),
+        "mode": recipe.evaluate.mode,
+        "class_names": list(class_names),
+        "palette": [list(color) for color in palette_tuple],
+        "frames": records,
+        "skipped": skipped,
+    }
+    if records:
+        contact_sheet(sheet.picks(), class_names, palette, out / CONTACT_SHEET_FILE)
+        summary["contact_sheet"] = CONTACT_SHEET_FILE
+    write_json(out / SUMMARY_FILE, summary)
+    log.info("predict: %d frames, %d inputs skipped; %s", len(records), len(skipped), out / SUMMARY_FILE)
+    return summary

@@ -1,0 +1,287 @@
+"""``gkd-compress sweep``: which student to deploy. One student per size (and input size) distilled through the
+pipeline, each exported and benchmarked in every runtime here, and the latency vs target-mIoU Pareto front
+across students x runtimes x precisions.
+
+A student is ``NAME[,key=value...]``: a zoo or timm ViT name and, optionally, its timm kwargs and ``weights``
+(``deit_small,weights=deit_small.safetensors``; ``vit_small_patch16_224,embed_dim=96,depth=6,num_heads=3``).
+The recipe's own student kwargs are replaced, except ``img_size``. Training reuses `gkd.compare`: the students
+are the methods of a comparison from one shared teacher, trained by its pool of workers, and finished ones
+are skipped on a re-run, so students can be added to a sweep later. Export and benchmark then run in this
+process, one student at a time, so no latency is measured while anything else trains. With ``img_sizes``,
+each input size is its own comparison (its own teacher) in ``<out>/<H>x<W>/``.
+
+``<out>`` holds ``sweep.json`` (every point), ``sweep.md`` (the table, and the front read as "for a latency
+budget of L ms, deploy ...") and ``pareto.png``; each student's run directory is
+``<out>[/<H>x<W>]/<student>/seed<k>/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from gkd.compare import ComparisonError, plan, run_jobs
+from gkd.recipe import MethodConfig, Recipe, RecipeError, dump_recipe, load_recipe, parse_recipe
+from gkd.report.pareto import pareto_front, pareto_plot
+from gkd.utils.io import write_json, write_text
+
+log = logging.getLogger("gkd")
+
+SWEEP_RECIPE_FILE = "sweep.recipe.yaml"
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """One student of a sweep: its timm/zoo name, kwargs and optional weights; ``key`` names its folder."""
+
+    key: str
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+
+
+def parse_student(text: str) -> StudentSpec:
+    """``NAME[,key=value...]`` -> `StudentSpec` (values parsed as YAML scalars: ``depth=6`` is an int)."""
+    name, *pairs = [part.strip() for part in text.split(",")]
+    kwargs: dict[str, Any] = {}
+    weights = None
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--students {text!r}: {pair!r} is not key=value")
+        if key == "weights":
+            weights = value
+        else:
+            kwargs[key] = yaml.safe_load(value)
+    if not name:
+        raise ValueError(f"--students {text!r}: no model name")
+    return StudentSpec(re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-"), name, kwargs, weights)
+
+
+def parse_img_size(text: str) -> tuple[int, int]:
+    """``512`` (square) or ``HxW`` -> ``(H, W)``."""
+    parts = text.lower().split("x")
+    try:
+        size = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else None
+    except ValueError:
+        size = None
+    if size is None or min(size) < 1:
+        raise ValueError(f"--img-sizes {text!r}: expected N or HxW")
+    return size
+
+
+def sized_recipe(recipe: Recipe, img_size: tuple[int, int]) -> Recipe:
+    """The recipe at another input size: ``data.img_size``, the training crops, a fixed evaluation resize and
+    the models' ``img_size`` kwargs follow it."""
+    data = recipe.model_dump(mode="json")
+    size = list(img_size)
+    data["name"] = f"{recipe.name}_{img_size[0]}x{img_size[1]}"
+    data["data"]["img_size"] = size
+    for transform in ("train_transform", "teacher_transform"):
+        if data["data"].get(transform):
+            data["data"][transform]["crop_size"] = size
+    if data["data"]["eval_transform"].get("size"):
+        data["data"]["eval_transform"]["size"] = size
+    for role in ("teacher", "student"):
+        if "img_size" in (data["models"][role].get("kwargs") or {}):
+            data["models"][role]["kwargs"]["img_size"] = size
+    return parse_recipe(data)
+
+
+def sweep_recipe(recipe: Recipe, students: list[StudentSpec]) -> Recipe:
+    """``recipe`` with one `gkd.compare` method per student (its first seed), nothing else compared."""
+    data = recipe.model_dump(mode="json")
+    kept = {k: v for k, v in (data["models"]["student"].get("kwargs") or {}).items() if k == "img_size"}
+    data["models"]["student"]["kwargs"] = kept  # each student brings its own shape
+    data["models"]["student"]["weights"] = None
+    data["compare"]["methods"] = {
+        spec.key: MethodConfig(
+            label=spec.key,
+            seeds=[recipe.seed],
+            overrides={"models": {"student": {"name": spec.name, "kwargs": spec.kwargs, "weights": spec.weights}}},
+        ).model_dump(mode="json")
+        for spec in students
+    }
+    return parse_recipe(data)
+
+
+def _benchmark_jobs(jobs: list, device: str) -> list[str]:
+    """Export and benchmark every trained student (skipping complete stages), one at a time."""
+    from gkd.pipeline import STAGES, Run, run_stage
+    from gkd.utils.runtime import DistInfo
+
+    failures = []
+    for job in jobs:
+        if job.student != "distilled" or not job.done():
+            continue
+        run = Run(job.recipe, job.dir, torch.device(device), DistInfo())
+        for stage in STAGES:
+            if stage.name in ("export", "benchmark") and not stage.complete(run):
+                try:
+                    run_stage(run, stage)
+                except Exception as error:  # one student failing to export leaves the others' results
+                    failures.append(f"{job.method}: {stage.name} failed: {type(error).__name__}: {error}")
+                    log.error("sweep: %s", failures[-1])
+                    break
+    return failures
+
+
+def _points(jobs: list, size: tuple[int, int]) -> list[dict]:
+    from gkd.pipeline import BENCHMARK_FILE
+    from gkd.utils.io import read_json
+
+    points = []
+    for job in jobs:
+        benchmark_file = job.dir / BENCHMARK_FILE
+        if job.student != "distilled" or not benchmark_file.is_file():
+            continue
+        benchmark = read_json(benchmark_file)
+        result = read_json(job.result_file)
+        batch = str(min(benchmark["config"]["batch_sizes"]))
+        for key, entry in benchmark["runtimes"].items():
+            latency = entry.get("latency", {}).get(batch, {})
+            if "p50_ms" not in latency or not entry.get("miou"):
+                continue
+            points.append(
+                {
+                    "student": job.method,
+                    "img_size": list(size),
+                    "runtime": key,
+                    "params_m": result["params_m"],
+                    "batch": int(batch),
+                    "latency_ms": latency["p50_ms"],
+                    "miou": statistics.fmean(entry["miou"].values()),
+                    "miou_per_domain": entry["miou"],
+                    "failed": bool(entry.get("failed")),
+                    "environment": benchmark.get("environment", {}),
+                }
+            )
+    return points
+
+
+def best_under(points: list[dict], max_latency_ms: float) -> dict | None:
+    """The most accurate point at or under ``max_latency_ms`` (None if none is that fast)."""
+    fast = [p for p in points if p["latency_ms"] <= max_latency_ms and not p["failed"]]
+    return max(fast, key=lambda p: (p["miou"], -p["latency_ms"])) if fast else None
+
+
+def render_sweep(recipe_name: str, points: list[dict], front: list[int], failures: list[str]) -> str:
+    """``sweep.md``: every point, then the front as the answer to "which student for <= X ms"."""
+    environment = points[0]["environment"] if points else {}
+    machine = environment.get("gpu") or environment.get("cpu", "?")
+    lines = [
+        f"# Student sweep: {recipe_name}",
+        "",
+        f"Latency: p50 per batch of {points[0]['batch'] if points else '?'} on {machine} "
+        f"({environment.get('cpu_count', '?')} logical CPUs); mIoU: mean over the target domains, measured with "
+        "each runtime's own outputs.",
+        "",
+        "![latency vs target mIoU](pareto.png)",
+        "",
+        "## Which student for a latency budget",
+        "",
+        "| budget (ms) | student | input | runtime / precision | p50 ms | mean target mIoU |",
+        "|---:|---|---|---|---:|---:|",
+    ]
+    for index in front:
+        point = points[index]
+        size = "x".join(str(s) for s in point["img_size"])
+        lines.append(
+            f"| >= {point['latency_ms']:.2f} | {point['student']} | {size} | {point['runtime']} "
+            f"| {point['latency_ms']:.2f} | {point['miou']:.1f} |"
+        )
+    lines += [
+        "",
+        "Each row is on the Pareto front: from its latency up to the next row's, nothing measured is more accurate.",
+        "",
+        "## Every student x runtime x precision",
+        "",
+        "| student | input | params (M) | runtime / precision | p50 ms | mean target mIoU | front |",
+        "|---|---|---:|---|---:|---:|---|",
+    ]
+    for index, point in sorted(enumerate(points), key=lambda item: item[1]["latency_ms"]):
+        size = "x".join(str(s) for s in point["img_size"])
+        status = "yes" if index in front else ("FAILED accuracy check" if point["failed"] else "")
+        lines.append(
+            f"| {point['student']} | {size} | {point['params_m']:.2f} | {point['runtime']} "
+            f"| {point['latency_ms']:.2f} | {point['miou']:.1f} | {status} |"
+        )
+    if failures:
+        lines += ["", "## Failures", "", *(f"- {failure}" for failure in failures)]
+    return "\n".join([*lines, ""])
+
+
+def run_sweep(
+    recipe: Recipe,
+    students: list[str],
+    out: Path,
+    img_sizes: list[str] | None = None,
+    workers: int = 2,
+    device: str = "cpu",
+    max_latency_ms: float | None = None,
+) -> dict:
+    """Train (or reuse), export and benchmark every student at every input size; write the sweep's files.
+
+    Args:
+        recipe: the base recipe (its teacher, data and stages; its student is replaced by each of ``students``).
+        students: ``NAME[,key=value...]`` specs (see `parse_student`).
+        out: the sweep's folder.
+        img_sizes: input sizes (``N`` or ``HxW``); default the recipe's.
+        workers: training jobs at once (`gkd.compare`).
+        device: ``cpu`` or ``cuda``.
+        max_latency_ms: also report the best student x runtime at or under this latency.
+    """
+    specs = [parse_student(text) for text in students]
+    if len({spec.key for spec in specs}) != len(specs):
+        raise ValueError("--students lists a student twice")
+    sizes = [parse_img_size(text) for text in img_sizes] if img_sizes else [tuple(recipe.data.img_size)]
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / SWEEP_RECIPE_FILE
+    base = recipe.model_copy(update={"compare": recipe.compare.model_copy(update={"methods": {}})})
+    if saved.is_file() and load_recipe(saved) != base:
+        raise RecipeError(f"{out} holds a sweep of another recipe ({saved}); use a new --out directory")
+    write_text(saved, dump_recipe(base))
+    points: list[dict] = []
+    failures: list[str] = []
+    for size in sizes:
+        sized = base if not img_sizes else sized_recipe(base, size)
+        folder = out if not img_sizes else out / f"{size[0]}x{size[1]}"
+        jobs = plan(sweep_recipe(sized, specs), folder)
+        failures += run_jobs(jobs, folder, workers, device)
+        failures += _benchmark_jobs(jobs, device)
+        points += _points(jobs, size)
+    if not points:
+        raise ComparisonError("sweep: no student was benchmarked; " + "; ".join(failures))
+    front = pareto_front(points)
+    plot_points = [
+        {
+            "label": f"{p['runtime']}" + (f" @{p['img_size'][0]}" if img_sizes else ""),
+            "group": p["student"],
+            "latency_ms": p["latency_ms"],
+            "miou": p["miou"],
+        }
+        for p in points
+    ]
+    pareto_plot(plot_points, out / "pareto.png", title=f"{recipe.name}: students x runtimes, latency vs target mIoU")
+    summary = {
+        "recipe": recipe.name,
+        "students": [asdict(spec) for spec in specs],
+        "img_sizes": [list(size) for size in sizes],
+        "points": points,
+        "front": front,
+        "failures": failures,
+        "pareto_plot": "pareto.png",
+    }
+    if max_latency_ms is not None:
+        summary["max_latency_ms"] = max_latency_ms
+        summary["best_under_max_latency"] = best_under(points, max_latency_ms)
+    write_json(out / "sweep.json", summary)
+    write_text(out / "sweep.md", render_sweep(recipe.name, points, front, failures))
+    return summary
