@@ -598,7 +598,6 @@ STAGES: tuple[Stage, ...] = (
         reads=lambda r: (EVAL_FILE, EXPORT_FILE, BENCHMARK_FILE),
     ),
 )
-STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 
 # -- what each stage consumed, and what is out of date -------------------------------------------------
