@@ -386,7 +386,6 @@ def test_benchmark_stage_accuracy_latency_and_skips(exported, trained, camvid):
     assert result["runtimes"]["onnxruntime/fp32"]["parity"]["max_abs_diff"] < 1e-4
     assert "TensorRT is not installed" in result["skipped"]["tensorrt/int8"]
     assert "needs a CUDA device" in result["skipped"]["onnxruntime-trt/fp32"]
-    assert (out_dir / result["pareto_plot"]).read_bytes()[:4] == b"\x89PNG"
     json.dumps(summary), json.dumps(result)  # the stages' files are these dicts as JSON
 
 

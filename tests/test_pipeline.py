@@ -54,6 +54,9 @@ def test_report_has_domains_parity_and_latency(finished_run):
     assert {"torch/fp32", "onnxruntime/fp32"} <= set(runtimes)
     markdown = (finished_run / "report.md").read_text()
     assert "dusk" in markdown and "p50" in markdown
+    # the report draws the latency / mIoU plot from benchmark.json (the benchmark stage draws nothing)
+    assert "pareto_plot" not in json.loads((finished_run / "benchmark.json").read_text())
+    assert (finished_run / "pareto.png").read_bytes()[:4] == b"\x89PNG" and "![latency vs mIoU](pareto.png)" in markdown
     for key, entry in runtimes.items():  # the report's latency rows are benchmark.json's numbers
         for batch, latency in entry["latency"].items():
             assert f"| {key} | {batch} | {latency['p50_ms']:.2f} | {latency['p90_ms']:.2f} |" in markdown

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from gkd.report.model_card import render_model_card
+from gkd.report.pareto import benchmark_points, pareto_plot
 from gkd.utils.io import read_json, write_json, write_text
 
 if TYPE_CHECKING:
@@ -23,6 +24,9 @@ MODEL_LABELS = {
     "student": "Student, distilled",
     "student_best": "Student, distilled (best validation checkpoint)",
 }
+
+
+PARETO_FILE = "pareto.png"
 
 
 def _read(path: Path) -> Any:
@@ -133,7 +137,8 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _export_markdown(report.get("export"))
-    lines += _benchmark_markdown(report.get("benchmark"))
+    plots = report.get("plots", [])
+    lines += _benchmark_markdown(report.get("benchmark"), PARETO_FILE if PARETO_FILE in plots else None)
     lines += [
         "## Files",
         "",
@@ -170,7 +175,7 @@ def _export_markdown(export: dict | None) -> list[str]:
     return [*lines, ""]
 
 
-def _benchmark_markdown(benchmark: dict | None) -> list[str]:
+def _benchmark_markdown(benchmark: dict | None, pareto_plot: str | None = None) -> list[str]:
     if not benchmark:
         return []
     environment = benchmark.get("environment", {})
@@ -209,8 +214,8 @@ def _benchmark_markdown(benchmark: dict | None) -> list[str]:
             "reliable. Re-measure on an idle machine with `gkd-compress run --out DIR --force benchmark`.",
             "",
         ]
-    if benchmark.get("pareto_plot"):
-        lines += [f"![latency vs mIoU]({benchmark['pareto_plot']})", ""]
+    if pareto_plot:
+        lines += [f"![latency vs mIoU]({pareto_plot})", ""]
     return lines
 
 
@@ -219,8 +224,11 @@ def write_report(run: Run) -> None:
     report = build_report(run)
     if report["models"]:
         plot_domain_miou(report, run.file("domain_miou.png"))
-        pareto = (report["benchmark"] or {}).get("pareto_plot")
-        report["plots"] = ["domain_miou.png", *([pareto] if pareto else [])]
+        report["plots"] = ["domain_miou.png"]
+        points, batch_size = benchmark_points(report["benchmark"]) if report["benchmark"] else ([], 0)
+        if points:
+            pareto_plot(points, run.file(PARETO_FILE), title=f"Latency (batch {batch_size}) vs mIoU")
+            report["plots"].append(PARETO_FILE)
     write_json(run.file("report.json"), report)
     markdown = render_markdown(report)
     if report["models"]:
