@@ -13,38 +13,30 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from gkd import __version__
+from gkd.rundir import LOGS_DIR, RECIPE_FILE, check_same_recipe, setup_logging
 from gkd.utils.errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, EXIT_INTERRUPTED
 
 log = logging.getLogger("gkd")
 
 
 def _setup_logging(run_dir: Path | None, is_main: bool = True) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if run_dir is not None and is_main:
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(run_dir / "logs" / "gkd.log"))
-    logging.basicConfig(
-        level=logging.INFO if is_main else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=handlers,
-        force=True,
-    )
+    """stderr, plus ``run_dir/logs/gkd.log`` on the main rank; other ranks log warnings only."""
+    log_dir = run_dir / LOGS_DIR if run_dir is not None and is_main else None
+    setup_logging(log_dir, level=logging.INFO if is_main else logging.WARNING)
 
 
 def _resolve_recipe(recipe_path: str | None, out: str | None):
     """The recipe and run dir: an explicit recipe, else the one a run dir already holds, else the
     embedded default. A run dir holding another recipe is an error, never silently mixed."""
-    from gkd.recipe import RecipeError, dump_recipe, load_recipe
+    from gkd.recipe import dump_recipe, load_recipe
 
-    existing = Path(out) / "recipe.resolved.yaml" if out else None
+    existing = Path(out) / RECIPE_FILE if out else None
     if recipe_path is None and existing is not None and existing.is_file():
         recipe = load_recipe(existing)
     else:
         recipe = load_recipe(recipe_path)
     run_dir = Path(out) if out else Path("runs") / recipe.name
-    saved = run_dir / "recipe.resolved.yaml"
-    if saved.is_file() and load_recipe(saved) != recipe:
-        raise RecipeError(f"{run_dir} holds the results of another recipe ({saved}); use a new --out directory")
+    check_same_recipe(run_dir, recipe)
     return recipe, run_dir, dump_recipe(recipe)
 
 
@@ -179,7 +171,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
             run = Run(recipe, run_dir, device, info)
             if info.is_main:
                 check_run_inputs(run, stages, full=args.check_data == "full").raise_if_problems()
-                write_text(run_dir / "recipe.resolved.yaml", resolved)
+                write_text(run_dir / RECIPE_FILE, resolved)
             seed_everything(recipe.seed + info.rank)
             if args.command == "run":
                 run_all(run, force=tuple(args.force or ()))

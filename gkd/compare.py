@@ -30,7 +30,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from gkd.recipe import Recipe, RecipeError, dump_recipe, load_recipe, merge, parse_recipe
+from gkd.recipe import Recipe, RecipeError, dump_recipe, merge, parse_recipe
+from gkd.rundir import LOGS_DIR, NO_KD_FILE, RECIPE_FILE, SEGMENTOR_FILE, TEACHER_FILE, check_same_recipe, setup_logging
 from gkd.utils.cpu import available_cpus
 from gkd.utils.io import write_json, write_text
 
@@ -120,14 +121,13 @@ def plan(recipe: Recipe, out: Path, methods: list[str] | None = None, max_seeds:
 
 
 def needs_teacher(job: Job) -> bool:
-    from gkd.pipeline import TEACHER_FILE, distill_inputs
+    from gkd.pipeline import distill_inputs
 
     return job.student == "distilled" and TEACHER_FILE in distill_inputs(job.recipe)
 
 
 def model_file(job: Job) -> str:
     """The segmentor file a job trains, in its run directory."""
-    from gkd.pipeline import NO_KD_FILE, SEGMENTOR_FILE, TEACHER_FILE
 
     return {"teacher": TEACHER_FILE, "no_kd": NO_KD_FILE, "distilled": SEGMENTOR_FILE}[job.student]
 
@@ -136,19 +136,13 @@ def run_job(job: Job, teacher_file: Path, device: str, threads: int) -> dict:
     """Train and evaluate one job in this process (a pool worker); returns and writes its result."""
     import torch
 
-    from gkd.pipeline import STAGES, TEACHER_FILE, Run, evaluate_segmentors, run_stage
+    from gkd.pipeline import STAGES, Run, evaluate_segmentors, run_stage
     from gkd.utils.runtime import DistInfo, resolve_device, seed_everything
 
     torch.set_num_threads(threads)
-    (job.dir / "logs").mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=[logging.FileHandler(job.dir / "logs" / "gkd.log")],
-        force=True,
-    )
-    sys.stderr = (job.dir / "logs" / "progress.log").open("a")  # progress bars of parallel jobs, kept apart
-    write_text(job.dir / "recipe.resolved.yaml", dump_recipe(job.recipe))
+    setup_logging(job.dir / LOGS_DIR, console=False)
+    sys.stderr = (job.dir / LOGS_DIR / "progress.log").open("a")  # progress bars of parallel jobs, kept apart
+    write_text(job.dir / RECIPE_FILE, dump_recipe(job.recipe))
     start = time.perf_counter()
     seed_everything(job.recipe.seed)
     run = Run(job.recipe, job.dir, resolve_device(device), DistInfo())
@@ -197,7 +191,7 @@ def run_jobs(jobs: list[Job], out: Path, workers: int = 2, device: str = "cpu") 
     failures (each naming its job and log folder)."""
     threads = max(1, available_cpus() // workers) if device == "cpu" else 1
     teacher = next((job for job in jobs if job.method == TEACHER_JOB), None)
-    teacher_file = out / TEACHER_JOB / "teacher_segmentor.safetensors"
+    teacher_file = out / TEACHER_JOB / TEACHER_FILE
 
     def teacher_done() -> bool:
         return teacher is None or teacher.done()
@@ -256,10 +250,8 @@ def run_comparison(
     from gkd.report.comparison import write_comparison
 
     jobs = plan(recipe, out, methods, max_seeds)
-    saved = out / "recipe.resolved.yaml"
-    if saved.is_file() and load_recipe(saved) != recipe:
-        raise RecipeError(f"{out} holds a comparison of another recipe ({saved}); use a new --out directory")
-    write_text(saved, dump_recipe(recipe))
+    check_same_recipe(out, recipe, "a comparison")
+    write_text(out / RECIPE_FILE, dump_recipe(recipe))
     failures = run_jobs(jobs, out, workers, device)
     if failures:
         if any(job.done() for job in jobs):  # what did finish is still tabulated

@@ -45,23 +45,27 @@ from gkd.models.weights import check_fit, save_encoder
 from gkd.models.zoo import create_backbone_from_config, with_patch_size
 from gkd.preflight import CHECKS_DIR, CheckResult, DataUse, TrainingUse, preflight
 from gkd.recipe import OptimConfig, Recipe
+from gkd.rundir import (
+    BENCHMARK_FILE,
+    BEST_SEGMENTOR_FILE,
+    ENCODER_FILE,
+    EVAL_FILE,
+    EXPORT_FILE,
+    MODEL_CARD_FILE,
+    NO_KD_FILE,
+    REPORT_JSON_FILE,
+    REPORT_MD_FILE,
+    SEGMENTOR_FILE,
+    SOURCE_DOMAIN,
+    SOURCE_SELECTION_FILE,
+    TEACHER_FILE,
+    VALIDATION_FILE,
+)
 from gkd.utils.io import file_sha256, load_state_dict, read_json, require_free_space, write_json
 from gkd.utils.runtime import DistInfo
 
 log = logging.getLogger("gkd")
 
-TEACHER_FILE = "teacher_segmentor.safetensors"
-ENCODER_FILE = "student_encoder.safetensors"
-SEGMENTOR_FILE = "segmentor.safetensors"
-BEST_SEGMENTOR_FILE = "segmentor_best.safetensors"
-VALIDATION_FILE = "head_validation.json"
-NO_KD_FILE = "no_kd_segmentor.safetensors"
-EVAL_FILE = "eval.json"
-EXPORT_FILE = "export.json"
-BENCHMARK_FILE = "benchmark.json"
-SOURCE_SELECTION_FILE = "source_selection.json"
-MODEL_CARD_FILE = "MODEL_CARD.md"
-SOURCE_DOMAIN = "source"  # the held-out source split among the evaluated domains
 RECORDS_DIR = "stages"  # stages/<stage>.json: what each stage consumed; stages/file_hashes.json
 HASHES_FILE = "file_hashes.json"
 
@@ -417,7 +421,7 @@ def stage_report(run: Run) -> None:
     """report.json, report.md and plots from the files the other stages wrote."""
     from gkd.report.report import write_report
 
-    write_report(run)
+    write_report(run.dir, run.recipe, run.class_names)
 
 
 @dataclass(frozen=True)
@@ -591,14 +595,13 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "report",
         stage_report,
-        lambda r: ("report.json", "report.md", MODEL_CARD_FILE),
+        lambda r: (REPORT_JSON_FILE, REPORT_MD_FILE, MODEL_CARD_FILE),
         lambda r: True,
         False,
         lambda r: (EVAL_FILE,),
         reads=lambda r: (EVAL_FILE, EXPORT_FILE, BENCHMARK_FILE),
     ),
 )
-STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 
 # -- what each stage consumed, and what is out of date -------------------------------------------------

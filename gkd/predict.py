@@ -35,6 +35,7 @@ from gkd.evaluate.inference import slide_logits
 from gkd.export.runtimes import RUNTIME_NAMES, Runtime, TorchRuntime, load_runtime, runtime_loaders
 from gkd.models.checkpoint import load_segmentor
 from gkd.recipe import Recipe, load_recipe
+from gkd.rundir import EXPORT_FILE, NO_KD_FILE, RECIPE_FILE, SEGMENTOR_FILE, TEACHER_FILE
 from gkd.utils.io import atomic_path, read_json, write_json
 
 log = logging.getLogger("gkd")
@@ -149,7 +150,6 @@ def load_run_runtime(
     """A segmentor of the run in ``runtime`` at ``precision``: PyTorch from its safetensors file, any other
     runtime from the artifacts in ``export.json`` (the distilled student's only). ``model``: ``student``
     (the deployed model), ``no_kd`` or ``teacher`` (the run's reference models, PyTorch only)."""
-    from gkd.pipeline import EXPORT_FILE, NO_KD_FILE, SEGMENTOR_FILE, TEACHER_FILE
 
     files = {"student": SEGMENTOR_FILE, "no_kd": NO_KD_FILE, "teacher": TEACHER_FILE}
     if model not in files:
@@ -157,10 +157,10 @@ def load_run_runtime(
     if model != "student" and runtime != "torch":
         raise PredictError(f"only the student is exported; run the {model} with --runtime torch")
     run_dir = Path(run_dir)
-    for name in ("recipe.resolved.yaml", files[model]):
+    for name in (RECIPE_FILE, files[model]):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a finished gkd-compress run?")
-    recipe = load_recipe(run_dir / "recipe.resolved.yaml")
+    recipe = load_recipe(run_dir / RECIPE_FILE)
     segmentor = load_segmentor(run_dir / files[model])[0].to(device).eval()
     img_size = recipe.data.img_size
     if runtime == "torch":

@@ -45,3 +45,13 @@ def test_target_out_of_range_is_an_error():
     with pytest.raises(ValueError, match="outside"):
         confusion.update(torch.tensor([0]), torch.tensor([5]))
     assert math.isnan(ConfusionMatrix(2).compute()["miou"])
+
+
+@pytest.mark.parametrize("bad", [2, -1, 255])
+def test_prediction_out_of_range_is_an_error(bad):
+    """Before: 2 was counted as (next ground-truth class, class 0), -1 as the previous class's last column,
+    and 255 failed in a reshape with no word about the prediction."""
+    confusion = ConfusionMatrix(num_classes=2)
+    with pytest.raises(ValueError, match=rf"predicted ids \[{bad}\] outside \[0, 2\)"):
+        confusion.update(torch.tensor([0, bad]), torch.tensor([0, 0]))
+    assert confusion.matrix.sum() == 0

@@ -219,19 +219,6 @@ def list_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-class ImageFolderDataset(ImageListDataset):
-    """Unlabeled images under a folder (flat, or ImageNet-style class sub-folders), sorted by path."""
-
-    def __init__(self, root: str | Path, transform: Transform | None = None) -> None:
-        root = Path(root)
-        if not root.is_dir():
-            raise DataError(f"{root}: image folder not found")
-        paths = list_images(root)
-        if not paths:
-            raise DataError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-        super().__init__(paths, transform)
-
-
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], chunk: int = 64) -> Iterator[R]:
     """``fn(item)`` for each item, in order, computed on a few threads (image decoding releases the
     GIL); chunk by chunk, so an exception surfaces after at most one chunk of extra work."""

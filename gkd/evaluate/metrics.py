@@ -24,6 +24,11 @@ class ConfusionMatrix:
         prediction, target = prediction[keep], target[keep]
         if target.numel() and (target.min() < 0 or target.max() >= self.num_classes):
             raise ValueError(f"target ids outside [0, {self.num_classes}) besides ignore {self.ignore_index}")
+        # A predicted id outside the classes would land in another class's bins (K -> next row) or crash the
+        # reshape (255): a model with the wrong number of classes, or a runtime returning garbage.
+        if prediction.numel() and (prediction.min() < 0 or prediction.max() >= self.num_classes):
+            bad = sorted({int(v) for v in prediction[(prediction < 0) | (prediction >= self.num_classes)][:1000]})
+            raise ValueError(f"predicted ids {bad[:5]} outside [0, {self.num_classes})")
         bins = torch.bincount(target * self.num_classes + prediction, minlength=self.num_classes**2)
         self.matrix += bins.reshape(self.num_classes, self.num_classes)
 

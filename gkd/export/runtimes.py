@@ -291,23 +291,3 @@ def load_runtime(loader: Loader) -> tuple[Runtime | None, str | None]:
         return loader(), None
     except Exception as error:  # a runtime that does not load is reported, never fatal
         return None, f"{type(error).__name__}: {error}"
-
-
-def available_runtimes(
-    segmentor: Segmentor,
-    img_size: Sequence[int],
-    out_dir: str | Path,
-    export_summary: dict,
-    device: torch.device,
-    names: str | Sequence[str] = "auto",
-) -> tuple[dict[str, Runtime], dict[str, str]]:
-    """Load every runtime x precision that runs here: ``(loaded, {key: why not})`` (see `runtime_loaders`)."""
-    loaders, skipped = runtime_loaders(segmentor, img_size, out_dir, export_summary, device, names)
-    loaded: dict[str, Runtime] = {}
-    for key, loader in loaders.items():
-        runtime, why = load_runtime(loader)
-        if runtime is None:
-            skipped[key] = why
-        else:
-            loaded[key] = runtime
-    return loaded, skipped

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import gc
 import logging
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +32,6 @@ from gkd.export.quantize import quantize_int8
 from gkd.export.runtimes import Runtime, TorchRuntime, load_runtime, runtime_loaders
 from gkd.export.tensorrt import build_engine, tensorrt_unavailable
 from gkd.models.segmentor import Segmentor
-from gkd.report.pareto import pareto_plot
 from gkd.utils.io import atomic_path
 
 log = logging.getLogger("gkd")
@@ -43,7 +41,6 @@ ENGINE_FILES = {"fp16": "model.fp16.engine", "int8": "model.int8.engine"}
 AOTI_FILES = {"fp32": "model.pt2", "bf16": "model.bf16.pt2", "fp16": "model.fp16.pt2"}
 PARITY_FILE = "parity_images.npy"
 TIMING_CACHE_FILE = "tensorrt.timing.cache"
-PARETO_FILE = "pareto.png"
 BENCHMARK_NOTES = {
     "latency": "per batch, input already on the device, logits left there (no host copies); device synchronised "
     "after every iteration; percentiles interpolate linearly",
@@ -212,17 +209,6 @@ def _compile_aoti_packages(
         _attempt(summary, key, package)
 
 
-def _pareto_points(results: dict[str, dict], batch_size: int) -> list[dict]:
-    points = []
-    for key, entry in results.items():
-        latency = entry.get("latency", {}).get(str(batch_size), {})
-        if "miou" in entry and "p50_ms" in latency:
-            points.append(
-                {"label": key, "latency_ms": latency["p50_ms"], "miou": statistics.fmean(entry["miou"].values())}
-            )
-    return points
-
-
 def benchmark_artifacts(
     segmentor: Segmentor,
     img_size: tuple[int, int],
@@ -282,10 +268,6 @@ def benchmark_artifacts(
         "skipped": skipped,
         "notes": BENCHMARK_NOTES,
     }
-    points = _pareto_points(results, min(config.batch_sizes))
-    if points:
-        pareto_plot(points, out_dir / PARETO_FILE, title=f"Latency (batch {min(config.batch_sizes)}) vs mIoU")
-        summary["pareto_plot"] = PARETO_FILE
     return summary
 
 

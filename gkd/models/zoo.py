@@ -110,11 +110,12 @@ def _eva02(width: str, embed_dim: int, depth: int) -> ModelSpec:
     )
 
 
-def _deit(width: str, embed_dim: int) -> ModelSpec:
+def _patch16_student(name: str, arch: str, family: str, embed_dim: int, notes: str) -> ModelSpec:
+    """A 12-block ViT/16 student at 224 with ImageNet normalisation (DeiT, DINO v1)."""
     return ModelSpec(
-        name=f"deit_{width}",
-        arch=f"deit_{width}_patch16_224",
-        family="deit",
+        name=name,
+        arch=arch,
+        family=family,
         roles=(STUDENT,),
         patch_size=16,
         embed_dim=embed_dim,
@@ -122,25 +123,19 @@ def _deit(width: str, embed_dim: int) -> ModelSpec:
         img_size=224,
         mean=IMAGENET_DEFAULT_MEAN,
         std=IMAGENET_DEFAULT_STD,
-        notes=f"DeiT-{width[0].upper()}/16, ImageNet-1k init (F2L student)",
+        notes=notes,
     )
+
+
+def _deit(width: str, embed_dim: int) -> ModelSpec:
+    notes = f"DeiT-{width[0].upper()}/16, ImageNet-1k init (F2L student)"
+    return _patch16_student(f"deit_{width}", f"deit_{width}_patch16_224", "deit", embed_dim, notes)
 
 
 def _dino(size: str, width: str, embed_dim: int) -> ModelSpec:
     """DINO v1 (Caron et al. 2021): the students of the GKD code's F2F scripts (dinov2_*_distill_dino_*.sh)."""
-    return ModelSpec(
-        name=f"dino_vit{size}16",
-        arch=f"vit_{width}_patch16_224.dino",
-        family="dino",
-        roles=(STUDENT,),
-        patch_size=16,
-        embed_dim=embed_dim,
-        depth=12,
-        img_size=224,
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
-        notes=f"DINO v1 ViT-{size.upper()}/16 (self-supervised, ImageNet-1k; timm tag .dino)",
-    )
+    notes = f"DINO v1 ViT-{size.upper()}/16 (self-supervised, ImageNet-1k; timm tag .dino)"
+    return _patch16_student(f"dino_vit{size}16", f"vit_{width}_patch16_224.dino", "dino", embed_dim, notes)
 
 
 SPECS: dict[str, ModelSpec] = {

@@ -30,6 +30,19 @@ def pareto_front(points: list[dict]) -> list[int]:
     return front
 
 
+def benchmark_points(benchmark: dict) -> tuple[list[dict], int]:
+    """The points of a benchmark stage's summary (``benchmark.json``): each runtime with an mIoU, its p50 at the
+    smallest batch size timed and its mean mIoU over the target domains; and that batch size."""
+    batch_size = min(int(size) for size in benchmark["config"]["batch_sizes"])
+    points = []
+    for key, entry in benchmark["runtimes"].items():
+        latency = entry.get("latency", {}).get(str(batch_size), {})
+        if entry.get("miou") and "p50_ms" in latency:
+            miou = sum(entry["miou"].values()) / len(entry["miou"])
+            points.append({"label": key, "latency_ms": latency["p50_ms"], "miou": miou})
+    return points, batch_size
+
+
 def miou_limits(values: list[float], min_span: float = MIN_MIOU_SPAN) -> tuple[float, float]:
     """Axis limits around ``values`` with 10% margins, widened about their middle to at least ``min_span``."""
     low, high = min(values), max(values)

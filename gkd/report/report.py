@@ -12,10 +12,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from gkd.report.model_card import render_model_card
+from gkd.report.pareto import benchmark_points, pareto_plot
+from gkd.rundir import (
+    BENCHMARK_FILE,
+    DOMAIN_PLOT_FILE,
+    EVAL_FILE,
+    EXPORT_FILE,
+    MODEL_CARD_FILE,
+    PARETO_FILE,
+    REPORT_JSON_FILE,
+    REPORT_MD_FILE,
+)
 from gkd.utils.io import read_json, write_json, write_text
 
 if TYPE_CHECKING:
-    from gkd.pipeline import Run
+    from gkd.recipe import Recipe
 
 MODEL_LABELS = {
     "teacher": "Teacher",
@@ -33,12 +44,9 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def build_report(run: Run) -> dict:
-    """Everything a reader needs in one JSON document."""
-    from gkd.pipeline import BENCHMARK_FILE, EVAL_FILE, EXPORT_FILE
-
-    recipe = run.recipe
-    evaluation = _read(run.file(EVAL_FILE)) or {"models": {}, "class_names": run.class_names}
+def build_report(run_dir: Path, recipe: Recipe, class_names: list[str]) -> dict:
+    """Everything a reader needs in one JSON document, from the files the other stages wrote in ``run_dir``."""
+    evaluation = _read(run_dir / EVAL_FILE) or {"models": {}, "class_names": class_names}
     targets = list(recipe.data.targets)
     models = {}
     for name, result in evaluation["models"].items():
@@ -69,8 +77,8 @@ def build_report(run: Run) -> dict:
         },
         "class_names": evaluation["class_names"],
         "models": models,
-        "export": _read(run.file(EXPORT_FILE)),
-        "benchmark": _read(run.file(BENCHMARK_FILE)),
+        "export": _read(run_dir / EXPORT_FILE),
+        "benchmark": _read(run_dir / BENCHMARK_FILE),
         "recipe_resolved": recipe.model_dump(mode="json"),
     }
 
@@ -133,7 +141,8 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _export_markdown(report.get("export"))
-    lines += _benchmark_markdown(report.get("benchmark"))
+    plots = report.get("plots", [])
+    lines += _benchmark_markdown(report.get("benchmark"), PARETO_FILE if PARETO_FILE in plots else None)
     lines += [
         "## Files",
         "",
@@ -170,7 +179,7 @@ def _export_markdown(export: dict | None) -> list[str]:
     return [*lines, ""]
 
 
-def _benchmark_markdown(benchmark: dict | None) -> list[str]:
+def _benchmark_markdown(benchmark: dict | None, pareto_plot: str | None = None) -> list[str]:
     if not benchmark:
         return []
     environment = benchmark.get("environment", {})
@@ -209,25 +218,33 @@ def _benchmark_markdown(benchmark: dict | None) -> list[str]:
             "reliable. Re-measure on an idle machine with `gkd-compress run --out DIR --force benchmark`.",
             "",
         ]
-    if benchmark.get("pareto_plot"):
-        lines += [f"![latency vs mIoU]({benchmark['pareto_plot']})", ""]
+    if pareto_plot:
+        lines += [f"![latency vs mIoU]({pareto_plot})", ""]
     return lines
 
 
-def write_report(run: Run) -> None:
-    """`report.json`, `report.md`, `domain_miou.png` and the model card `MODEL_CARD.md` in the run directory."""
-    report = build_report(run)
+def write_report(run_dir: Path, recipe: Recipe, class_names: list[str]) -> None:
+    """`report.json`, `report.md`, `domain_miou.png`, `pareto.png` and the model card `MODEL_CARD.md`.
+
+    Args:
+        run_dir: the run directory; the report reads its `eval.json`, `export.json` and `benchmark.json`.
+        recipe: the run's resolved recipe.
+        class_names: the source dataset's classes (used when nothing was evaluated yet).
+    """
+    run_dir = Path(run_dir)
+    report = build_report(run_dir, recipe, class_names)
     if report["models"]:
-        plot_domain_miou(report, run.file("domain_miou.png"))
-        pareto = (report["benchmark"] or {}).get("pareto_plot")
-        report["plots"] = ["domain_miou.png", *([pareto] if pareto else [])]
-    write_json(run.file("report.json"), report)
+        plot_domain_miou(report, run_dir / DOMAIN_PLOT_FILE)
+        report["plots"] = [DOMAIN_PLOT_FILE]
+        points, batch_size = benchmark_points(report["benchmark"]) if report["benchmark"] else ([], 0)
+        if points:
+            pareto_plot(points, run_dir / PARETO_FILE, title=f"Latency (batch {batch_size}) vs mIoU")
+            report["plots"].append(PARETO_FILE)
+    write_json(run_dir / REPORT_JSON_FILE, report)
     markdown = render_markdown(report)
     if report["models"]:
         markdown = markdown.replace(
-            "## mIoU per domain (%)\n", "## mIoU per domain (%)\n\n![mIoU per domain](domain_miou.png)\n", 1
+            "## mIoU per domain (%)\n", f"## mIoU per domain (%)\n\n![mIoU per domain]({DOMAIN_PLOT_FILE})\n", 1
         )
-    write_text(run.file("report.md"), markdown)
-    from gkd.pipeline import MODEL_CARD_FILE
-
-    write_text(run.file(MODEL_CARD_FILE), render_model_card(report, run.recipe))
+    write_text(run_dir / REPORT_MD_FILE, markdown)
+    write_text(run_dir / MODEL_CARD_FILE, render_model_card(report, recipe))

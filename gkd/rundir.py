@@ -1,0 +1,60 @@
+"""The run directory: the name of every file a run writes, the "same recipe in this folder" guard, and the
+logging set-up of a run or job. At the bottom of the house (it imports nothing of gkd at module level), so the
+pipeline, compare, the reports and the CLI all name run files from here and never from each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gkd.recipe import Recipe
+
+RECIPE_FILE = "recipe.resolved.yaml"
+TEACHER_FILE = "teacher_segmentor.safetensors"
+ENCODER_FILE = "student_encoder.safetensors"
+SEGMENTOR_FILE = "segmentor.safetensors"
+BEST_SEGMENTOR_FILE = "segmentor_best.safetensors"
+VALIDATION_FILE = "head_validation.json"
+NO_KD_FILE = "no_kd_segmentor.safetensors"
+EVAL_FILE = "eval.json"
+EXPORT_FILE = "export.json"
+BENCHMARK_FILE = "benchmark.json"
+SOURCE_SELECTION_FILE = "source_selection.json"
+REPORT_JSON_FILE = "report.json"
+REPORT_MD_FILE = "report.md"
+DOMAIN_PLOT_FILE = "domain_miou.png"
+PARETO_FILE = "pareto.png"
+MODEL_CARD_FILE = "MODEL_CARD.md"
+LOGS_DIR = "logs"
+LOG_FILE = "gkd.log"
+SOURCE_DOMAIN = "source"  # the held-out source split among the evaluated domains
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def check_same_recipe(folder: Path, recipe: Recipe, what: str = "the results") -> None:
+    """Refuse a folder whose saved resolved recipe is another one: results of two recipes are never mixed.
+
+    Args:
+        folder: a run directory or a comparison's output directory.
+        recipe: the recipe about to write there.
+        what: what the folder holds, for the message (``the results``, ``a comparison``).
+    """
+    from gkd.recipe import RecipeError, load_recipe
+
+    saved = Path(folder) / RECIPE_FILE
+    if saved.is_file() and load_recipe(saved) != recipe:
+        raise RecipeError(f"{folder} holds {what} of another recipe ({saved}); use a new --out directory")
+
+
+def setup_logging(log_dir: Path | None, console: bool = True, level: int = logging.INFO) -> None:
+    """Log to ``log_dir/gkd.log`` (when given) and to stderr (when ``console``), replacing earlier handlers."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)] if console else []
+    if log_dir is not None:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(log_dir) / LOG_FILE))
+    logging.basicConfig(level=level, format=LOG_FORMAT, handlers=handlers, force=True)
