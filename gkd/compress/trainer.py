@@ -379,13 +379,12 @@ class Trainer:
                     window = _Window(self.device)
                 if on_step is not None:
                     on_step(self.step)
-                if self.step % self.config.checkpoint_every == 0 and self.step < self.config.steps:
+                checkpoint_due = self.step % self.config.checkpoint_every == 0 or stop.requested
+                if checkpoint_due and self.step < self.config.steps:
                     self._raise_if_non_finite(window)
                     self._save_checkpoint(finished=False)
-                if stop.requested and self.step < self.config.steps:
-                    self._raise_if_non_finite(window)
-                    self._save_checkpoint(finished=False)
-                    raise TrainingInterrupted(f"{self.name}: interrupted at step {self.step}; re-run to resume")
+                    if stop.requested:
+                        raise TrainingInterrupted(f"{self.name}: interrupted at step {self.step}; re-run to resume")
             self._save_checkpoint(finished=True)
         finally:
             stop.uninstall()
