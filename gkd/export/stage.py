@@ -58,7 +58,7 @@ def _save_parity_images(path: Path, images: torch.Tensor) -> None:
         np.save(handle, images.float().cpu().numpy())
 
 
-def _attempt(summary: dict, key: str, make: Callable[[], dict]) -> dict | None:
+def _attempt(summary: dict, key: str, make: Callable[[], dict]) -> None:
     """``make()`` recorded as ``summary["artifacts"][key]``; an exception is recorded under ``failed``
     with its message and logged, and the other artifacts still get made."""
     try:
@@ -66,13 +66,12 @@ def _attempt(summary: dict, key: str, make: Callable[[], dict]) -> dict | None:
     except Exception as error:  # one artifact that does not build never aborts the stage
         summary["failed"][key] = f"{type(error).__name__}: {error}"
         log.error("export: %s failed: %s", key, error)
-        return None
+        return
     summary["artifacts"][key] = info
     parity = info.get("parity", {})
     if parity and not parity["passed"]:
         summary["failed"][key] = f"parity: {parity['reason']}"
         log.error("export: %s misses parity with PyTorch fp32: %s", key, parity["reason"])
-    return info
 
 
 def export_artifacts(
@@ -147,7 +146,8 @@ def _export_onnx_files(
             summary["failed"]["onnx/int8"] = "not quantized: model.onnx (fp32) was not written"
             continue
         _attempt(summary, f"onnx/{precision}", lambda p=precision: onnx_file(p))
-    log.info("export: ONNX %s written to %s", ", ".join(config.precisions), out_dir)
+    written = [p for p in config.precisions if f"onnx/{p}" in summary["artifacts"]]
+    log.info("export: ONNX %s written to %s", ", ".join(written) or "nothing", out_dir)
 
 
 def _build_engines(
