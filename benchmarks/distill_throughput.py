@@ -147,10 +147,6 @@ def run_mode(mode: str, args: argparse.Namespace, setup: dict[str, Any]) -> dict
     """Build the step for ``mode``, warm it up, time ``args.steps`` steps; in this process."""
     import torch
 
-    from gkd.compress.losses import build_loss
-    from gkd.compress.objectives import DistillObjective
-    from gkd.models.zoo import create_backbone
-
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -164,19 +160,14 @@ def run_mode(mode: str, args: argparse.Namespace, setup: dict[str, Any]) -> dict
     autocast_dtype = torch.bfloat16 if precision == "bf16" else None
     teacher_dtype = torch.bfloat16 if precision == "bf16" and tuned else torch.float32
 
-    torch.manual_seed(args.seed)
     size = setup["img_size"]
-    teacher = create_backbone(setup["teacher"], **{"img_size": size, **setup["teacher_kwargs"]})
-    student = create_backbone(setup["student"], **{"img_size": size, **setup["student_kwargs"]})
-    loss = build_loss(setup["loss"], setup["loss_options"], student.embed_dim, teacher.embed_dim)
-    objective = DistillObjective(student, loss, teacher.to(device), teacher_dtype).to(device)
-    objective.train()
+    objective = build_objective(args, setup, device, teacher_dtype)
+    teacher = objective.teacher
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, **({"fused": True} if tuned else {}))
     step_fn = torch.compile(objective) if tuned else objective
     fixed_batch = {"image": torch.rand(args.batch_size, 3, size, size, device=device)}
     next_batch = fed_batches(args, size, device) if mode == "fed" else lambda: fixed_batch
-    flops = count_step_flops(objective, fixed_batch)
 
     def step() -> torch.Tensor:
         batch = next_batch()
@@ -225,8 +216,6 @@ def run_mode(mode: str, args: argparse.Namespace, setup: dict[str, Any]) -> dict
         "images_per_s_windows": [args.batch_size * args.steps / seconds for seconds in windows],
         "warmup_s": warmup_s,
         "final_loss": float(last.detach().float()) if last is not None else None,
-        "flops_per_step": flops,
-        "tflops_per_s": flops * args.steps / elapsed / 1e12,
         "trainable_params_m": sum(p.numel() for p in params) / 1e6,
         "teacher_params_m": sum(p.numel() for p in teacher.parameters()) / 1e6,
     }
@@ -239,17 +228,35 @@ def run_mode(mode: str, args: argparse.Namespace, setup: dict[str, Any]) -> dict
     return result
 
 
-def count_step_flops(objective, batch: dict) -> int:
-    """FLOPs of one training step's forward and backward (eager, float32), by ``torch.utils.flop_counter``."""
+def build_objective(args: argparse.Namespace, setup: dict[str, Any], device, teacher_dtype):
+    """The stage-1 objective (frozen teacher, student, loss heads) with seeded random weights, in train mode."""
+    import torch
+
+    from gkd.compress.losses import build_loss
+    from gkd.compress.objectives import DistillObjective
+    from gkd.models.zoo import create_backbone
+
+    torch.manual_seed(args.seed)
+    size = setup["img_size"]
+    teacher = create_backbone(setup["teacher"], **{"img_size": size, **setup["teacher_kwargs"]})
+    student = create_backbone(setup["student"], **{"img_size": size, **setup["student_kwargs"]})
+    loss = build_loss(setup["loss"], setup["loss_options"], student.embed_dim, teacher.embed_dim)
+    return DistillObjective(student, loss, teacher.to(device), teacher_dtype).to(device).train()
+
+
+def count_step_flops(args: argparse.Namespace, setup: dict[str, Any]) -> int:
+    """FLOPs of one training step's forward and backward (eager, float32), by ``torch.utils.flop_counter``;
+    in its own process, so no mode's timing or peak memory includes it."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    device = torch.device(args.device)
+    objective = build_objective(args, setup, device, torch.float32)
+    size = setup["img_size"]
+    batch = {"image": torch.rand(args.batch_size, 3, size, size, device=device)}
     counter = FlopCounterMode(display=False)
     with counter:
         objective(batch)["loss"].backward()
-    for parameter in objective.parameters():
-        parameter.grad = None
-    torch.manual_seed(0)
     return int(counter.get_total_flops())
 
 
@@ -342,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child_mode == "peak":
         print(json.dumps({"peak_tflops": peak_matmul_tflops(args.device)}))
         return 0
+    if args.child_mode == "flops":
+        print(json.dumps({"flops_per_step": count_step_flops(args, setup)}))
+        return 0
     if args.child_mode:
         print(json.dumps(run_mode(args.child_mode, args, setup)))
         return 0
@@ -366,9 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(args),
         "modes": results,
     }
+    flops = _child(argv, "flops")["flops_per_step"]
     peak = args.peak_tflops or _child(argv, "peak")["peak_tflops"]
-    report["peak_bf16_matmul_tflops"] = peak
+    report.update(flops_per_step=flops, peak_bf16_matmul_tflops=peak)
     for mode, result in results.items():
+        result["tflops_per_s"] = flops * result["steps"] / result["seconds"] / 1e12
         result["mfu"] = result["tflops_per_s"] / peak
         print(f"{mode:>9}: {result['tflops_per_s']:.3g} TFLOP/s = {100 * result['mfu']:.1f}% of {peak:.3g} (bf16 mm)")
     ratios = {
