@@ -59,7 +59,7 @@ from gkd.rundir import (
     SOURCE_DOMAIN,
     SOURCE_SELECTION_FILE,
     TEACHER_FILE,
-    VALIDATION_FILE,
+    validation_log,
 )
 from gkd.utils.io import file_sha256, load_state_dict, read_json, require_free_space, write_json
 from gkd.utils.runtime import DistInfo
@@ -199,7 +199,8 @@ def stage_train_teacher(run: Run) -> None:
     segmentor = teacher_segmentor(run, trained=False)
     objective = TaskObjective(segmentor, freeze_encoder=not recipe.models.teacher.train_encoder)
     source = run.dataset(recipe.data.source, train=True, for_teacher=True)
-    run.trainer("teacher", objective, source, recipe.teacher_training).fit()
+    config = recipe.teacher_training
+    run.trainer("teacher", objective, source, config).fit(validator(run, segmentor, objective, "teacher", config))
     if run.info.is_main:
         save_segmentor(
             run.file(TEACHER_FILE),
@@ -228,7 +229,8 @@ def stage_distill(run: Run) -> None:
             distill.loss.name, distill.loss.options, student.encoder.embed_dim, teacher_dim, run.num_classes
         )
         objective = JointObjective(student, loss, teacher, distill.distill_weight, run.teacher_dtype)
-        run.trainer("distill_joint", objective, run.dataset(recipe.data.source, train=True), distill.joint).fit()
+        trainer = run.trainer("distill_joint", objective, run.dataset(recipe.data.source, train=True), distill.joint)
+        trainer.fit(validator(run, student, objective, "distill_joint", distill.joint))
         if run.info.is_main:
             save_segmentor(
                 run.file(SEGMENTOR_FILE), student, recipe.models.student, recipe.models.decoder, run.num_classes
@@ -260,29 +262,44 @@ def stage_distill(run: Run) -> None:
         save_student_encoder(run, with_patch_size(encoder, student.encoder.patch_size))
 
 
-def head_validator(run: Run, segmentor: Segmentor, objective: torch.nn.Module) -> Callable[[int], None]:
-    """``on_step`` for train-head with ``evaluate.validate_every``: every N steps, mIoU on every domain appended to
-    ``head_validation.json``; the segmentor with the best mean target mIoU so far saved as the best checkpoint.
-    The GKD code validates on the target sets every 4,000 iterations (mmseg ``val_interval``); a best checkpoint
-    chosen that way has seen the targets' labels, so the last checkpoint stays the headline row."""
-    recipe, every = run.recipe, run.recipe.evaluate.validate_every
+def validator(
+    run: Run, segmentor: Segmentor, objective: torch.nn.Module, stage: str, config: OptimConfig, keep_best: bool = False
+) -> Callable[[int], None] | None:
+    """``on_step`` that, every ``config.validate_every`` steps and at the last, appends every domain's mIoU to
+    `validation_log` (``None`` when validation is off); a step already logged (a resumed stage) is skipped.
+
+    Args:
+        run: the run (its evaluation domains and run directory).
+        segmentor: the model being trained; evaluated in eval mode, ``objective`` put back in train mode.
+        objective: the trained module holding ``segmentor``.
+        stage: the trainer's name, which names the log (``teacher``, ``no_kd``, ``distill_joint``, ``head``).
+        config: the stage's optimisation settings (``validate_every``, ``steps``).
+        keep_best: also save the segmentor with the best mean target mIoU so far as `BEST_SEGMENTOR_FILE`. The
+            GKD code validates on the target sets every 4,000 iterations (mmseg ``val_interval``); a best
+            checkpoint chosen that way has seen the targets' labels, so the last checkpoint stays the headline row.
+    """
+    every = config.validate_every
+    if every is None:
+        return None
+    recipe, log = run.recipe, run.file(validation_log(stage))
     evaluate = make_domain_evaluator(run)
-    history_file = run.file(VALIDATION_FILE)
 
     def on_step(step: int) -> None:
-        if not run.info.is_main or (step % every and step != recipe.head.steps):
+        if not run.info.is_main or (step % every and step != config.steps):
             return
-        history = read_json(history_file) if history_file.is_file() else []
+        history = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
         if any(entry["step"] == step for entry in history):
             return
         domains = {name: metrics["miou"] for name, metrics in evaluate(torch_predictor(segmentor, run.device)).items()}
         targets = [miou for name, miou in domains.items() if name != SOURCE_DOMAIN]
         entry = {"step": step, "miou": domains, "mean_target_miou": sum(targets) / len(targets)}
-        if all(entry["mean_target_miou"] > old["mean_target_miou"] for old in history):
+        if keep_best and all(entry["mean_target_miou"] > old["mean_target_miou"] for old in history):
             save_segmentor(
                 run.file(BEST_SEGMENTOR_FILE), segmentor, recipe.models.student, recipe.models.decoder, run.num_classes
             )
-        write_json(history_file, [*history, entry])
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as file:
+            file.write(json.dumps(entry) + "\n")
         objective.train()
 
     return on_step
@@ -295,7 +312,7 @@ def stage_train_head(run: Run) -> None:
     load_student_encoder(run, segmentor.encoder)
     objective = TaskObjective(segmentor, freeze_encoder=True)
     trainer = run.trainer("head", objective, run.dataset(recipe.data.source, train=True), recipe.head)
-    trainer.fit(head_validator(run, segmentor, objective) if recipe.evaluate.validate_every else None)
+    trainer.fit(validator(run, segmentor, objective, "head", recipe.head, keep_best=True))
     if run.info.is_main:
         save_segmentor(
             run.file(SEGMENTOR_FILE), segmentor, recipe.models.student, recipe.models.decoder, run.num_classes
@@ -306,12 +323,10 @@ def stage_train_no_kd(run: Run) -> None:
     """Reference: the same student fine-tuned end to end on source, without distillation."""
     recipe = run.recipe
     segmentor = student_segmentor(run)
-    run.trainer(
-        "no_kd",
-        TaskObjective(segmentor, freeze_encoder=False),
-        run.dataset(recipe.data.source, train=True),
-        recipe.compare.no_kd,
-    ).fit()
+    objective = TaskObjective(segmentor, freeze_encoder=False)
+    config = recipe.compare.no_kd
+    trainer = run.trainer("no_kd", objective, run.dataset(recipe.data.source, train=True), config)
+    trainer.fit(validator(run, segmentor, objective, "no_kd", config))
     if run.info.is_main:
         save_segmentor(run.file(NO_KD_FILE), segmentor, recipe.models.student, recipe.models.decoder, run.num_classes)
 
@@ -485,9 +500,14 @@ def _evaluation_data(recipe: Recipe) -> list[DataUse]:
     ]
 
 
+def _validated(recipe: Recipe, config: OptimConfig | None) -> list[DataUse]:
+    """Labelled source for a supervised stage, plus every evaluation domain when it validates."""
+    return _source(recipe) + (_evaluation_data(recipe) if config is not None and config.validate_every else [])
+
+
 def _distill_data(recipe: Recipe) -> list[DataUse]:
     if not _two_stage(recipe):
-        return _source(recipe)
+        return _validated(recipe, recipe.distill.joint)
     proxy = [DataUse("proxy", recipe.data.proxy, False)] if recipe.distill.task_agnostic and recipe.data.proxy else []
     return proxy + (_source(recipe, labeled=False) if recipe.distill.domain_agnostic else [])
 
@@ -513,7 +533,7 @@ STAGES: tuple[Stage, ...] = (
         lambda r: (TEACHER_FILE,),
         lambda r: r.teacher_training is not None,
         True,
-        data=_source,
+        data=lambda r: _validated(r, r.teacher_training),
         trainings=lambda r: [TrainingUse("teacher", r.teacher_training, "source")],
         sections=(
             *_TRAIN_DATA,
@@ -524,6 +544,7 @@ STAGES: tuple[Stage, ...] = (
             "teacher_training",
         ),
         weights=("teacher",),
+        side_outputs=(validation_log("teacher"),),
     ),
     Stage(
         "distill",
@@ -536,6 +557,7 @@ STAGES: tuple[Stage, ...] = (
         trainings=_distill_trainings,
         sections=(*_TRAIN_DATA, "models", "data.proxy", "data.proxy_transform", "data.distill_transform", "distill"),
         weights=("teacher", "student"),
+        side_outputs=(validation_log("distill_joint"),),
     ),
     Stage(
         "train-head",
@@ -544,11 +566,11 @@ STAGES: tuple[Stage, ...] = (
         _two_stage,
         True,
         lambda r: (ENCODER_FILE,),
-        data=lambda r: _source(r) + (_evaluation_data(r) if r.evaluate.validate_every else []),
+        data=lambda r: _validated(r, r.head),
         trainings=lambda r: [TrainingUse("head", r.head, "source")],
-        sections=(*_TRAIN_DATA, "models.student", "models.decoder", "head", "evaluate.validate_every"),
+        sections=(*_TRAIN_DATA, "models.student", "models.decoder", "head"),
         weights=("student",),
-        side_outputs=(BEST_SEGMENTOR_FILE, VALIDATION_FILE),
+        side_outputs=(BEST_SEGMENTOR_FILE, validation_log("head")),
     ),
     Stage(
         "train-no-kd",
@@ -556,10 +578,11 @@ STAGES: tuple[Stage, ...] = (
         lambda r: (NO_KD_FILE,),
         lambda r: r.compare.no_kd is not None,
         True,
-        data=_source,
+        data=lambda r: _validated(r, r.compare.no_kd),
         trainings=lambda r: [TrainingUse("no_kd", r.compare.no_kd, "source")],
         sections=(*_TRAIN_DATA, "models.student", "models.decoder", "compare.no_kd"),
         weights=("student",),
+        side_outputs=(validation_log("no_kd"),),
     ),
     Stage(
         "evaluate",

@@ -111,12 +111,6 @@ class EvaluateConfig(_Strict):
     batch_size: int = Field(8, gt=0)
     mode: Literal["whole", "slide"] = "whole"
     stride: tuple[int, int] | None = Field(None, description="slide: window stride (H, W); default 2/3 of img_size")
-    validate_every: int | None = Field(
-        None,
-        gt=0,
-        description="train-head: evaluate every domain each N steps and keep the best checkpoint (mean target mIoU) "
-        "beside the last (the GKD code: 4000); null = last only",
-    )
 
 
 class MethodConfig(_Strict):

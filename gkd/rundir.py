@@ -18,7 +18,6 @@ TEACHER_FILE = "teacher_segmentor.safetensors"
 ENCODER_FILE = "student_encoder.safetensors"
 SEGMENTOR_FILE = "segmentor.safetensors"
 BEST_SEGMENTOR_FILE = "segmentor_best.safetensors"
-VALIDATION_FILE = "head_validation.json"
 NO_KD_FILE = "no_kd_segmentor.safetensors"
 EVAL_FILE = "eval.json"
 EXPORT_FILE = "export.json"
@@ -32,6 +31,13 @@ MODEL_CARD_FILE = "MODEL_CARD.md"
 LOGS_DIR = "logs"
 LOG_FILE = "gkd.log"
 SOURCE_DOMAIN = "source"  # the held-out source split among the evaluated domains
+
+
+def validation_log(stage: str) -> str:
+    """The run-relative JSONL file where training stage ``stage`` (``teacher``, ``no_kd``, ``distill_joint``,
+    ``head``) appends ``{"step", "miou": {domain: mIoU}, "mean_target_miou"}`` every ``validate_every`` steps."""
+    return f"{LOGS_DIR}/{stage}_validation.jsonl"
+
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

@@ -177,8 +177,7 @@ def test_stages_follow_the_authors(tmp_path, monkeypatch):
                 "models": {"teacher": {"patch_size": 16}, "student": {"patch_size": 16}},
                 "data": {"proxy_transform": {"input_size": 56}, "distill_transform": {"input_size": 112}},
                 "distill": {"task_agnostic_patch_size": 14, "task_agnostic": {"repeated_augmentation": 3}},
-                "head": {"schedule": "poly", "poly_power": 0.9},
-                "evaluate": {"validate_every": 3},
+                "head": {"schedule": "poly", "poly_power": 0.9, "validate_every": 3},
             }
         )
     )
@@ -221,7 +220,7 @@ def test_stages_follow_the_authors(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "fit", original)
     assert main(["train-head", "--out", str(out), "--device", "cpu"]) == 0
-    history = json.loads((out / "head_validation.json").read_text())
+    history = [json.loads(line) for line in (out / "logs" / "head_validation.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in history] == [3, 6]
     assert set(history[0]["miou"]) == {"source", "dusk", "fog"}
     assert (out / "segmentor_best.safetensors").is_file()

@@ -225,7 +225,7 @@ def test_recipes_follow_the_authors_protocol(recipes):
             assert recipe.data.targets["mapillary"].options["half_resolution"], _id(path)
         if recipe.distill.schedule != "two_stage":
             continue
-        assert recipe.evaluate.validate_every == 4000, _id(path)
+        assert recipe.head.validate_every == 4000, _id(path)
         assert recipe.data.distill_transform is not None and recipe.data.distill_transform.input_size == 512
         assert recipe.distill.domain_agnostic.repeated_augmentation == 3, _id(path)
         if recipe.distill.task_agnostic is not None:

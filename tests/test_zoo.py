@@ -179,3 +179,24 @@ def test_saved_encoder_loads_into_plain_timm(tmp_path, name):
     assert (loaded.name, loaded.timm_arch) == (name, SPECS[name].arch)
     for a, b in zip(actual.patch_tokens + actual.cls_tokens, expected.patch_tokens + expected.cls_tokens, strict=True):
         assert torch.equal(a, b)
+
+
+def test_conv_stem_vit(tmp_path):
+    """vit_convstem16: four 3x3 stride-2 convolutions instead of the patchify stem, a stride-16 token grid, saved
+    and loaded like any timm ViT; its patch size cannot be changed."""
+    backbone = create_backbone("vit_convstem16", img_size=[64, 96], **TINY).eval()
+    stem = backbone.model.patch_embed.backbone
+    assert [conv.conv.stride for conv in stem] == [(2, 2)] * 4
+    assert [conv.conv.out_channels for conv in stem] == [4, 8, 16, 32]  # embed_dim // 8, // 4, // 2, embed_dim
+    assert backbone.patch_size == 16
+    with torch.no_grad():
+        features = backbone(torch.rand(2, 3, 72, 100), layers=(-1,))  # stretched up to 80 x 112: 5 x 7 tokens
+    assert features.grid == (5, 7) and tuple(features.patch_tokens[0].shape) == (2, 35, 32)
+    path = tmp_path / "encoder.safetensors"
+    save_encoder(backbone, path)
+    loaded = load_encoder(path).eval()
+    images = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images).patch_tokens[0], backbone(images).patch_tokens[0])
+    with pytest.raises(ValueError, match="patch size cannot be changed"):
+        create_backbone("vit_convstem16", patch_size=14, **TINY)

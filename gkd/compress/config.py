@@ -31,6 +31,13 @@ class OptimConfig(BaseModel):
     )
     checkpoint_every: int = Field(100, gt=0, description="steps between resumable checkpoints")
     log_every: int = Field(10, gt=0)
+    validate_every: int | None = Field(
+        None,
+        gt=0,
+        description="supervised stages: mIoU on every domain each N steps and at the last, appended to "
+        "logs/<stage>_validation.jsonl (monitoring: the last checkpoint is the model; train-head also keeps the "
+        "best, on mean target mIoU, as the GKD code does every 4000 iterations); null = off",
+    )
 
 
 class TrainingConfig(BaseModel):

@@ -45,7 +45,8 @@ class Backbone(nn.Module):
 
     @property
     def patch_size(self) -> int:
-        return int(self.model.patch_embed.patch_size[0])
+        """Pixels per token side: the patch, or a conv stem's total stride (``vit_convstem16``: 16)."""
+        return int(self.model.patch_embed.feat_ratio())
 
     @property
     def depth(self) -> int:

@@ -48,6 +48,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import eva, vision_transformer
 from torch import nn
 
+from gkd.models import convstem  # noqa: F401  (registers vit_convstem16 with timm)
 from gkd.models.backbone import Backbone
 from gkd.utils.io import corrupt_safetensors, load_state_dict, save_state_dict
 
@@ -104,7 +105,7 @@ _HEADS = ("head.", "head_dist.")
 # ``student.backbone.*`` (+ teacher and QSD heads, not loaded); its task-learning (mmseg) checkpoints hold
 # ``state_dict`` = ``backbone.*`` + ``decode_head.*``. Only the student encoder is taken from either.
 _RELEASE_PREFIXES = {"student.backbone.": "gkd-distillation", "backbone.": "gkd-segmentation"}
-_VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit", "timm.models.eva")
+_VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit", "timm.models.eva", "gkd.models.convstem")
 
 
 class WeightsMismatchError(RuntimeError):
