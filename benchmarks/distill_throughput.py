@@ -127,9 +127,9 @@ def resolve_setup(args: argparse.Namespace) -> dict[str, Any]:
         )
         if recipe.data.img_size[0] != recipe.data.img_size[1]:
             raise SystemExit(f"--recipe: this benchmark uses square images, the recipe has {recipe.data.img_size}")
-    from gkd.compress.losses import loss_kind
+    from gkd.compress.losses import loss_needs
 
-    if loss_kind(setup["loss"]) != "feature":
+    if not loss_needs(setup["loss"]).two_stage:
         raise SystemExit(f"loss {setup['loss']}: stage-1 distillation takes a feature loss (qsd, mse, cwd, ...)")
     if args.tiny:
         setup["teacher_kwargs"] = {**setup["teacher_kwargs"], **TINY_TEACHER}

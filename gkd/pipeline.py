@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset
 
-from gkd.compress.losses import build_loss, loss_kind
+from gkd.compress.losses import build_loss, loss_needs
 from gkd.compress.objectives import DistillObjective, JointObjective, TaskObjective
 from gkd.compress.trainer import Trainer, fingerprint
 from gkd.data.config import DatasetConfig, build_dataset, dataset_info
@@ -219,7 +219,7 @@ def stage_distill(run: Run) -> None:
     recipe, distill = run.recipe, run.recipe.distill
     student = student_segmentor(run)
     if distill.schedule == "one_stage":
-        if loss_kind(distill.loss.name) == "feature":
+        if not loss_needs(distill.loss.name).teacher_segmentor:
             teacher = teacher_backbone(run)
             teacher_dim = teacher.embed_dim
         else:
@@ -484,7 +484,7 @@ def _two_stage(recipe: Recipe) -> bool:
 
 
 def distill_inputs(recipe: Recipe) -> tuple[str, ...]:
-    teacher_head = recipe.distill.schedule == "one_stage" and loss_kind(recipe.distill.loss.name) == "logit"
+    teacher_head = recipe.distill.schedule == "one_stage" and loss_needs(recipe.distill.loss.name).teacher_segmentor
     return (TEACHER_FILE,) if recipe.models.teacher.train_encoder or teacher_head else ()
 
 

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gkd.compress.config import OptimConfig, TrainingConfig
-from gkd.compress.losses import loss_kind, validate_loss_options
+from gkd.compress.losses import loss_needs, validate_loss_options
 from gkd.data.config import DatasetConfig, dataset_info
 from gkd.data.transforms import EvalTransformConfig, ImageNetTransformConfig, TrainTransformConfig
 from gkd.export.config import BenchmarkConfig, ExportConfig
@@ -160,10 +160,10 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _schedule_is_complete(self) -> Recipe:
         distill = self.distill
-        kind = loss_kind(distill.loss.name)
+        needs = loss_needs(distill.loss.name)
         if distill.schedule == "two_stage":
-            if kind != "feature":
-                raise ValueError(f"distill.loss: {distill.loss.name} distils logits; it needs schedule one_stage")
+            if not needs.two_stage:
+                raise ValueError(f"distill.loss: {distill.loss.name} takes {needs.inputs}; it needs schedule one_stage")
             if distill.task_agnostic is None and distill.domain_agnostic is None:
                 raise ValueError("distill: two_stage needs task_agnostic and/or domain_agnostic")
             if distill.task_agnostic is not None and self.data.proxy is None:
@@ -173,8 +173,8 @@ class Recipe(_Strict):
         else:
             if distill.joint is None:
                 raise ValueError("distill.joint: one_stage needs its optimisation settings")
-            if kind == "logit" and self.teacher_training is None:
-                raise ValueError("teacher_training: logit distillation needs a teacher with a trained head")
+            if needs.teacher_segmentor and self.teacher_training is None:
+                raise ValueError(f"teacher_training: {distill.loss.name} needs a teacher with a trained head")
         if self.models.teacher.train_encoder and self.teacher_training is None:
             raise ValueError("teacher_training: models.teacher.train_encoder needs teacher_training settings")
         return self

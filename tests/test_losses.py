@@ -15,8 +15,15 @@ import timm
 import torch
 from torch import nn
 
-from gkd.compress.losses import LOSSES, build_loss, loss_kind, validate_loss_options
-from gkd.compress.losses.base import random_token_mask
+from gkd.compress.losses import LOSSES, LossNeeds, build_loss, loss_needs, validate_loss_options
+from gkd.compress.losses.base import (
+    conv3x3_generator,
+    feature_term,
+    masked_mean,
+    masked_patch_term,
+    random_token_mask,
+    weighted_pair_means,
+)
 from gkd.models.backbone import Backbone
 from gkd.models.features import ViTFeatures
 
@@ -134,8 +141,15 @@ def run_feature_loss(
 
 def test_registry_names() -> None:
     assert set(LOSSES) == set(FEATURE_LOSSES) | set(LOGIT_LOSSES)
-    assert {name for name in LOSSES if loss_kind(name) == "feature"} == set(FEATURE_LOSSES)
-    assert {name for name in LOSSES if loss_kind(name) == "logit"} == set(LOGIT_LOSSES)
+    assert {name for name in LOSSES if loss_needs(name).inputs == "features"} == set(FEATURE_LOSSES)
+    assert {name for name in LOSSES if loss_needs(name).inputs == "logits"} == set(LOGIT_LOSSES)
+
+
+def test_needs_say_teacher_and_schedule() -> None:
+    features, logits = LossNeeds(inputs="features"), LossNeeds(inputs="logits")
+    assert features.two_stage and not features.teacher_segmentor
+    assert logits.teacher_segmentor and not logits.two_stage
+    assert loss_needs("qsd") == features and loss_needs("vanilla_kd") == logits
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -143,8 +157,8 @@ def test_every_loss_builds_from_defaults(name: str) -> None:
     resolved = validate_loss_options(name, {})
     assert resolved == validate_loss_options(name, resolved)  # a resolved recipe re-validates unchanged
     loss = build_loss(name, resolved, student_dim=32, teacher_dim=48, num_classes=19)
-    assert loss.kind == loss_kind(name)
-    if loss.kind == "feature":
+    assert loss_needs(loss) == loss_needs(name)
+    if loss_needs(loss).inputs == "features":
         assert len(loss.student_layers) == len(loss.teacher_layers) >= 1
 
 
@@ -158,7 +172,7 @@ def test_unknown_loss_lists_known_names() -> None:
     with pytest.raises(ValueError, match=r"unknown distillation loss 'kd'.*qsd"):
         validate_loss_options("kd", {})
     with pytest.raises(ValueError, match="unknown distillation loss"):
-        loss_kind("kd")
+        loss_needs("kd")
     with pytest.raises(ValueError, match="unknown distillation loss"):
         build_loss("kd", {}, 32, 48)
 
@@ -174,6 +188,50 @@ def test_invalid_option_values() -> None:
         validate_loss_options("qsd", {"temperature": 0})
     with pytest.raises(ValueError, match="groups"):
         build_loss("af_dcd", {"groups": 5}, 32, 48)
+
+
+# ---------------------------------------------------------------------------------------------------
+# shared terms, each against its formula written out with numpy
+
+
+def test_masked_mean() -> None:
+    rng = np.random.default_rng(0)
+    values, keep = rng.normal(size=(2, 5)), rng.random((2, 5)) < 0.4
+    out = masked_mean(torch.tensor(values), torch.tensor(keep))
+    assert float(out) == pytest.approx(values[keep].mean())
+    assert float(masked_mean(torch.tensor(values), None)) == pytest.approx(values.mean())
+    assert float(masked_mean(torch.tensor(values), torch.zeros(2, 5, dtype=torch.bool))) == 0.0
+
+
+def test_feature_and_masked_patch_terms() -> None:
+    rng = np.random.default_rng(1)
+    pred, target = rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 3, 4))
+    pred_cls, target_cls = rng.normal(size=(2, 4)), rng.normal(size=(2, 4))
+    pred_t, target_t = torch.tensor(pred), torch.tensor(target)
+    with_cls = np.concatenate([pred_cls[:, None], pred], 1) - np.concatenate([target_cls[:, None], target], 1)
+    cls_pair = (torch.tensor(pred_cls), torch.tensor(target_cls))
+    assert float(feature_term(pred_t, target_t, cls_pair)) == pytest.approx((with_cls**2).mean())
+    assert float(feature_term(pred_t, target_t, None)) == pytest.approx(((pred - target) ** 2).mean())
+    masked = np.array([[True, False, True], [False, False, False]])
+    per_token = ((pred - target) ** 2).mean(-1)
+    assert float(masked_patch_term(pred_t, target_t, torch.tensor(masked))) == pytest.approx(per_token[masked].mean())
+    assert float(masked_patch_term(pred_t, target_t, None)) == pytest.approx(per_token.mean())
+
+
+def test_weighted_pair_means_leave_out_empty_terms() -> None:
+    out = weighted_pair_means({"loss_a": (2.0, [torch.tensor(1.0), torch.tensor(3.0)]), "loss_b": (5.0, [])})
+    assert set(out) == {"loss_a"} and float(out["loss_a"]) == 4.0
+
+
+def test_conv3x3_generator_is_conv_relu_conv() -> None:
+    torch.manual_seed(0)
+    generator = conv3x3_generator(3)
+    x = torch.randn(2, 3, 4, 5)
+    first, second = generator[0], generator[2]
+    hidden = torch.nn.functional.conv2d(x, first.weight, first.bias, padding=1).clamp(min=0)
+    expected = torch.nn.functional.conv2d(hidden, second.weight, second.bias, padding=1)
+    torch.testing.assert_close(generator(x), expected)
+    assert sum(p.numel() for p in generator.parameters()) == 2 * (3 * 3 * 9 + 3)
 
 
 def test_random_token_mask_counts() -> None:

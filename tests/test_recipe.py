@@ -48,8 +48,13 @@ def test_bad_keys_and_values_are_named(default_data, dotted, value, message):
 
 def test_schedule_consistency_is_checked(default_data):
     logit_two_stage = _with(default_data, "distill.loss", {"name": "vanilla_kd", "options": {}})
-    with pytest.raises(RecipeError, match="one_stage"):
+    with pytest.raises(RecipeError, match="vanilla_kd takes logits; it needs schedule one_stage"):
         parse_recipe(logit_two_stage)
+    logit_one_stage = _with(logit_two_stage, "distill.schedule", "one_stage")
+    logit_one_stage = _with(logit_one_stage, "distill.joint", {"steps": 10})
+    assert parse_recipe(_with(logit_one_stage, "teacher_training", {"steps": 10})).distill.schedule == "one_stage"
+    with pytest.raises(RecipeError, match="teacher_training: vanilla_kd needs a teacher with a trained head"):
+        parse_recipe(_with(logit_one_stage, "teacher_training", None))
     no_proxy = _with(default_data, "data.proxy", None)
     with pytest.raises(RecipeError, match=r"data\.proxy"):
         parse_recipe(no_proxy)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gkd.compress.losses.base import DistillLoss
+from gkd.compress.losses import DistillLoss, loss_needs
 from gkd.data.base import IGNORE_INDEX
 from gkd.models.backbone import Backbone
 from gkd.models.decoders import upsample_logits
@@ -64,9 +64,19 @@ class _WithFrozenTeacher(nn.Module):
 
 class DistillObjective(_WithFrozenTeacher):
     """Stage 1 (GKD 1a/1b): ``L_distill(F_t(x), F_s(x))``; trains the student encoder and the loss's
-    own heads (projectors, mask token)."""
+    own heads (projectors, mask token).
+
+    Args:
+        student: the student encoder.
+        loss: a loss usable in stage 1 (``loss_needs(loss).two_stage``: it compares encoder tokens).
+        teacher: the frozen teacher encoder.
+        teacher_dtype: the teacher's precision.
+    """
 
     def __init__(self, student: Backbone, loss: DistillLoss, teacher: Backbone, teacher_dtype: torch.dtype) -> None:
+        needs = loss_needs(loss)
+        if not needs.two_stage:
+            raise ValueError(f"{type(loss).__name__} takes {needs.inputs}; stage 1 has no decoder to produce them")
         super().__init__(teacher, teacher_dtype)
         self.student = student
         self.loss = loss
@@ -108,7 +118,14 @@ class JointObjective(_WithFrozenTeacher):
     """The conventional one-stage schedule: ``L_task(H(F_s(x)), y) + w * L_distill`` on source data.
 
     Feature losses compare encoder tokens (one student pass serves decoder and loss); logit losses
-    compare the segmentor's logits with a teacher segmentor's.
+    compare the segmentor's logits with a teacher segmentor's (``loss_needs(loss).inputs`` says which).
+
+    Args:
+        student: the student segmentor; encoder and decoder both train.
+        loss: the distillation loss.
+        teacher: the teacher backbone (feature losses) or trained teacher segmentor (logit losses).
+        weight: ``w``, the weight of the distillation loss.
+        teacher_dtype: the teacher's precision.
     """
 
     def __init__(
@@ -118,29 +135,39 @@ class JointObjective(_WithFrozenTeacher):
         self.student = student
         self.loss = loss
         self.weight = weight
-        if loss.kind == "feature":
+        self.on_features = loss_needs(loss).inputs == "features"
+        if self.on_features:
             self.teacher_layers = teacher.resolve_layers(loss.teacher_layers)
             self.loss_layers = student.encoder.resolve_layers(loss.student_layers)
             self.all_layers = tuple(sorted(set(self.loss_layers) | set(student.layers)))
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         images, labels = batch["image"], batch["label"]
-        with torch.no_grad():
-            if self.loss.kind == "feature":
-                teacher_out = self.teacher(images.to(self.teacher_dtype), layers=self.teacher_layers)
-            else:
-                teacher_out = self.teacher(images.to(self.teacher_dtype)).float()
-        if self.loss.kind == "feature":
-            features = self.student.encode(images, layers=self.all_layers)
-            logits, task = segmentation_loss(self.student, select_layers(features, self.student.layers).maps(), labels)
-            loss_features = select_layers(features, self.loss_layers)
-            if not self.student.normalised_taps:  # the decoder took raw tokens; losses compare normalised ones
-                loss_features = self.student.encoder.normalise(loss_features)
-            distill = self.loss(loss_features, teacher_out, self.student.encoder, images)
-        else:
-            logits, task = segmentation_loss(self.student, self.student.encode(images).maps(), labels)
-            distill = self.loss(logits.float(), teacher_out)
+        distill_terms = self._feature_terms if self.on_features else self._logit_terms
+        task, distill = distill_terms(images, labels)
         outputs = {f"distill_{k}": v.detach() for k, v in distill.items()}
         outputs.update({key: value for key, value in task.items() if key != "loss"})
         outputs["loss"] = task["loss"] + self.weight * distill["loss"]
         return outputs
+
+    def _feature_terms(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Task and distillation losses of a feature loss, from one student pass."""
+        with torch.no_grad():
+            teacher_features = self.teacher(images.to(self.teacher_dtype), layers=self.teacher_layers)
+        features = self.student.encode(images, layers=self.all_layers)
+        task = segmentation_loss(self.student, select_layers(features, self.student.layers).maps(), labels)[1]
+        loss_features = select_layers(features, self.loss_layers)
+        if not self.student.normalised_taps:  # the decoder took raw tokens; losses compare normalised ones
+            loss_features = self.student.encoder.normalise(loss_features)
+        return task, self.loss(loss_features, teacher_features, self.student.encoder, images)
+
+    def _logit_terms(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Task and distillation losses of a logit loss."""
+        with torch.no_grad():
+            teacher_logits = self.teacher(images.to(self.teacher_dtype)).float()
+        logits, task = segmentation_loss(self.student, self.student.encode(images).maps(), labels)
+        return task, self.loss(logits.float(), teacher_logits)

@@ -1,7 +1,8 @@
 """Registry of distillation losses: QSD (GKD's own) and every baseline, one file each.
 
-``LOSSES`` maps a recipe name to its class; ``validate_loss_options`` checks and completes a recipe's
-options; ``build_loss`` constructs the loss for given student/teacher widths.
+``LOSSES`` maps a recipe name to its class; ``loss_needs`` says what a loss consumes (features or
+logits; a teacher encoder or a trained teacher segmentor); ``validate_loss_options`` checks and completes
+a recipe's options; ``build_loss`` constructs the loss for given student/teacher widths.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 import pydantic
 
 from gkd.compress.losses.af_dcd import AfDCDLoss
-from gkd.compress.losses.base import DistillLoss
+from gkd.compress.losses.base import DistillLoss, LossNeeds
 from gkd.compress.losses.cwd import CWDLogitsLoss, CWDLoss
 from gkd.compress.losses.g2sd import G2SDLoss
 from gkd.compress.losses.mse import MSELoss
@@ -32,7 +33,7 @@ LOSSES: dict[str, type[DistillLoss]] = {
     "proteus": ProteusLoss,
 }
 
-__all__ = ["LOSSES", "DistillLoss", "build_loss", "loss_kind", "validate_loss_options"]
+__all__ = ["LOSSES", "DistillLoss", "LossNeeds", "build_loss", "loss_needs", "validate_loss_options"]
 
 
 def _loss_class(name: str) -> type[DistillLoss]:
@@ -41,9 +42,10 @@ def _loss_class(name: str) -> type[DistillLoss]:
     return LOSSES[name]
 
 
-def loss_kind(name: str) -> str:
-    """``"feature"`` (encoder tokens) or ``"logit"`` (segmentation logits)."""
-    return _loss_class(name).kind
+def loss_needs(loss: str | DistillLoss) -> LossNeeds:
+    """What the loss named ``loss`` (a recipe name, or a built loss) consumes: the one place recipe
+    validation, the pipeline and the objectives learn it."""
+    return loss.needs if isinstance(loss, DistillLoss) else _loss_class(loss).needs
 
 
 def _options(name: str, options: dict[str, Any]) -> DistillLoss.Options:
@@ -61,6 +63,13 @@ def validate_loss_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
 def build_loss(
     name: str, options: dict[str, Any], student_dim: int, teacher_dim: int, num_classes: int | None = None
 ) -> DistillLoss:
-    """The loss ``name`` with ``options`` for a student of width ``student_dim`` and a teacher of width
-    ``teacher_dim`` (``num_classes``: the logits' class count, checked by logit losses)."""
+    """The loss ``name`` built for given network widths.
+
+    Args:
+        name: a key of ``LOSSES``.
+        options: its recipe options (validated here; defaults fill the missing ones).
+        student_dim: the student's token width.
+        teacher_dim: the teacher's token width.
+        num_classes: the logits' class count, checked by logit losses.
+    """
     return _loss_class(name)(_options(name, options), student_dim, teacher_dim, num_classes)

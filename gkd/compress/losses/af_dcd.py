@@ -37,7 +37,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from gkd.compress.losses.base import FeatureDistillLoss, SingleLayerOptions, student_on_teacher_grid, total
+from gkd.compress.losses.base import (
+    FeatureDistillLoss,
+    SingleLayerOptions,
+    conv3x3_generator,
+    paired_student_tokens,
+    total,
+)
 from gkd.models.backbone import Backbone
 from gkd.models.features import ViTFeatures, tokens_to_map
 
@@ -84,17 +90,13 @@ class AfDCDLoss(FeatureDistillLoss):
         if teacher_dim % options.groups:
             raise ValueError(f"af_dcd: groups {options.groups} does not divide the teacher width {teacher_dim}")
         self.align = nn.Linear(student_dim, teacher_dim)
-        self.projector = nn.Sequential(
-            nn.Conv2d(teacher_dim, teacher_dim, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(teacher_dim, teacher_dim, kernel_size=3, padding=1),
-        )
+        self.projector = conv3x3_generator(teacher_dim)
 
     def forward(
         self, student_feats: ViTFeatures, teacher_feats: ViTFeatures, student: Backbone, images: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         opts, grid = self.options, teacher_feats.grid
-        tokens = student_on_teacher_grid(student_feats.patch_tokens[0], student_feats.grid, grid)
+        tokens = paired_student_tokens(student_feats, 0, grid)
         aligned = tokens_to_map(self.align(tokens), grid)
         predicted = self.projector(aligned * self._keep(aligned)).float()
         target = tokens_to_map(teacher_feats.patch_tokens[0], grid).float()

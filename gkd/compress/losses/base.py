@@ -1,13 +1,16 @@
-"""The contract every distillation loss implements, and the helpers the feature losses share.
+"""The contract every distillation loss implements, and the terms and helpers the losses share.
 
-Two kinds of loss:
+Each loss class says what it consumes (:class:`LossNeeds`, its ``needs``); recipe validation, the
+pipeline and the objectives ask :func:`gkd.compress.losses.loss_needs` instead of testing loss names.
 
-* ``"feature"``: ``forward(student_feats, teacher_feats, student, images)`` compares encoder tokens.
-  ``student_feats`` are ``student(images, layers=self.student_layers)`` (unmasked, with gradients);
-  ``teacher_feats`` are the frozen teacher's tokens for ``self.teacher_layers`` (no gradients, possibly
-  fp16/bf16). A loss that needs a masked student pass runs it itself with its own ``mask_token``.
-* ``"logit"``: ``forward(student_logits, teacher_logits, ignore_mask=None)`` compares ``(B, K, H, W)``
-  segmentation logits.
+* Feature losses (``needs.inputs == "features"``): ``forward(student_feats, teacher_feats, student,
+  images)`` compares encoder tokens. ``student_feats`` are ``student(images, layers=self.student_layers)``
+  (unmasked, with gradients); ``teacher_feats`` are the frozen teacher's tokens for
+  ``self.teacher_layers`` (no gradients, possibly fp16/bf16). A loss that needs a masked student pass
+  runs it itself with its own ``mask_token``.
+* Logit losses (``needs.inputs == "logits"``): ``forward(student_logits, teacher_logits,
+  ignore_mask=None)`` compares ``(B, K, H, W)`` segmentation logits; the teacher is a segmentor whose
+  head was trained on the labeled source.
 
 Conventions shared by every feature loss:
 
@@ -18,15 +21,22 @@ Conventions shared by every feature loss:
   (The official GKD code resizes the patch embeddings so both grids coincide; recipes do the same with
   ``models.*.patch_size`` and ``distill.task_agnostic_patch_size``, and the resampling is then a no-op.)
 * Every loss returns ``{"loss": total, "loss_<term>": weighted term (detached), ...}``.
+
+Shared terms live here and the losses compose them, as DINOv2 composes ``DINOLoss``, ``iBOTPatchLoss``
+and ``KoLeoLoss``: the CLS / feature / masked-patch terms of QSD and Proteus (:func:`class_tokens`,
+:func:`feature_term`, :func:`masked_patch_term`), the ``Conv3x3 -> ReLU -> Conv3x3`` generator of Af-DCD
+and ViTKD (:func:`conv3x3_generator`) and the masked mean of vanilla KD and Proteus (:func:`masked_mean`).
 """
 
 from __future__ import annotations
 
 import functools
 import operator
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
@@ -34,10 +44,36 @@ from gkd.models.backbone import Backbone
 from gkd.models.features import ViTFeatures, align_tokens
 
 
-class DistillLoss(nn.Module):
-    """Base class of every distillation loss; ``Options`` holds its recipe options (paper defaults)."""
+@dataclass(frozen=True)
+class LossNeeds:
+    """What a distillation loss consumes, declared by its class.
 
-    kind: ClassVar[str]
+    Args:
+        inputs: ``"features"``: encoder tokens of student and teacher, at the layers the loss's
+            ``student_layers`` / ``teacher_layers`` options name; ``"logits"``: ``(B, K, H, W)``
+            segmentation logits of a student and a teacher segmentor.
+    """
+
+    inputs: Literal["features", "logits"]
+
+    @property
+    def teacher_segmentor(self) -> bool:
+        """Whether the teacher must be a segmentor with a head trained on source (``teacher_training``),
+        rather than the bare foundation-model encoder."""
+        return self.inputs == "logits"
+
+    @property
+    def two_stage(self) -> bool:
+        """Whether GKD's decoupled stage 1 can use the loss: it trains the encoder alone, so there are
+        no student logits to compare."""
+        return self.inputs == "features"
+
+
+class DistillLoss(nn.Module):
+    """Base class of every distillation loss; ``Options`` holds its recipe options (paper defaults),
+    ``needs`` what it consumes."""
+
+    needs: ClassVar[LossNeeds]
     student_layers: tuple[int, ...] = ()
     teacher_layers: tuple[int, ...] = ()
 
@@ -45,6 +81,14 @@ class DistillLoss(nn.Module):
         model_config = ConfigDict(extra="forbid")
 
     def __init__(self, options: Options, student_dim: int, teacher_dim: int, num_classes: int | None = None) -> None:
+        """Build the loss's own modules (projectors, heads, mask token).
+
+        Args:
+            options: the validated recipe options.
+            student_dim: the student's token width.
+            teacher_dim: the teacher's token width.
+            num_classes: the logits' class count where known (checked by logit losses).
+        """
         super().__init__()
         self.options = options
 
@@ -81,7 +125,7 @@ class SingleLayerOptions(LayerPairOptions):
 class FeatureDistillLoss(DistillLoss):
     """A loss on encoder tokens (see the module docstring for the call contract)."""
 
-    kind: ClassVar[str] = "feature"
+    needs: ClassVar[LossNeeds] = LossNeeds(inputs="features")
 
     def __init__(
         self, options: LayerPairOptions, student_dim: int, teacher_dim: int, num_classes: int | None = None
@@ -99,7 +143,7 @@ class FeatureDistillLoss(DistillLoss):
 class LogitDistillLoss(DistillLoss):
     """A loss on ``(B, K, H, W)`` segmentation logits of a student and a teacher segmentor."""
 
-    kind: ClassVar[str] = "logit"
+    needs: ClassVar[LossNeeds] = LossNeeds(inputs="logits")
 
     def __init__(
         self, options: DistillLoss.Options, student_dim: int, teacher_dim: int, num_classes: int | None = None
@@ -120,6 +164,16 @@ class LogitDistillLoss(DistillLoss):
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, ignore_mask: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
+        """The loss on ``(B, K, H, W)`` logits; ``ignore_mask`` (``(B, H, W)``, bool) marks pixels left out."""
+        self.check_logits(student_logits, teacher_logits)
+        valid = None if ignore_mask is None else ~ignore_mask
+        return total(self.terms(student_logits.float(), teacher_logits.float(), valid))
+
+    def terms(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """The weighted terms for checked float32 logits; ``valid`` (``(B, H, W)``): the pixels that
+        count (``None``: all)."""
         raise NotImplementedError
 
 
@@ -141,6 +195,11 @@ def student_on_teacher_grid(tokens: torch.Tensor, grid: tuple[int, int], teacher
     return align_tokens(tokens.float(), grid, teacher_grid)
 
 
+def paired_student_tokens(student_feats: ViTFeatures, index: int, teacher_grid: tuple[int, int]) -> torch.Tensor:
+    """The student's patch tokens of pair ``index`` on the teacher's grid, in float32."""
+    return student_on_teacher_grid(student_feats.patch_tokens[index], student_feats.grid, teacher_grid)
+
+
 def teacher_cls(teacher_feats: ViTFeatures, index: int, loss_name: str) -> torch.Tensor:
     """The teacher's class token of pair ``index`` in float32; an error if the teacher has none."""
     cls = teacher_feats.cls_tokens[index]
@@ -160,20 +219,31 @@ def student_cls(student_feats: ViTFeatures, index: int, loss_name: str) -> torch
 def masked_student_pass(
     student: Backbone,
     images: torch.Tensor,
-    layers: tuple[int, ...],
-    grid: tuple[int, int],
+    unmasked: ViTFeatures,
     ratio: float,
     probability: float,
     mask_token: torch.Tensor,
 ) -> tuple[ViTFeatures, torch.Tensor]:
-    """The student's tokens for ``images`` with ``int(N * ratio)`` random patches of the first
-    ``int(B * probability)`` samples replaced by ``mask_token`` (the masking of Proteus and GKD's
-    released code: ``--mask_probability``, ``--mask_ratio``, ``--mask_first_n``); returns the features
-    and the ``(B, N)`` mask on the student's grid ``grid``."""
+    """A second student pass, of the layers of ``unmasked``, with ``int(N * ratio)`` random patches of
+    the first ``int(B * probability)`` images replaced by ``mask_token`` (the masking of Proteus and
+    GKD's released code: ``--mask_probability``, ``--mask_ratio``, ``--mask_first_n``).
+
+    Args:
+        student: the student backbone.
+        images: the batch the unmasked pass saw.
+        unmasked: that pass's features (their layers and grid are reused).
+        ratio: the fraction of patches masked in a masked image.
+        probability: the fraction of the batch that is masked.
+        mask_token: the loss's learned ``(C_s,)`` mask token.
+
+    Returns:
+        The masked pass's features and the ``(B, N)`` bool mask on the student's grid.
+    """
+    grid = unmasked.grid
     batch, num_tokens = images.shape[0], grid[0] * grid[1]
     count = int(num_tokens * ratio)
     mask = random_token_mask(batch, num_tokens, count, images.device, masked_samples=int(batch * probability))
-    return student(images, layers=layers, mask=mask, mask_token=mask_token), mask
+    return student(images, layers=unmasked.layers, mask=mask, mask_token=mask_token), mask
 
 
 def random_token_mask(
@@ -189,3 +259,68 @@ def random_token_mask(
     if masked_samples is not None:
         mask[masked_samples:] = False
     return mask
+
+
+def class_tokens(
+    head: nn.Module, student_feats: ViTFeatures, teacher_feats: ViTFeatures, index: int, loss_name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's class token of pair ``index`` through ``head`` and the teacher's, both float32
+    ``(B, C_t)``: the CLS term of QSD and Proteus is their MSE, and their feature term prepends them.
+
+    Args:
+        head: the projection of the student's class token to the teacher width.
+        student_feats: the student's features (unmasked pass).
+        teacher_feats: the teacher's features.
+        index: the layer pair.
+        loss_name: named in the error raised when either network has no class token.
+    """
+    target = teacher_cls(teacher_feats, index, loss_name)
+    return head(student_cls(student_feats, index, loss_name)).float(), target
+
+
+def feature_term(
+    predicted: torch.Tensor, target: torch.Tensor, cls_pair: tuple[torch.Tensor, torch.Tensor] | None
+) -> torch.Tensor:
+    """``MSE([p_cls ; predicted], [t_cls ; target])`` over batch, tokens and channels: the feature term
+    of QSD and Proteus; ``cls_pair`` is :func:`class_tokens`'s ``(p_cls, t_cls)``, or ``None`` to
+    compare the patch tokens alone."""
+    if cls_pair is not None:
+        predicted_cls, target_cls = cls_pair
+        predicted = torch.cat([predicted_cls[:, None], predicted], dim=1)
+        target = torch.cat([target_cls[:, None], target], dim=1)
+    return F.mse_loss(predicted, target)
+
+
+def masked_patch_term(predicted: torch.Tensor, target: torch.Tensor, masked: torch.Tensor | None) -> torch.Tensor:
+    """The masked-patch term of QSD and Proteus: the MSE of the ``(B, N, C)`` tokens predicted from the
+    masked student pass against the teacher's, over every token (``masked`` is ``None``: QSD) or over
+    the tokens set in the ``(B, N)`` bool ``masked`` only (Proteus; 0 when none is)."""
+    if masked is None:
+        return F.mse_loss(predicted, target)
+    return masked_mean((predicted - target).pow(2).mean(dim=-1), masked)
+
+
+def masked_mean(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The mean of ``values`` over the entries where the bool ``keep`` (same shape) holds, 0 when none
+    does; the plain mean when ``keep`` is ``None``. Vanilla KD's mean over the pixels not ignored,
+    Proteus's over the masked tokens."""
+    if keep is None:
+        return values.mean()
+    weights = keep.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp(min=1)
+
+
+def weighted_pair_means(terms: dict[str, tuple[float, list[torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """``{name: weight * mean of its per-layer-pair losses}`` for each ``name: (weight, losses)``, leaving
+    out the names without losses (terms switched off)."""
+    return {name: weight * torch.stack(losses).mean() for name, (weight, losses) in terms.items() if losses}
+
+
+def conv3x3_generator(dim: int) -> nn.Sequential:
+    """``Conv3x3 -> ReLU -> Conv3x3`` at width ``dim`` on a ``(B, C, H, W)`` token map: the projector
+    ``G`` of Af-DCD and the generator ``G`` of ViTKD."""
+    return nn.Sequential(
+        nn.Conv2d(dim, dim, kernel_size=3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(dim, dim, kernel_size=3, padding=1),
+    )

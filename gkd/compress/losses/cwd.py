@@ -9,11 +9,11 @@ the teacher's::
 
 One function, :func:`channel_wise_divergence`, serves two registered losses:
 
-* ``cwd`` (feature kind): the maps are encoder tokens, the student's passed through a linear projector
+* ``cwd`` (a feature loss): the maps are encoder tokens, the student's passed through a linear projector
   (a 1x1 convolution on the token map) to the teacher's width and resampled onto the teacher's grid;
   one projector per layer pair, the divergence averaged over pairs. This is CWD as a feature
   distillation strategy (GKD's Table 4 compares it with MSE, ViTKD and QSD).
-* ``cwd_logits`` (logit kind): the maps are the segmentation logits of student and teacher segmentors
+* ``cwd_logits`` (a logit loss): the maps are the segmentation logits of student and teacher segmentors
   (CWD's main setting, GKD's Table 1/2 baseline); pixels marked in ``ignore_mask`` are left out of every
   channel's spatial distribution.
 
@@ -34,7 +34,7 @@ from gkd.compress.losses.base import (
     FeatureDistillLoss,
     LayerPairOptions,
     LogitDistillLoss,
-    student_on_teacher_grid,
+    paired_student_tokens,
     total,
 )
 from gkd.models.backbone import Backbone
@@ -79,7 +79,7 @@ class CWDLoss(FeatureDistillLoss):
         grid = teacher_feats.grid
         losses = []
         for i, projector in enumerate(self.projectors):
-            tokens = projector(student_on_teacher_grid(student_feats.patch_tokens[i], student_feats.grid, grid))
+            tokens = projector(paired_student_tokens(student_feats, i, grid))
             losses.append(
                 channel_wise_divergence(
                     tokens_to_map(tokens, grid),
@@ -97,10 +97,8 @@ class CWDLogitsLoss(LogitDistillLoss):
         temperature: float = Field(4.0, gt=0)
         weight: float = Field(3.0, ge=0)
 
-    def forward(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, ignore_mask: torch.Tensor | None = None
+    def terms(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        self.check_logits(student_logits, teacher_logits)
-        valid = None if ignore_mask is None else ~ignore_mask
         divergence = channel_wise_divergence(student_logits, teacher_logits, self.options.temperature, valid)
-        return total({"loss_cwd": self.options.weight * divergence})
+        return {"loss_cwd": self.options.weight * divergence}

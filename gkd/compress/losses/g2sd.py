@@ -21,7 +21,7 @@ patches are replaced by a learned mask token at the student's input (SimMIM-styl
 mask tokens nor its own position embedding (each token already carries its position).
 ``decoder_depth: 0`` leaves only the embedding and the prediction MLP. The specific (task) stage of
 G2SD is logit distillation from a fine-tuned teacher: use ``vanilla_kd`` for it. This loss uses only
-its own masked pass; the caller's unmasked ``student_feats`` contribute nothing.
+its own masked pass; of the caller's unmasked ``student_feats`` only the layers and grid are used.
 """
 
 from __future__ import annotations
@@ -75,9 +75,7 @@ class G2SDLoss(FeatureDistillLoss):
         self, student_feats: ViTFeatures, teacher_feats: ViTFeatures, student: Backbone, images: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         opts = self.options
-        masked, _ = masked_student_pass(
-            student, images, self.student_layers, student_feats.grid, opts.mask_ratio, 1.0, self.mask_token
-        )
+        masked, _ = masked_student_pass(student, images, student_feats, opts.mask_ratio, 1.0, self.mask_token)
         predicted = self.predictor(self.decoder(self.decoder_embed(masked.patch_tokens[0])))
         predicted = student_on_teacher_grid(predicted, masked.grid, teacher_feats.grid)
         target = teacher_feats.patch_tokens[0].float()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from gkd.compress.losses.base import FeatureDistillLoss, LayerPairOptions, student_on_teacher_grid, total
+from gkd.compress.losses.base import FeatureDistillLoss, LayerPairOptions, paired_student_tokens, total
 from gkd.models.backbone import Backbone
 from gkd.models.features import ViTFeatures
 
@@ -38,6 +38,6 @@ class MSELoss(FeatureDistillLoss):
     ) -> dict[str, torch.Tensor]:
         losses = []
         for i, projector in enumerate(self.projectors):
-            tokens = student_on_teacher_grid(student_feats.patch_tokens[i], student_feats.grid, teacher_feats.grid)
+            tokens = paired_student_tokens(student_feats, i, teacher_feats.grid)
             losses.append(F.mse_loss(projector(tokens).float(), teacher_feats.patch_tokens[i].float()))
         return total({"loss_mse": self.weight * torch.stack(losses).mean()})

@@ -32,12 +32,14 @@ from torch import nn
 from gkd.compress.losses.base import (
     FeatureDistillLoss,
     LayerPairOptions,
+    class_tokens,
+    feature_term,
     ln_linear,
+    masked_patch_term,
     masked_student_pass,
-    student_cls,
-    student_on_teacher_grid,
-    teacher_cls,
+    paired_student_tokens,
     total,
+    weighted_pair_means,
 )
 from gkd.models.backbone import Backbone
 from gkd.models.features import ViTFeatures, align_mask
@@ -81,35 +83,26 @@ class ProteusLoss(FeatureDistillLoss):
         masked = mask = None
         if opts.patch_weight > 0:
             masked, mask = masked_student_pass(
-                student,
-                images,
-                self.student_layers,
-                student_feats.grid,
-                opts.mask_ratio,
-                opts.mask_probability,
-                self.mask_token,
+                student, images, student_feats, opts.mask_ratio, opts.mask_probability, self.mask_token
             )
-            mask = align_mask(mask, student_feats.grid, teacher_feats.grid).float()
+            mask = align_mask(mask, student_feats.grid, teacher_feats.grid)
         token_losses, feature_losses, patch_losses = [], [], []
         for i, head in enumerate(self.heads):
             target = teacher_feats.patch_tokens[i].float()
-            if "token" in head:
-                target_cls = teacher_cls(teacher_feats, i, "proteus")
-                pred_cls = head["token"](student_cls(student_feats, i, "proteus")).float()
-                token_losses.append(F.mse_loss(pred_cls, target_cls))
+            cls_pair = (
+                class_tokens(head["token"], student_feats, teacher_feats, i, "proteus") if "token" in head else None
+            )
+            if opts.token_weight > 0:
+                token_losses.append(F.mse_loss(*cls_pair))
             if "feature" in head:
-                tokens = student_on_teacher_grid(student_feats.patch_tokens[i], student_feats.grid, teacher_feats.grid)
-                pred = torch.cat([pred_cls[:, None], head["feature"](tokens).float()], dim=1)
-                feature_losses.append(F.mse_loss(pred, torch.cat([target_cls[:, None], target], dim=1)))
+                tokens = paired_student_tokens(student_feats, i, teacher_feats.grid)
+                feature_losses.append(feature_term(head["feature"](tokens).float(), target, cls_pair))
             if masked is not None:
-                tokens = student_on_teacher_grid(masked.patch_tokens[i], masked.grid, teacher_feats.grid)
-                per_token = (head["patch"](tokens).float() - target).pow(2).mean(dim=-1)
-                patch_losses.append((per_token * mask).sum() / mask.sum().clamp(min=1))
-        terms = {}
-        if opts.token_weight > 0:
-            terms["loss_token"] = opts.token_weight * torch.stack(token_losses).mean()
-        if feature_losses:
-            terms["loss_feat"] = opts.feature_weight * torch.stack(feature_losses).mean()
-        if patch_losses:
-            terms["loss_patch"] = opts.patch_weight * torch.stack(patch_losses).mean()
-        return total(terms)
+                tokens = paired_student_tokens(masked, i, teacher_feats.grid)
+                patch_losses.append(masked_patch_term(head["patch"](tokens).float(), target, mask))
+        weighted = {
+            "loss_token": (opts.token_weight, token_losses),
+            "loss_feat": (opts.feature_weight, feature_losses),
+            "loss_patch": (opts.patch_weight, patch_losses),
+        }
+        return total(weighted_pair_means(weighted))

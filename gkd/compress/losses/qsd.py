@@ -57,12 +57,14 @@ from torch import nn
 from gkd.compress.losses.base import (
     FeatureDistillLoss,
     LayerPairOptions,
+    class_tokens,
+    feature_term,
     ln_linear,
+    masked_patch_term,
     masked_student_pass,
-    student_cls,
-    student_on_teacher_grid,
-    teacher_cls,
+    paired_student_tokens,
     total,
+    weighted_pair_means,
 )
 from gkd.models.backbone import Backbone
 from gkd.models.features import ViTFeatures
@@ -144,37 +146,23 @@ class QSDLoss(FeatureDistillLoss):
         masked = None
         if opts.mask_patch:
             masked, _ = masked_student_pass(
-                student,
-                images,
-                self.student_layers,
-                student_feats.grid,
-                opts.mask_ratio,
-                opts.mask_probability,
-                self.mask_token,
+                student, images, student_feats, opts.mask_ratio, opts.mask_probability, self.mask_token
             )
         cls_losses, feature_losses, mask_losses = [], [], []
         for i, head in enumerate(self.heads):
             target = teacher_feats.patch_tokens[i].float()
-            if opts.cls_token:
-                target_cls = teacher_cls(teacher_feats, i, "qsd")
-                pred_cls = head["cls"](student_cls(student_feats, i, "qsd")).float()
-                cls_losses.append(F.mse_loss(pred_cls, target_cls))
+            cls_pair = class_tokens(head["cls"], student_feats, teacher_feats, i, "qsd") if opts.cls_token else None
+            if cls_pair is not None:
+                cls_losses.append(F.mse_loss(*cls_pair))
             if opts.feature:
-                tokens = student_on_teacher_grid(student_feats.patch_tokens[i], student_feats.grid, teacher_feats.grid)
-                pred = head["feature"](tokens, target)
-                full_target = target
-                if opts.cls_token:
-                    pred = torch.cat([pred_cls[:, None], pred], dim=1)
-                    full_target = torch.cat([target_cls[:, None], target], dim=1)
-                feature_losses.append(F.mse_loss(pred, full_target))
+                tokens = paired_student_tokens(student_feats, i, teacher_feats.grid)
+                feature_losses.append(feature_term(head["feature"](tokens, target), target, cls_pair))
             if masked is not None:
-                tokens = student_on_teacher_grid(masked.patch_tokens[i], masked.grid, teacher_feats.grid)
-                mask_losses.append(F.mse_loss(head["mask"](tokens, target), target))
-        terms = {}
-        if cls_losses:
-            terms["loss_cls"] = opts.cls_weight * torch.stack(cls_losses).mean()
-        if feature_losses:
-            terms["loss_feat"] = opts.feature_weight * torch.stack(feature_losses).mean()
-        if mask_losses:
-            terms["loss_mask"] = opts.mask_weight * torch.stack(mask_losses).mean()
-        return total(terms)
+                tokens = paired_student_tokens(masked, i, teacher_feats.grid)
+                mask_losses.append(masked_patch_term(head["mask"](tokens, target), target, None))
+        weighted = {
+            "loss_cls": (opts.cls_weight, cls_losses),
+            "loss_feat": (opts.feature_weight, feature_losses),
+            "loss_mask": (opts.mask_weight, mask_losses),
+        }
+        return total(weighted_pair_means(weighted))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from gkd.compress.losses.base import DistillLoss, LogitDistillLoss, total
+from gkd.compress.losses.base import DistillLoss, LogitDistillLoss, masked_mean
 
 
 class VanillaKDLoss(LogitDistillLoss):
@@ -29,17 +29,11 @@ class VanillaKDLoss(LogitDistillLoss):
         temperature: float = Field(1.0, gt=0)
         weight: float = Field(1.0, ge=0)
 
-    def forward(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, ignore_mask: torch.Tensor | None = None
+    def terms(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        self.check_logits(student_logits, teacher_logits)
         tau = self.options.temperature
-        log_q_s = F.log_softmax(student_logits.float() / tau, dim=1)
-        log_q_t = F.log_softmax(teacher_logits.float() / tau, dim=1)
+        log_q_s = F.log_softmax(student_logits / tau, dim=1)
+        log_q_t = F.log_softmax(teacher_logits / tau, dim=1)
         per_pixel = (log_q_t.exp() * (log_q_t - log_q_s)).sum(dim=1)
-        if ignore_mask is None:
-            kl = per_pixel.mean()
-        else:
-            valid = (~ignore_mask).float()
-            kl = (per_pixel * valid).sum() / valid.sum().clamp(min=1)
-        return total({"loss_kd": self.options.weight * tau**2 * kl})
+        return {"loss_kd": self.options.weight * tau**2 * masked_mean(per_pixel, valid)}

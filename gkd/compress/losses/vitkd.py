@@ -27,8 +27,9 @@ from torch import nn
 from gkd.compress.losses.base import (
     FeatureDistillLoss,
     LayerPairOptions,
+    conv3x3_generator,
+    paired_student_tokens,
     random_token_mask,
-    student_on_teacher_grid,
     total,
 )
 from gkd.models.backbone import Backbone
@@ -55,29 +56,21 @@ class ViTKDLoss(FeatureDistillLoss):
         self.mimic = nn.ModuleList(width_projector(student_dim, teacher_dim) for _ in self.student_layers[:-1])
         self.align = width_projector(student_dim, teacher_dim)
         self.mask_token = nn.Parameter(torch.zeros(teacher_dim))
-        self.generator = nn.Sequential(
-            nn.Conv2d(teacher_dim, teacher_dim, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(teacher_dim, teacher_dim, kernel_size=3, padding=1),
-        )
+        self.generator = conv3x3_generator(teacher_dim)
 
     def forward(
         self, student_feats: ViTFeatures, teacher_feats: ViTFeatures, student: Backbone, images: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         opts, grid = self.options, teacher_feats.grid
-
-        def on_grid(i: int) -> torch.Tensor:
-            return student_on_teacher_grid(student_feats.patch_tokens[i], student_feats.grid, grid)
-
         batch = images.shape[0]
         terms = {}
         if len(self.mimic):
-            squared = [
-                (projector(on_grid(i)).float() - teacher_feats.patch_tokens[i].float()).pow(2).sum()
-                for i, projector in enumerate(self.mimic)
-            ]
-            terms["loss_mimic"] = opts.alpha * torch.stack(squared).sum() / batch
-        x = self.align(on_grid(-1))
+            mimic_errors = []
+            for i, projector in enumerate(self.mimic):
+                mimicked = projector(paired_student_tokens(student_feats, i, grid)).float()
+                mimic_errors.append((mimicked - teacher_feats.patch_tokens[i].float()).pow(2).sum())
+            terms["loss_mimic"] = opts.alpha * torch.stack(mimic_errors).sum() / batch
+        x = self.align(paired_student_tokens(student_feats, -1, grid))
         num_tokens = x.shape[1]
         mask = random_token_mask(batch, num_tokens, num_tokens - int(num_tokens * (1 - opts.mask_ratio)), x.device)
         x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
