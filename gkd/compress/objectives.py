@@ -40,7 +40,13 @@ def segmentation_loss(
     segmentor: Segmentor, maps: list[torch.Tensor], labels: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits at the labels' size and the task loss of the segmentor's decoder: cross-entropy (ignore 255),
-    or the decoder's own loss where it has one (Mask2Former's set loss on its per-layer query outputs)."""
+    or the decoder's own loss where it has one (Mask2Former's set loss on its per-layer query outputs).
+
+    Args:
+        segmentor: the segmentor whose decoder runs.
+        maps: the encoder's feature maps of the decoder's layers.
+        labels: ``(B, H, W)`` train ids.
+    """
     decoder, size = segmentor.decoder, labels.shape[-2:]
     if hasattr(decoder, "forward_queries"):
         queries = decoder.forward_queries(maps)

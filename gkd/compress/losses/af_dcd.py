@@ -51,7 +51,15 @@ from gkd.models.features import ViTFeatures, tokens_to_map
 def omni_contrastive(
     student_map: torch.Tensor, teacher_map: torch.Tensor, groups: int, local_size: int, temperature: float
 ) -> torch.Tensor:
-    """Sum over all items of the InfoNCE loss above, divided by the map's ``H * W`` (not by ``B``)."""
+    """Sum over all items of the InfoNCE loss above, divided by the map's ``H * W`` (not by ``B``).
+
+    Args:
+        student_map: the projected student's ``(B, C, H, W)`` map ``F``.
+        teacher_map: the teacher's map ``T``, of the same shape.
+        groups: ``M``, the channel groups (must divide ``C``).
+        local_size: the side of the local windows.
+        temperature: ``tau``.
+    """
     b, c, h, w = student_map.shape
     ph, pw = min(local_size, h), min(local_size, w)
     h, w = h // ph * ph, w // pw * pw

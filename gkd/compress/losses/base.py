@@ -137,6 +137,14 @@ class FeatureDistillLoss(DistillLoss):
     def forward(
         self, student_feats: ViTFeatures, teacher_feats: ViTFeatures, student: Backbone, images: torch.Tensor
     ) -> dict[str, torch.Tensor]:
+        """``{"loss": total, "loss_<term>": weighted term (detached), ...}``.
+
+        Args:
+            student_feats: the student's tokens of ``student_layers`` (unmasked, with gradients).
+            teacher_feats: the frozen teacher's tokens of ``teacher_layers``.
+            student: the student, for losses that run their own masked pass.
+            images: the batch both passes saw.
+        """
         raise NotImplementedError
 
 
@@ -164,7 +172,13 @@ class LogitDistillLoss(DistillLoss):
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, ignore_mask: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """The loss on ``(B, K, H, W)`` logits; ``ignore_mask`` (``(B, H, W)``, bool) marks pixels left out."""
+        """``{"loss": total, "loss_<term>": weighted term (detached), ...}``.
+
+        Args:
+            student_logits: the student segmentor's ``(B, K, H, W)`` logits.
+            teacher_logits: the teacher segmentor's, of the same shape.
+            ignore_mask: ``(B, H, W)`` bool, the pixels left out (label 255); ``None``: none.
+        """
         self.check_logits(student_logits, teacher_logits)
         valid = None if ignore_mask is None else ~ignore_mask
         return total(self.terms(student_logits.float(), teacher_logits.float(), valid))
@@ -191,17 +205,35 @@ def total(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def student_on_teacher_grid(tokens: torch.Tensor, grid: tuple[int, int], teacher_grid: tuple[int, int]) -> torch.Tensor:
-    """Student ``(B, N_s, C)`` tokens resampled onto the teacher's grid, in float32."""
+    """Student tokens resampled onto the teacher's grid (bilinear), in float32.
+
+    Args:
+        tokens: ``(B, N_s, C)`` tokens.
+        grid: their ``(H, W)`` grid.
+        teacher_grid: the teacher's ``(H, W)`` grid.
+    """
     return align_tokens(tokens.float(), grid, teacher_grid)
 
 
 def paired_student_tokens(student_feats: ViTFeatures, index: int, teacher_grid: tuple[int, int]) -> torch.Tensor:
-    """The student's patch tokens of pair ``index`` on the teacher's grid, in float32."""
+    """The student's patch tokens of pair ``index`` on the teacher's grid, in float32.
+
+    Args:
+        student_feats: the student's features (either pass).
+        index: the layer pair.
+        teacher_grid: the teacher's ``(H, W)`` grid.
+    """
     return student_on_teacher_grid(student_feats.patch_tokens[index], student_feats.grid, teacher_grid)
 
 
 def teacher_cls(teacher_feats: ViTFeatures, index: int, loss_name: str) -> torch.Tensor:
-    """The teacher's class token of pair ``index`` in float32; an error if the teacher has none."""
+    """The teacher's class token of pair ``index`` in float32.
+
+    Args:
+        teacher_feats: the teacher's features.
+        index: the layer pair.
+        loss_name: named in the error raised when the teacher has no class token.
+    """
     cls = teacher_feats.cls_tokens[index]
     if cls is None:
         raise ValueError(f"{loss_name}: the teacher has no class token; switch the class-token term off")
@@ -209,7 +241,13 @@ def teacher_cls(teacher_feats: ViTFeatures, index: int, loss_name: str) -> torch
 
 
 def student_cls(student_feats: ViTFeatures, index: int, loss_name: str) -> torch.Tensor:
-    """The student's class token of pair ``index``; an error if the student has none."""
+    """The student's class token of pair ``index``.
+
+    Args:
+        student_feats: the student's features.
+        index: the layer pair.
+        loss_name: named in the error raised when the student has no class token.
+    """
     cls = student_feats.cls_tokens[index]
     if cls is None:
         raise ValueError(f"{loss_name}: the student has no class token; switch the class-token term off")
@@ -250,9 +288,16 @@ def random_token_mask(
     batch: int, num_tokens: int, count: int, device: torch.device, masked_samples: int | None = None
 ) -> torch.Tensor:
     """``(B, N)`` bool mask with exactly ``count`` random tokens set in each of the first
-    ``masked_samples`` samples (all samples when ``None``) and none in the others.
+    ``masked_samples`` samples and none in the others.
 
     Uses ``torch.rand``, so the trainer's seeding makes it reproducible.
+
+    Args:
+        batch: ``B``.
+        num_tokens: ``N``.
+        count: the tokens masked per masked sample.
+        device: where the mask lives.
+        masked_samples: how many leading samples are masked (``None``: all).
     """
     ranks = torch.rand(batch, num_tokens, device=device).argsort(dim=1).argsort(dim=1)
     mask = ranks < count
@@ -282,8 +327,13 @@ def feature_term(
     predicted: torch.Tensor, target: torch.Tensor, cls_pair: tuple[torch.Tensor, torch.Tensor] | None
 ) -> torch.Tensor:
     """``MSE([p_cls ; predicted], [t_cls ; target])`` over batch, tokens and channels: the feature term
-    of QSD and Proteus; ``cls_pair`` is :func:`class_tokens`'s ``(p_cls, t_cls)``, or ``None`` to
-    compare the patch tokens alone."""
+    of QSD and Proteus.
+
+    Args:
+        predicted: ``(B, N, C_t)`` tokens predicted from the student's unmasked pass.
+        target: the teacher's ``(B, N, C_t)`` tokens.
+        cls_pair: :func:`class_tokens`'s ``(p_cls, t_cls)``, or ``None`` to compare the patch tokens alone.
+    """
     if cls_pair is not None:
         predicted_cls, target_cls = cls_pair
         predicted = torch.cat([predicted_cls[:, None], predicted], dim=1)
@@ -292,9 +342,15 @@ def feature_term(
 
 
 def masked_patch_term(predicted: torch.Tensor, target: torch.Tensor, masked: torch.Tensor | None) -> torch.Tensor:
-    """The masked-patch term of QSD and Proteus: the MSE of the ``(B, N, C)`` tokens predicted from the
-    masked student pass against the teacher's, over every token (``masked`` is ``None``: QSD) or over
-    the tokens set in the ``(B, N)`` bool ``masked`` only (Proteus; 0 when none is)."""
+    """The masked-patch term of QSD and Proteus: the MSE of the tokens predicted from the masked
+    student pass against the teacher's.
+
+    Args:
+        predicted: ``(B, N, C_t)`` tokens predicted from the masked pass.
+        target: the teacher's ``(B, N, C_t)`` tokens.
+        masked: ``None`` to average over every token (QSD), or the ``(B, N)`` bool mask of the tokens
+            averaged over (Proteus: the masked ones; 0 when none is).
+    """
     if masked is None:
         return F.mse_loss(predicted, target)
     return masked_mean((predicted - target).pow(2).mean(dim=-1), masked)

@@ -48,8 +48,15 @@ _EXCLUDED = -1.0e9
 def channel_wise_divergence(
     student_map: torch.Tensor, teacher_map: torch.Tensor, temperature: float, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``tau^2 / (B * C) * sum_{b,c} KL(phi(teacher_{b,c}) || phi(student_{b,c}))`` for ``(B, C, H, W)``
-    maps, each channel softmax-normalised over the positions where ``valid`` (``(B, H, W)``) holds."""
+    """``tau^2 / (B * C) * sum_{b,c} KL(phi(teacher_{b,c}) || phi(student_{b,c}))``, each channel
+    softmax-normalised over the valid positions.
+
+    Args:
+        student_map: the student's ``(B, C, H, W)`` map.
+        teacher_map: the teacher's, of the same shape.
+        temperature: ``tau``.
+        valid: ``(B, H, W)`` bool, the positions that count (``None``: all).
+    """
     s = student_map.float().flatten(2) / temperature
     t = teacher_map.float().flatten(2) / temperature
     if valid is not None:

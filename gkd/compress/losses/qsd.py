@@ -71,7 +71,14 @@ from gkd.models.features import ViTFeatures
 
 
 class QueryRetrieval(nn.Module):
-    """``R(S, T) = softmax(Q K^T / tau) V`` with ``Q``, ``V`` projected from the student, ``K = T``."""
+    """``R(S, T) = softmax(Q K^T / tau) V`` with ``Q``, ``V`` projected from the student, ``K = T``.
+
+    Args:
+        student_dim: the student's token width ``C_s``.
+        teacher_dim: the teacher's token width ``C_t`` (the width of ``Q``, ``K``, ``V``).
+        num_heads: ``h``, heads splitting ``C_t``.
+        temperature: ``tau``.
+    """
 
     def __init__(self, student_dim: int, teacher_dim: int, num_heads: int, temperature: float) -> None:
         super().__init__()
