@@ -226,34 +226,6 @@ def paired_student_tokens(student_feats: ViTFeatures, index: int, teacher_grid: 
     return student_on_teacher_grid(student_feats.patch_tokens[index], student_feats.grid, teacher_grid)
 
 
-def teacher_cls(teacher_feats: ViTFeatures, index: int, loss_name: str) -> torch.Tensor:
-    """The teacher's class token of pair ``index`` in float32.
-
-    Args:
-        teacher_feats: the teacher's features.
-        index: the layer pair.
-        loss_name: named in the error raised when the teacher has no class token.
-    """
-    cls = teacher_feats.cls_tokens[index]
-    if cls is None:
-        raise ValueError(f"{loss_name}: the teacher has no class token; switch the class-token term off")
-    return cls.float()
-
-
-def student_cls(student_feats: ViTFeatures, index: int, loss_name: str) -> torch.Tensor:
-    """The student's class token of pair ``index``.
-
-    Args:
-        student_feats: the student's features.
-        index: the layer pair.
-        loss_name: named in the error raised when the student has no class token.
-    """
-    cls = student_feats.cls_tokens[index]
-    if cls is None:
-        raise ValueError(f"{loss_name}: the student has no class token; switch the class-token term off")
-    return cls
-
-
 def masked_student_pass(
     student: Backbone,
     images: torch.Tensor,
@@ -319,8 +291,11 @@ def class_tokens(
         index: the layer pair.
         loss_name: named in the error raised when either network has no class token.
     """
-    target = teacher_cls(teacher_feats, index, loss_name)
-    return head(student_cls(student_feats, index, loss_name)).float(), target
+    student_cls, teacher_cls = student_feats.cls_tokens[index], teacher_feats.cls_tokens[index]
+    for network, cls in (("teacher", teacher_cls), ("student", student_cls)):
+        if cls is None:
+            raise ValueError(f"{loss_name}: the {network} has no class token; switch the class-token term off")
+    return head(student_cls).float(), teacher_cls.float()
 
 
 def feature_term(
