@@ -34,8 +34,8 @@ def test_the_benchmark_recipe_plans_every_row(tmp_path):
     jobs = plan(recipe, tmp_path)
     assert jobs[0].method == TEACHER_JOB
     seeds = {method: [job.seed for job in jobs if job.method == method] for method in recipe.compare.methods}
-    headline = ("no_kd", "vanilla_kd", "mse", "gkd")
-    assert all(seeds[method] == [0, 1, 2] for method in headline)
+    assert all(seeds[method] == [0, 1, 2] for method in recipe.compare.methods)  # every row over 3 seeds
+    assert {"no_kd", "vanilla_kd", "cwd", "mse_two_stage", "gkd"} <= set(recipe.compare.methods)
     assert len(recipe.compare.methods) >= 9
     by_method = {job.method: job.recipe for job in jobs}
     assert by_method["gkd_no_1a"].distill.task_agnostic is None
@@ -50,7 +50,7 @@ def test_the_benchmark_recipe_plans_every_row(tmp_path):
             steps = [r.distill.joint]
         else:
             steps = [c for c in (r.distill.task_agnostic, r.distill.domain_agnostic, r.head) if c is not None]
-        assert sum(c.steps for c in steps) == 750, job.method
+        assert sum(c.steps for c in steps) == 480, job.method
         assert {c.batch_size for c in steps} == {8}, job.method
 
 
@@ -154,7 +154,9 @@ def test_a_frozen_teacher_without_a_head_needs_no_teacher_job(tmp_path):
     data = load_recipe(FULL).model_dump(mode="json")
     data["models"]["teacher"]["train_encoder"] = False  # a VFM's weights, frozen: nothing to train
     data["teacher_training"] = None
-    data["compare"]["methods"] = {key: data["compare"]["methods"][key] for key in ("no_kd", "gkd", "mse")}
+    mse = {"label": "MSE", "overrides": {"distill": {"schedule": "one_stage", "loss": {"name": "mse"}}}}
+    methods = data["compare"]["methods"]
+    data["compare"]["methods"] = {"no_kd": methods["no_kd"], "gkd": methods["gkd"], "mse": {**mse, "seeds": [0, 1, 2]}}
     jobs = plan(parse_recipe(data), tmp_path)
     assert [job.method for job in jobs] == ["no_kd"] * 3 + ["gkd"] * 3 + ["mse"] * 3
     assert not any(needs_teacher(job) for job in jobs)
