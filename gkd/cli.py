@@ -231,7 +231,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     with RunDirLock(out):
         _setup_logging(out)
         summary = run_comparison(recipe, out, args.workers, args.device, args.methods, args.max_seeds)
-    log.info("done: %s (%.1f min); table: %s", out, summary["wall_minutes"], out / "comparison.md")
+    minutes = f"{summary['wall_minutes']:.1f} min wall, {summary['job_minutes']:.1f} job-minutes"
+    log.info("done: %s (%d jobs, %s); table: %s", out, summary["jobs"], minutes, out / "comparison.md")
     return 0
 
 

@@ -6,10 +6,16 @@ that loss's default options); methods may not change the teacher. The output dir
 
     teacher/                   the recipe's teacher, trained once (the ``train-teacher`` stage)
     <method>/seed<k>/          one ordinary run directory per method and seed (``gkd-compress`` can
-                               inspect or resume it); ``result.json`` is written last, so a job is
+                               inspect or resume it); ``figure_frames.npz`` holds the job's predictions on
+                               the report's example frames; ``result.json`` is written last, so a job is
                                complete when it exists and a re-run skips it
     comparison.json / .md      every row's metrics, mean and spread over seeds (gkd/report/comparison.py)
     domains.png, frames.png    mIoU per method and domain; example frames with each method's prediction
+    per_class.png              per-class IoU on the figure domain
+    miou_vs_step.png           validation mIoU against training step (when the jobs kept validation logs)
+
+The report only reads these files: whoever owns a model (its job, or `backfill_figure_frames` for jobs
+finished before jobs saved their frames) writes its predictions.
 
 Jobs run in a pool of worker processes (``--workers``), each with its own share of the CPU threads: on a
 small CPU, two single-threaded processes train these small models faster than one process with two
@@ -23,22 +29,37 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 from tqdm import tqdm
 
 from gkd.recipe import Recipe, RecipeError, dump_recipe, merge, parse_recipe
-from gkd.rundir import LOGS_DIR, NO_KD_FILE, RECIPE_FILE, SEGMENTOR_FILE, TEACHER_FILE, check_same_recipe, setup_logging
+from gkd.rundir import (
+    FIGURE_FRAME_COUNT,
+    FIGURE_FRAMES_FILE,
+    LOGS_DIR,
+    NO_KD_FILE,
+    RECIPE_FILE,
+    RESULT_FILE,
+    SEGMENTOR_FILE,
+    TEACHER_FILE,
+    TEACHER_JOB,
+    check_same_recipe,
+    setup_logging,
+)
 from gkd.utils.cpu import available_cpus
-from gkd.utils.io import write_json, write_text
+from gkd.utils.io import atomic_path, write_json, write_text
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("gkd")
-
-RESULT_FILE = "result.json"
-TEACHER_JOB = "teacher"
 
 
 class ComparisonError(RuntimeError):
@@ -153,6 +174,7 @@ def run_job(job: Job, teacher_file: Path, device: str, threads: int) -> dict:
         if stage.name in names[job.student] and stage.needed(job.recipe) and not stage.complete(run):
             run_stage(run, stage)
     metrics = evaluate_segmentors(run, {"model": model_file(job)})["model"]
+    write_figure_frames(job, run.device)
     result = {
         "method": job.method,
         "label": job.label,
@@ -164,6 +186,68 @@ def run_job(job: Job, teacher_file: Path, device: str, threads: int) -> dict:
     }
     write_json(job.result_file, result)
     return result
+
+
+def figure_frame_ids(count: int, frames: int = FIGURE_FRAME_COUNT) -> list[int]:
+    """The example frames of the report: ``frames`` indices evenly spread over a split of ``count`` samples."""
+    return [int(i) for i in np.linspace(0, count - 1, frames).round().astype(int)]
+
+
+def write_figure_frames(job: Job, device: torch.device) -> Path:
+    """Predict the report's example frames (of ``compare.figure_domain``) with the job's trained model and save
+    them, written atomically, as the job's ``figure_frames.npz``: ``domain``, ``frame_ids``, ``image_paths`` and
+    ``predictions``, uint8 class ids ``(N, H, W)`` at the evaluation size."""
+    import torch
+    import torch.nn.functional as F
+
+    from gkd.models.checkpoint import load_segmentor
+    from gkd.pipeline import Run, evaluation_domains
+    from gkd.report.comparison import figure_domain
+    from gkd.utils.runtime import DistInfo
+
+    run = Run(job.recipe, job.dir, device, DistInfo())
+    if run.num_classes > 256:
+        raise ValueError(f"{job.dir}: {run.num_classes} classes do not fit the uint8 maps of {FIGURE_FRAMES_FILE}")
+    domain = figure_domain(job.recipe)
+    dataset = run.dataset(evaluation_domains(run)[domain], train=False)
+    model = load_segmentor(job.dir / model_file(job))[0].to(device).eval()
+    ids, paths, predictions = figure_frame_ids(len(dataset)), [], []
+    with torch.inference_mode():
+        for index in ids:
+            sample = dataset[index]
+            image = sample["image"][None].to(device)
+            image = F.interpolate(image, size=job.recipe.data.img_size, mode="bilinear", align_corners=False)
+            logits = F.interpolate(model(image), size=sample["label"].shape, mode="bilinear", align_corners=False)
+            predictions.append(logits[0].argmax(0).to(torch.uint8).cpu().numpy())
+            paths.append(sample["path"])
+    path = job.dir / FIGURE_FRAMES_FILE
+    with atomic_path(path) as temporary, temporary.open("wb") as file:
+        np.savez_compressed(
+            file,
+            domain=np.str_(domain),
+            frame_ids=np.array(ids),
+            image_paths=np.array(paths),
+            predictions=np.stack(predictions),
+        )
+    return path
+
+
+def backfill_figure_frames(jobs: Sequence[Job], device: str = "cpu") -> None:
+    """Save the figure frames of finished jobs that lack them (jobs run before jobs saved their frames), from
+    each job's saved model, without training; a job whose model file is gone is skipped with a warning."""
+    from gkd.utils.runtime import resolve_device
+
+    missing = [job for job in jobs if job.done() and not (job.dir / FIGURE_FRAMES_FILE).is_file()]
+    if not missing:
+        return
+    log.info("compare: predicting the example frames of %d finished jobs that did not save them", len(missing))
+    for job in tqdm(missing, desc="figure frames", unit="job"):
+        if not (job.dir / model_file(job)).is_file():
+            log.warning(
+                "compare: %s seed %d: no %s to predict its figure frames with", job.method, job.seed, model_file(job)
+            )
+            continue
+        write_figure_frames(job, resolve_device(device))
 
 
 def _die_with_parent() -> None:
@@ -253,6 +337,7 @@ def run_comparison(
     check_same_recipe(out, recipe, "a comparison")
     write_text(out / RECIPE_FILE, dump_recipe(recipe))
     failures = run_jobs(jobs, out, workers, device)
+    backfill_figure_frames(jobs, device)
     if failures:
         if any(job.done() for job in jobs):  # what did finish is still tabulated
             write_comparison(recipe, jobs, out)

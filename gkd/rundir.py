@@ -31,6 +31,17 @@ MODEL_CARD_FILE = "MODEL_CARD.md"
 LOGS_DIR = "logs"
 LOG_FILE = "gkd.log"
 SOURCE_DOMAIN = "source"  # the held-out source split among the evaluated domains
+RESULT_FILE = "result.json"  # a compare job's metrics, written last: the job is complete when it exists
+TEACHER_JOB = "teacher"  # the compare job (and output sub-folder) that trains the shared teacher
+FIGURE_FRAMES_FILE = "figure_frames.npz"  # a compare job's predictions on the example frames of the report
+FIGURE_FRAME_COUNT = 4  # example frames per compare job (evenly spread over the figure domain)
+
+
+def validation_log(stage: str) -> str:
+    """The run-relative JSONL file where training stage ``stage`` (``teacher``, ``no_kd``, ``distill_joint``,
+    ``head``) appends ``{"step", "miou": {domain: mIoU}, "mean_target_miou"}`` every ``validate_every`` steps."""
+    return f"{LOGS_DIR}/{stage}_validation.jsonl"
+
 
 
 def validation_log(stage: str) -> str:

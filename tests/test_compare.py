@@ -15,7 +15,7 @@ from PIL import Image
 from gkd.cli import main
 from gkd.compare import TEACHER_JOB, method_recipe, plan
 from gkd.recipe import RecipeError, load_recipe, parse_recipe
-from gkd.report.comparison import spread, summarize
+from gkd.report.comparison import read_figure_frames, spread, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 CAMVID = REPO.parent / "shared" / "data" / "CamVid"
@@ -133,13 +133,28 @@ def test_compare_runs_tabulates_and_resumes(tmp_path, monkeypatch):
     assert not (out / "no_kd" / "seed0" / "teacher_segmentor.safetensors").exists()
     markdown = (out / "comparison.md").read_text()
     assert "| GKD | 2 |" in markdown and "drop day_test→dusk" in markdown
-    for name in ("domains.png", "frames.png"):
-        assert Image.open(out / name).format == "PNG"
-    # a second call trains nothing: every job's result is kept
+    for name in ("domains.png", "frames.png", "per_class.png"):
+        assert Image.open(out / name).format == "PNG" and f"]({name})" in markdown
+    # each job saved its predictions on the same example frames: the report drew them without a model
+    frames = [read_figure_frames(path) for path in sorted(out.glob("*/**/figure_frames.npz"))]
+    assert len(frames) == 8 and {saved["domain"] for saved in frames} == {"dusk"}
+    assert all(saved["image_paths"] == frames[0]["image_paths"] for saved in frames)
+    assert frames[0]["frame_ids"] == [0, 2, 3, 5]  # 4 frames spread over the 6 dusk frames
+    assert frames[0]["predictions"].dtype == np.uint8 and frames[0]["predictions"].shape == (
+        4,
+        360,
+        480,
+    )  # the labels of evaluation: native CamVid
+    # a second call trains nothing: every job's result is kept; a job made before jobs saved their frames
+    # gets them from its saved model
     results = sorted(out.glob("*/seed*/result.json"))
     stamps = [path.stat().st_mtime_ns for path in results]
+    saved = out / "gkd" / "seed0" / "figure_frames.npz"
+    before = read_figure_frames(saved)["predictions"]
+    saved.unlink()
     assert main([*argv, "--max-seeds", "2"]) == 0
     assert [path.stat().st_mtime_ns for path in results] == stamps
+    assert np.array_equal(read_figure_frames(saved)["predictions"], before)
 
 
 def test_bad_command_line_is_exit_2(tmp_path, capsys):

@@ -1,13 +1,21 @@
 """The report of ``gkd-compress compare``: per method, mIoU on each domain (mean and spread over seeds),
-the drop from the in-domain reference to each target, per-class IoU; a bar plot and an example-frames
-figure (image, label, and each shown method's prediction)."""
+the drop from the in-domain reference to each target, per-class IoU; plots of mIoU per domain, of per-class IoU
+on the figure domain and of validation mIoU against training step, and an example-frames figure (image, label,
+and each shown method's prediction).
+
+It only reads files: each job's ``result.json``, its ``figure_frames.npz`` (the predictions its job saved for the
+example frames), its validation logs and resolved recipe, and the frames' image and label files. It never builds
+a model, and imports nothing above it (names of run files come from `gkd.rundir`)."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import platform
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import matplotlib
 
@@ -15,20 +23,52 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-import torch.nn.functional as F
+import yaml
 
-from gkd.pipeline import SOURCE_DOMAIN as SOURCE
-from gkd.pipeline import Run, evaluation_domains
+from gkd.rundir import (
+    FIGURE_FRAMES_FILE,
+    RECIPE_FILE,
+    RESULT_FILE,
+    TEACHER_JOB,
+    validation_log,
+)
+from gkd.rundir import SOURCE_DOMAIN as SOURCE
 from gkd.utils.io import atomic_path, read_json, write_json, write_text
 
 if TYPE_CHECKING:
-    from gkd.compare import Job
     from gkd.recipe import Recipe
+
+log = logging.getLogger("gkd")
 
 COMPARISON_JSON = "comparison.json"
 COMPARISON_MD = "comparison.md"
 DOMAINS_PNG = "domains.png"
 FRAMES_PNG = "frames.png"
+PER_CLASS_PNG = "per_class.png"
+MIOU_VS_STEP_PNG = "miou_vs_step.png"
+
+
+class ComparisonJob(Protocol):
+    """What the report needs of one job of the comparison (`gkd.compare.Job` has it)."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def student(self) -> str:  # "teacher" | "distilled" | "no_kd"
+        ...
+
+    @property
+    def dir(self) -> Path: ...
+
+
+def figure_domain(recipe: Recipe) -> str:
+    """The domain of the example frames and of the per-class figure: ``compare.figure_domain``, else the first
+    target."""
+    return recipe.compare.figure_domain or next(iter(recipe.data.targets))
 
 
 def spread(values: list[float]) -> dict:
@@ -145,44 +185,64 @@ def _colorize(label: np.ndarray, palette: list) -> np.ndarray:
     return colors[np.clip(label, 0, 255)]
 
 
-def plot_frames(recipe: Recipe, jobs: list[Job], path: Path, count: int = 4) -> bool:
-    """Rows of example frames of ``compare.figure_domain``: image, label, the teacher's and each figure
-    method's prediction (its first seed). False (nothing written) when a model is missing."""
-    from gkd.compare import TEACHER_JOB, model_file
-    from gkd.data.config import dataset_info
-    from gkd.models.checkpoint import load_segmentor
-    from gkd.utils.runtime import DistInfo
+def read_figure_frames(path: Path) -> dict:
+    """A job's ``figure_frames.npz``: ``domain`` (str), ``frame_ids`` (indices into the domain's evaluation
+    split), ``image_paths`` (each frame's image file) and ``predictions`` (uint8 ``(N, H, W)`` class ids at the
+    evaluation size)."""
+    with np.load(path) as frames:
+        return {
+            "domain": str(frames["domain"]),
+            "frame_ids": [int(i) for i in frames["frame_ids"]],
+            "image_paths": [str(p) for p in frames["image_paths"]],
+            "predictions": frames["predictions"],
+        }
 
-    compare = recipe.compare
-    domain = compare.figure_domain or next(iter(recipe.data.targets))
-    first = {}
+
+def _first_jobs(jobs: Sequence[ComparisonJob]) -> dict[str, ComparisonJob]:
+    """Each method's first job (its first seed), in plan order."""
+    first: dict[str, ComparisonJob] = {}
     for job in jobs:
         first.setdefault(job.method, job)
+    return first
+
+
+def plot_frames(recipe: Recipe, jobs: Sequence[ComparisonJob], path: Path) -> bool:
+    """Rows of example frames of the figure domain: image, label, the teacher's and each figure method's
+    prediction (its first seed, read from the job's ``figure_frames.npz``). False (nothing written) when a
+    shown job has no such file, or the jobs' files disagree on the frames."""
+    from gkd.data.config import build_dataset, dataset_info
+    from gkd.data.transforms import build_eval_transform
+
+    compare, domain = recipe.compare, figure_domain(recipe)
+    first = _first_jobs(jobs)
     shown = [TEACHER_JOB, *compare.figure_methods] if TEACHER_JOB in first else list(compare.figure_methods)
-    models = {}
+    frames = {}
     for name in shown:
         job = first.get(name)
-        if job is None or not job.done():
+        if job is None or not (job.dir / FIGURE_FRAMES_FILE).is_file():
             return False
-        models[job.label] = load_segmentor(job.dir / model_file(job))[0].eval()
-    if not models:
+        frames[job.label] = read_figure_frames(job.dir / FIGURE_FRAMES_FILE)
+    if not frames:
         return False
-    any_job = first[shown[0]]
-    run = Run(any_job.recipe, any_job.dir, torch.device("cpu"), DistInfo())
-    dataset = run.dataset(evaluation_domains(run)[domain], train=False)
+    reference = next(iter(frames.values()))
+    for label, saved in frames.items():
+        if (saved["domain"], saved["image_paths"]) != (domain, reference["image_paths"]):
+            log.warning("compare: frames.png not drawn: %s's %s shows other frames", label, FIGURE_FRAMES_FILE)
+            return False
+    config = recipe.data.source_val if domain == SOURCE else recipe.data.targets[domain]
+    dataset = build_dataset(config, transform=build_eval_transform(recipe.data.eval_transform))
     palette = list(dataset_info(recipe.data.source.name)[2])
-    picks = np.linspace(0, len(dataset) - 1, count).round().astype(int)
-    columns = ["image", "label", *models]
-    figure, axes = plt.subplots(count, len(columns), figsize=(2.2 * len(columns), 1.75 * count), squeeze=False)
-    for row, index in enumerate(picks):
-        sample = dataset[int(index)]
-        label = sample["label"].numpy()
-        image = F.interpolate(sample["image"][None], size=recipe.data.img_size, mode="bilinear", align_corners=False)
-        panels = [dataset.load(int(index))["image"].permute(1, 2, 0).numpy(), _colorize(label, palette)]
-        with torch.inference_mode():
-            for model in models.values():
-                logits = F.interpolate(model(image), size=label.shape, mode="bilinear", align_corners=False)
-                panels.append(_colorize(logits[0].argmax(0).numpy(), palette))
+    ids = reference["frame_ids"]
+    samples = [dataset.load(index) if index < len(dataset) else {"path": None} for index in ids]
+    if [sample["path"] for sample in samples] != reference["image_paths"]:
+        log.warning("compare: frames.png not drawn: the %s split no longer holds the saved frames", domain)
+        return False
+    columns = ["image", "label", *frames]
+    size = (2.2 * len(columns), 1.75 * len(ids))
+    figure, axes = plt.subplots(len(ids), len(columns), figsize=size, squeeze=False)
+    for row, (index, sample) in enumerate(zip(ids, samples, strict=True)):
+        panels = [sample["image"].permute(1, 2, 0).numpy(), _colorize(dataset[index]["label"].numpy(), palette)]
+        panels += [_colorize(saved["predictions"][row], palette) for saved in frames.values()]
         for column, panel in enumerate(panels):
             axes[row][column].imshow(panel)
             axes[row][column].axis("off")
@@ -194,6 +254,154 @@ def plot_frames(recipe: Recipe, jobs: list[Job], path: Path, count: int = 4) -> 
         figure.savefig(temporary, dpi=110, format="png")
     plt.close(figure)
     return True
+
+
+def class_iou_stats(results: list[dict], domain: str) -> list[dict]:
+    """Per method (first-seen order): its label and, per class, the mean and sample standard deviation over
+    seeds of the IoU on ``domain`` (std 0 for one seed; both NaN where no seed's split holds the class)."""
+    by_method: dict[str, list[dict]] = {}
+    for result in results:
+        by_method.setdefault(result["method"], []).append(result)
+    stats = []
+    for runs in by_method.values():
+        ious = np.array([[np.nan if v is None else v for v in run["domains"][domain]["iou"]] for run in runs])
+        counts = (~np.isnan(ious)).sum(axis=0)
+        sums = np.nansum(ious, axis=0)
+        means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        squares = np.nansum((ious - means) ** 2, axis=0)
+        stds = np.where(counts > 1, np.sqrt(squares / np.maximum(counts - 1, 1)), np.where(counts == 1, 0.0, np.nan))
+        stats.append({"method": runs[0]["method"], "label": runs[0]["label"], "mean": means, "std": stds})
+    return stats
+
+
+def plot_per_class(stats: list[dict], class_names: list[str], domain: str, title: str, path: Path) -> None:
+    """Grouped bars: one group per class, one bar per method (``stats`` of `class_iou_stats`, in order), error
+    bars = standard deviation over seeds. The figure widens with methods x classes so ten methods stay legible."""
+    count = len(stats)
+    figure, axes = plt.subplots(figsize=(max(8.0, 2.0 + 0.13 * count * len(class_names)), 4.5))
+    width = 0.85 / count
+    colors = plt.get_cmap("tab10" if count <= 10 else "tab20").colors
+    for i, method in enumerate(stats):
+        xs = np.arange(len(class_names)) + (i - (count - 1) / 2) * width
+        axes.bar(
+            xs,
+            method["mean"],  # NaN (no seed's split holds the class): no bar
+            width,
+            yerr=method["std"],
+            label=method["label"],
+            color=colors[i % len(colors)],
+            error_kw={"elinewidth": 0.6, "capsize": 1.0},
+        )
+    axes.set_xticks(range(len(class_names)), class_names, fontsize=8)
+    axes.set_xlim(-0.5, len(class_names) - 0.5)
+    axes.set_ylim(bottom=0)
+    axes.set_ylabel(f"IoU on {domain} (%)")
+    axes.set_title(f"{title}: per-class IoU on {domain} (mean over seeds, error bars: std)", fontsize=9)
+    axes.legend(fontsize=7, ncol=min(count, 5), loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
+    axes.grid(axis="y", linewidth=0.3)
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=130, format="png")
+    plt.close(figure)
+
+
+def _validation_stage(job: ComparisonJob) -> tuple[str, int]:
+    """The training stage whose validation log tracks the job's model, and the optimizer steps before it (a
+    two-stage student's head trains after the distillation stages; read from the job's resolved recipe)."""
+    if job.student in ("teacher", "no_kd"):
+        return job.student, 0
+    distill = yaml.safe_load((job.dir / RECIPE_FILE).read_text())["distill"]
+    if distill["schedule"] == "one_stage":
+        return "distill_joint", 0
+    return "head", sum((distill.get(stage) or {}).get("steps", 0) for stage in ("task_agnostic", "domain_agnostic"))
+
+
+def validation_history(job: ComparisonJob) -> dict[int, dict[str, float]] | None:
+    """``{total optimizer step: {domain: mIoU}}`` from the job's validation log (``None`` when it kept none);
+    a step logged twice (a resumed stage) keeps its last entry."""
+    stage, offset = _validation_stage(job)
+    path = job.dir / validation_log(stage)
+    if not path.is_file():
+        return None
+    history = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            history[offset + int(entry["step"])] = {domain: float(v) for domain, v in entry["miou"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            message = f"{path}:{number}: not a validation entry {{step, miou: {{domain: mIoU}}}} ({error})"
+            raise ValueError(message) from error
+    return history
+
+
+def curve_stats(histories: list[dict[int, dict[str, float]]], domain: str) -> dict[str, list[float]]:
+    """Mean and sample standard deviation over seeds (0 for one) of ``domain``'s mIoU at each step every
+    history logged it: ``{"steps", "mean", "std"}``."""
+    steps = sorted(set.intersection(*({s for s, m in h.items() if domain in m} for h in histories)))
+    curve: dict[str, list[float]] = {"steps": steps, "mean": [], "std": []}
+    for step in steps:
+        stats = spread([history[step][domain] for history in histories])
+        curve["mean"].append(stats["mean"])
+        curve["std"].append(stats["std"])
+    return curve
+
+
+def validation_curves(
+    jobs: Sequence[ComparisonJob], methods: list[str], domains: list[str]
+) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """``{label: {domain: curve_stats}}`` of each of ``methods`` (in order) whose jobs kept validation logs,
+    over those of its finished jobs that did."""
+    curves = {}
+    for method in methods:
+        finished = [job for job in jobs if job.method == method and (job.dir / RESULT_FILE).is_file()]
+        histories = [h for h in map(validation_history, finished) if h]
+        if histories:
+            curves[finished[0].label] = {domain: curve_stats(histories, domain) for domain in domains}
+    return curves
+
+
+def plot_miou_vs_step(curves: dict[str, dict[str, dict[str, list[float]]]], title: str, path: Path) -> None:
+    """One panel per domain: each method's validation mIoU against total optimizer steps, the mean over seeds
+    as a line and one standard deviation shaded."""
+    domains = list(next(iter(curves.values())))
+    figure, axes = plt.subplots(1, len(domains), figsize=(5.0 * len(domains), 3.8), squeeze=False, sharey=True)
+    for panel, domain in zip(axes[0], domains, strict=True):
+        for label, by_domain in curves.items():
+            curve = by_domain[domain]
+            steps, mean, std = np.array(curve["steps"]), np.array(curve["mean"]), np.array(curve["std"])
+            (line,) = panel.plot(steps, mean, marker="o", markersize=2.5, linewidth=1.2, label=label)
+            panel.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+        panel.set_title(domain, fontsize=9)
+        panel.set_xlabel("optimizer step (two-stage: distillation steps, then head)", fontsize=8)
+        panel.grid(linewidth=0.3)
+    axes[0][0].set_ylabel("validation mIoU (%)")
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle(f"{title}: mIoU during training (mean over seeds, shaded: std)", fontsize=9)
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=130, format="png")
+    plt.close(figure)
+
+
+def render_figure_links(figures: dict[str, bool], domain: str, curve_methods: list[str]) -> str:
+    """The ``## Figures`` section of ``comparison.md``: a link to each written figure, a line for each skipped."""
+    captions = {
+        DOMAINS_PNG: "mIoU per method and domain",
+        FRAMES_PNG: f"{domain} frames: image, label and predictions",
+        PER_CLASS_PNG: f"per-class IoU on {domain}",
+        MIOU_VS_STEP_PNG: "validation mIoU against training step",
+    }
+    skipped = {
+        FRAMES_PNG: f"not drawn: a shown method's first job has no `{FIGURE_FRAMES_FILE}`",
+        MIOU_VS_STEP_PNG: f"not drawn: no job of {', '.join(curve_methods)} kept a validation log "
+        "(`logs/<stage>_validation.jsonl`, written when a training stage sets `validate_every`)",
+    }
+    lines = ["", "## Figures", ""]
+    for name, written in figures.items():
+        lines += [f"![{captions[name]}]({name})" if written else f"{captions[name]} (`{name}`): {skipped[name]}.", ""]
+    return "\n".join(lines)
 
 
 def _cpu_model() -> str:
@@ -216,24 +424,33 @@ def machine() -> dict:
     }
 
 
-def wall_minutes(done: list[Job], results: list[dict]) -> float:
+def wall_minutes(done: Sequence[ComparisonJob], results: list[dict]) -> float:
     """From the first finished job's start (its result file's time minus its duration) to the last finish:
     the comparison's wall time even when it ran in several sittings (then it includes the pauses)."""
-    finishes = [job.result_file.stat().st_mtime for job in done]
+    finishes = [(job.dir / RESULT_FILE).stat().st_mtime for job in done]
     starts = [finish - result["seconds"] for finish, result in zip(finishes, results, strict=True)]
     return (max(finishes) - min(starts)) / 60
 
 
-def write_comparison(recipe: Recipe, jobs: list[Job], out: Path) -> dict:
-    """``comparison.json``, ``comparison.md``, ``domains.png`` and (when its models exist) ``frames.png``."""
-    done = [job for job in jobs if job.done()]
-    results = [read_json(job.result_file) for job in done]
+def write_comparison(recipe: Recipe, jobs: Sequence[ComparisonJob], out: Path) -> dict:
+    """``comparison.json``, ``comparison.md`` and the figures ``domains.png``, ``per_class.png``, ``frames.png``
+    (when the shown jobs saved their frames) and ``miou_vs_step.png`` (when jobs kept validation logs); returns
+    the summary, with ``figures``: which were written. A figure not drawn this time is removed, never left stale.
+
+    Args:
+        recipe: the comparison's recipe (reference and figure domains, figure methods).
+        jobs: every job of the comparison, in plan order; the finished ones (with ``result.json``) are reported.
+        out: the comparison's output directory.
+    """
+    done = [job for job in jobs if (job.dir / RESULT_FILE).is_file()]
+    results = [read_json(job.dir / RESULT_FILE) for job in done]
     if not results:
         raise RuntimeError(f"compare: no finished job in {out}")
-    reference = recipe.compare.reference_domain
+    reference, domain = recipe.compare.reference_domain, figure_domain(recipe)
     domains = list(results[0]["domains"])
-    if reference not in domains:
-        raise ValueError(f"compare.reference_domain {reference!r} is not an evaluated domain ({domains})")
+    for name, chosen in (("reference_domain", reference), ("figure_domain", domain)):
+        if chosen not in domains:
+            raise ValueError(f"compare.{name} {chosen!r} is not an evaluated domain ({domains})")
     summary = {
         "recipe": recipe.name,
         "reference_domain": reference,
@@ -247,7 +464,20 @@ def write_comparison(recipe: Recipe, jobs: list[Job], out: Path) -> dict:
         "rows": summarize(results, reference),
     }
     write_json(out / COMPARISON_JSON, summary)
-    write_text(out / COMPARISON_MD, render_markdown(summary))
     plot_domains(summary, out / DOMAINS_PNG)
-    summary["frames"] = plot_frames(recipe, jobs, out / FRAMES_PNG)
-    return summary
+    plot_per_class(class_iou_stats(results, domain), summary["class_names"], domain, recipe.name, out / PER_CLASS_PNG)
+    curve_methods = [TEACHER_JOB, *recipe.compare.figure_methods]
+    curves = validation_curves(done, curve_methods, list(dict.fromkeys([domain, reference])))
+    if curves:
+        plot_miou_vs_step(curves, recipe.name, out / MIOU_VS_STEP_PNG)
+    figures = {
+        DOMAINS_PNG: True,
+        FRAMES_PNG: plot_frames(recipe, jobs, out / FRAMES_PNG),
+        PER_CLASS_PNG: True,
+        MIOU_VS_STEP_PNG: bool(curves),
+    }
+    for name, written in figures.items():
+        if not written:
+            (out / name).unlink(missing_ok=True)
+    write_text(out / COMPARISON_MD, render_markdown(summary) + render_figure_links(figures, domain, curve_methods))
+    return {**summary, "figures": figures}
