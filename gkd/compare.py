@@ -48,6 +48,7 @@ from gkd.rundir import (
     RECIPE_FILE,
     RESULT_FILE,
     SEGMENTOR_FILE,
+    SOURCE_DOMAIN,
     TEACHER_FILE,
     TEACHER_JOB,
     check_same_recipe,
@@ -125,6 +126,9 @@ def plan(recipe: Recipe, out: Path, methods: list[str] | None = None, max_seeds:
     unknown = sorted(set(methods or ()) - set(listed))
     if unknown:
         raise RecipeError(f"unknown methods {', '.join(unknown)}; the recipe lists {', '.join(listed)}")
+    domains = [SOURCE_DOMAIN, *recipe.data.targets]
+    if recipe.compare.figure_domain not in (None, *domains):
+        raise RecipeError(f"compare.figure_domain {recipe.compare.figure_domain!r} is none of {', '.join(domains)}")
     base = recipe.model_copy(update={"compare": recipe.compare.model_copy(update={"methods": {}})})
     # no teacher job when nothing trains one (a frozen VFM distilled by feature losses only)
     jobs = (

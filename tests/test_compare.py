@@ -85,6 +85,10 @@ def test_bad_overrides_and_unknown_methods_are_named(tmp_path):
         plan(load_recipe(FULL), tmp_path, methods=["nope"])
     with pytest.raises(RecipeError, match="lists no methods"):
         plan(_with_methods({}), tmp_path)
+    data = load_recipe(FULL).model_dump(mode="json")
+    data["compare"]["figure_domain"] = "night"
+    with pytest.raises(RecipeError, match="figure_domain 'night' is none of source, dusk, day_test"):
+        plan(parse_recipe(data), tmp_path)  # refused before anything trains, not by every job after it
 
 
 def test_spread_and_drops():

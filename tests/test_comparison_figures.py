@@ -14,18 +14,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gkd.recipe import load_recipe
+from gkd.recipe import load_recipe, parse_recipe
 from gkd.report.comparison import (
     MIOU_VS_STEP_PNG,
     PER_CLASS_PNG,
     class_iou_stats,
+    plot_frames,
     validation_curves,
     validation_history,
     write_comparison,
 )
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "data" / "camvid_day2dusk_tiny.yaml"  # figure_domain dusk, figure_methods [no_kd, gkd]
+TINY = REPO / "tests" / "data" / "camvid_day2dusk_tiny.yaml"
+DEFAULT = (
+    REPO / "gkd" / "recipes" / "default.yaml"
+)  # generated street scenes: no data files needed  # figure_domain dusk, figure_methods [no_kd, gkd]
 CLASSES = ["sky", "road", "car"]
 
 
@@ -143,6 +147,33 @@ def test_without_validation_logs_the_step_figure_is_skipped_not_failed(jobs, tmp
         in (out / "comparison.md").read_text()
     )
     assert Image.open(out / PER_CLASS_PNG).format == "PNG"
+
+
+def test_frames_come_from_the_saved_predictions_and_the_dataset(tmp_path, caplog):
+    from gkd.data.config import build_dataset
+
+    data = load_recipe(DEFAULT).model_dump(mode="json")
+    data["compare"].update(figure_domain="fog", figure_methods=["gkd"])
+    recipe = parse_recipe(data)
+    fog = build_dataset(recipe.data.targets["fog"])
+    ids = [0, 16, 31, 47]
+    paths = [fog.load(i)["path"] for i in ids]
+    jobs = [FakeJob("teacher", "teacher", 0, "teacher", tmp_path / "teacher"),
+            FakeJob("gkd", "GKD", 0, "distilled", tmp_path / "gkd")]  # fmt: skip
+
+    def save(job: FakeJob, paths: list[str]) -> None:
+        job.dir.mkdir(exist_ok=True)
+        predictions = np.full((4, 112, 112), 3, dtype=np.uint8)
+        np.savez(job.dir / "figure_frames.npz", domain="fog", frame_ids=ids, image_paths=paths, predictions=predictions)
+
+    save(jobs[0], paths)
+    assert not plot_frames(recipe, jobs, tmp_path / "frames.png")  # GKD saved no frames yet
+    save(jobs[1], [*paths[:3], "synthetic://fog/test/46"])
+    assert not plot_frames(recipe, jobs, tmp_path / "frames.png")
+    assert "GKD's figure_frames.npz shows other frames" in caplog.text
+    save(jobs[1], paths)
+    assert plot_frames(recipe, jobs, tmp_path / "frames.png")
+    assert Image.open(tmp_path / "frames.png").format == "PNG"
 
 
 def test_reports_import_nothing_above_them():
