@@ -394,8 +394,9 @@ def render_figure_links(figures: dict[str, bool], domain: str, curve_methods: li
         MIOU_VS_STEP_PNG: "validation mIoU against training step",
     }
     skipped = {
-        FRAMES_PNG: f"not drawn: a shown method's first job has no `{FIGURE_FRAMES_FILE}`",
-        MIOU_VS_STEP_PNG: f"not drawn: no job of {', '.join(curve_methods)} kept a validation log "
+        FRAMES_PNG: f"not drawn: a shown method's first job has no `{FIGURE_FRAMES_FILE}`, or they show other frames",
+        MIOU_VS_STEP_PNG: f"not drawn: no job of {', '.join(curve_methods) or 'compare.figure_methods'} kept a "
+        "validation log "
         "(`logs/<stage>_validation.jsonl`, written when a training stage sets `validate_every`)",
     }
     lines = ["", "## Figures", ""]
@@ -466,7 +467,7 @@ def write_comparison(recipe: Recipe, jobs: Sequence[ComparisonJob], out: Path) -
     write_json(out / COMPARISON_JSON, summary)
     plot_domains(summary, out / DOMAINS_PNG)
     plot_per_class(class_iou_stats(results, domain), summary["class_names"], domain, recipe.name, out / PER_CLASS_PNG)
-    curve_methods = [TEACHER_JOB, *recipe.compare.figure_methods]
+    curve_methods = [m for m in (TEACHER_JOB, *recipe.compare.figure_methods) if any(j.method == m for j in done)]
     curves = validation_curves(done, curve_methods, list(dict.fromkeys([domain, reference])))
     if curves:
         plot_miou_vs_step(curves, recipe.name, out / MIOU_VS_STEP_PNG)
