@@ -43,13 +43,6 @@ def validation_log(stage: str) -> str:
     return f"{LOGS_DIR}/{stage}_validation.jsonl"
 
 
-
-def validation_log(stage: str) -> str:
-    """The run-relative JSONL file where training stage ``stage`` (``teacher``, ``no_kd``, ``distill_joint``,
-    ``head``) appends ``{"step", "miou": {domain: mIoU}, "mean_target_miou"}`` every ``validate_every`` steps."""
-    return f"{LOGS_DIR}/{stage}_validation.jsonl"
-
-
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

@@ -137,7 +137,7 @@ def test_compare_runs_tabulates_and_resumes(tmp_path, monkeypatch):
     assert not (out / "no_kd" / "seed0" / "teacher_segmentor.safetensors").exists()
     markdown = (out / "comparison.md").read_text()
     assert "| GKD | 2 |" in markdown and "drop day_test→dusk" in markdown
-    for name in ("domains.png", "frames.png", "per_class.png"):
+    for name in ("domains.png", "frames.png", "per_class.png", "miou_vs_step.png"):  # the tiny recipe validates
         assert Image.open(out / name).format == "PNG" and f"]({name})" in markdown
     # each job saved its predictions on the same example frames: the report drew them without a model
     frames = [read_figure_frames(path) for path in sorted(out.glob("*/**/figure_frames.npz"))]
