@@ -201,4 +201,4 @@ def test_export_command_writes_the_triton_repository(run_dir, tmp_path, monkeypa
     monkeypatch.setattr("gkd.cli._cmd_pipeline", lambda args: 0)  # the export stage itself is tested elsewhere
     assert main(["export", "--out", str(run_dir), "--triton", str(tmp_path / "repo")]) == 0
     config = (tmp_path / "repo" / "camvid_day2dusk_tiny" / "config.pbtxt").read_text()
-    assert onnx_io(run_dir / "model.onnx")[0]["dims"] == [3, 144, 192] and "dims: [ 3, 144, 192 ]" in config
+    assert onnx_io(run_dir / "model.onnx")[0]["dims"] == [3, 72, 96] and "dims: [ 3, 72, 96 ]" in config
