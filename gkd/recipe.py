@@ -132,6 +132,11 @@ class CompareConfig(_Strict):
     reference_domain: str = Field("source", description="compare: the in-domain column drops are measured from")
     figure_domain: str | None = Field(None, description="compare: domain of the example frames (default: 1st target)")
     figure_methods: list[str] = Field(default_factory=list, description="compare: methods shown in the frames figure")
+    paired_with: str | None = Field(
+        "gkd",
+        description="compare: the method set against every other row seed by seed (mean difference and seeds won, "
+        "in comparison.md); null or a method not compared = no paired table",
+    )
 
 
 class Recipe(_Strict):

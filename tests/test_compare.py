@@ -137,6 +137,13 @@ def test_compare_runs_tabulates_and_resumes(tmp_path, monkeypatch):
     assert not (out / "no_kd" / "seed0" / "teacher_segmentor.safetensors").exists()
     markdown = (out / "comparison.md").read_text()
     assert "| GKD | 2 |" in markdown and "drop day_test→dusk" in markdown
+    paired = {row["method"]: row for row in summary["paired"]["rows"]}
+    assert summary["paired"]["method"] == "gkd" and list(paired) == ["no_kd", "vanilla_kd", "gkd_no_1a"]
+    gkd, no_kd = rows["gkd"]["miou"]["dusk"]["values"], rows["no_kd"]["miou"]["dusk"]["values"]
+    expected = [g - n for g, n in zip(gkd, no_kd, strict=True)]
+    assert paired["no_kd"]["domains"]["dusk"]["differences"] == pytest.approx(expected)
+    assert paired["gkd_no_1a"]["seeds"] == [0]
+    assert "## GKD against each row, seed by seed" in markdown
     for name in ("domains.png", "frames.png", "per_class.png", "miou_vs_step.png"):  # the tiny recipe validates
         assert Image.open(out / name).format == "PNG" and f"]({name})" in markdown
     # each job saved its predictions on the same example frames: the report drew them without a model

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import yaml
 
+from gkd.report.paired import paired_differences, render_paired
 from gkd.rundir import (
     FIGURE_FRAMES_FILE,
     RECIPE_FILE,
@@ -147,6 +148,15 @@ def render_markdown(summary: dict) -> str:
             cells += [_cell(row["miou"][target]), _cell(row["drop"][target])]
         cells += [_cell(row["miou"][SOURCE])] if reference != SOURCE else []
         lines.append("| " + " | ".join(cells) + " |")
+    if "paired" in summary:
+        label = next(row["label"] for row in rows if row["method"] == summary["paired"]["method"])
+        lines += ["", f"## {label} against each row, seed by seed", ""]
+        lines += [
+            f"Δ = {label}'s mIoU − the row's at the same seed (same initialisation and data order), averaged over "
+            f"the seeds both ran; won = seeds where {label} is higher.",
+            "",
+            render_paired(summary["paired"]["rows"], label, summary["domains"]),
+        ]
     for domain in summary["domains"]:
         lines += ["", f"## Per-class IoU (%), {domain} (mean over seeds)", ""]
         lines += ["| method | " + " | ".join(summary["class_names"]) + " |"]
@@ -464,6 +474,13 @@ def write_comparison(recipe: Recipe, jobs: Sequence[ComparisonJob], out: Path) -
         "machine": machine(),
         "rows": summarize(results, reference),
     }
+    paired_with = recipe.compare.paired_with
+    if paired_with is not None and any(row["method"] == paired_with for row in summary["rows"]):
+        students = [row for row in summary["rows"] if row["method"] != TEACHER_JOB]
+        summary["paired"] = {
+            "method": paired_with,
+            "rows": paired_differences(students, paired_with, summary["domains"]),
+        }
     write_json(out / COMPARISON_JSON, summary)
     plot_domains(summary, out / DOMAINS_PNG)
     plot_per_class(class_iou_stats(results, domain), summary["class_names"], domain, recipe.name, out / PER_CLASS_PNG)
