@@ -39,9 +39,9 @@ from gkd.data.transforms import (
 from gkd.evaluate.inference import evaluate_predictor, torch_predictor
 from gkd.export.stage import benchmark_artifacts, export_artifacts
 from gkd.models.backbone import Backbone
-from gkd.models.checkpoint import build_segmentor, load_segmentor, save_segmentor
+from gkd.models.checkpoint import build_segmentor, load_encoder, load_segmentor, save_encoder, save_segmentor
 from gkd.models.segmentor import Segmentor
-from gkd.models.weights import check_fit, save_encoder
+from gkd.models.weights import check_fit
 from gkd.models.zoo import create_backbone_from_config, with_patch_size
 from gkd.preflight import CHECKS_DIR, CheckResult, DataUse, TrainingUse, preflight
 from gkd.recipe import OptimConfig, Recipe
@@ -61,7 +61,7 @@ from gkd.rundir import (
     TEACHER_FILE,
     validation_log,
 )
-from gkd.utils.io import file_sha256, load_state_dict, read_json, require_free_space, write_json
+from gkd.utils.io import file_sha256, read_json, require_free_space, write_json
 from gkd.utils.runtime import DistInfo
 
 log = logging.getLogger("gkd")
@@ -140,16 +140,16 @@ class Run:
             recipe.training.model_dump(mode="json"),
         )
         return Trainer(
-            name,
-            objective.to(self.device),
-            dataset,
-            config,
-            recipe.training,
-            self.dir,
-            self.device,
-            self.info,
-            recipe.seed,
-            settings,
+            name=name,
+            objective=objective.to(self.device),
+            dataset=dataset,
+            config=config,
+            training=recipe.training,
+            run_dir=self.dir,
+            device=self.device,
+            info=self.info,
+            seed=recipe.seed,
+            settings_fingerprint=settings,
         )
 
 
@@ -175,21 +175,21 @@ def teacher_backbone(run: Run, patch_size: int | None = None) -> Backbone:
     return create_backbone_from_config(config).to(run.device)
 
 
-def student_segmentor(run: Run) -> Segmentor:
-    """The student with a new head; every method starts from the same seeded initialisation."""
+def student_segmentor(run: Run, encoder_file: Path | None = None) -> Segmentor:
+    """The student with a new head; every method starts from the same seeded initialisation. ``encoder_file``
+    (a `save_encoder` file, checked against the recipe's student) replaces the fresh encoder."""
     torch.manual_seed(run.recipe.seed + 2)
-    return build_segmentor(run.recipe.models.student, run.recipe.models.decoder, run.num_classes).to(run.device)
+    segmentor = build_segmentor(run.recipe.models.student, run.recipe.models.decoder, run.num_classes)
+    if encoder_file is not None:
+        encoder = load_encoder(encoder_file)
+        check_fit(segmentor.encoder.model, encoder.model.state_dict(), encoder_file)
+        segmentor.encoder = encoder
+    return segmentor.to(run.device)
 
 
 def save_student_encoder(run: Run, encoder: Backbone) -> None:
     """The distilled student encoder: a plain timm state dict that ``timm.create_model`` takes back."""
     save_encoder(encoder, run.file(ENCODER_FILE), {"model": run.recipe.models.student.model_dump(mode="json")})
-
-
-def load_student_encoder(run: Run, encoder: Backbone) -> None:
-    state, _ = load_state_dict(run.file(ENCODER_FILE))
-    check_fit(encoder.model, state, run.file(ENCODER_FILE))
-    encoder.model.load_state_dict(state, strict=True)
 
 
 # -- stages --------------------------------------------------------------------------------------------
@@ -308,8 +308,7 @@ def validator(
 def stage_train_head(run: Run) -> None:
     """GKD stage 2: the student encoder frozen, a decoder trained with cross-entropy on source."""
     recipe = run.recipe
-    segmentor = student_segmentor(run)
-    load_student_encoder(run, segmentor.encoder)
+    segmentor = student_segmentor(run, encoder_file=run.file(ENCODER_FILE))
     objective = TaskObjective(segmentor, freeze_encoder=True)
     trainer = run.trainer("head", objective, run.dataset(recipe.data.source, train=True), recipe.head)
     trainer.fit(validator(run, segmentor, objective, "head", recipe.head, keep_best=True))

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
@@ -48,10 +47,8 @@ def tiny_segmentor(
     arch: str = "vit_small_patch16_224", depth: int = 4, decoder: str = "uper", seed: int = 0
 ) -> Segmentor:
     torch.manual_seed(seed)
-    vit = timm.create_model(
-        arch, pretrained=False, dynamic_img_size=True, img_size=64, embed_dim=64, depth=depth, num_heads=2
-    )
-    backbone = Backbone(vit, "tiny", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    kwargs = {"dynamic_img_size": True, "img_size": 64, "embed_dim": 64, "depth": depth, "num_heads": 2}
+    backbone = Backbone("tiny", arch, kwargs, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     return Segmentor(backbone, *build_decoder(DecoderConfig(name=decoder, channels=32), 64, depth, NUM_CLASSES)).eval()
 
 
@@ -270,13 +267,18 @@ class FakeTensorRT(types.ModuleType):
 
     Like TensorRT 11 it has no weak-typing API (no ``BuilderFlag.FP16``, no ``set_flag``), so a builder that
     reaches for one fails here. ``cache_matches=False`` makes it reject a saved timing cache (another GPU).
+    The enum values are the headers' (NvInfer.h) of each major version: ``NetworkDefinitionCreationFlag``
+    is ``kEXPLICIT_BATCH = 0, kSTRONGLY_TYPED = 1`` on 10.x; 11.0 removed ``kEXPLICIT_BATCH`` and made
+    ``kSTRONGLY_TYPED = 0``.
     """
 
     def __init__(self, version: str, parses: bool = True, builds: bool = True, cache_matches: bool = True) -> None:
         super().__init__("tensorrt")
         self.__version__ = version
         self.calls = {"network_flags": [], "cache_in": [], "cache_set": []}
-        self.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
+        major = int(version.split(".")[0])
+        flags = {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1} if major == 10 else {"STRONGLY_TYPED": 0}
+        self.NetworkDefinitionCreationFlag = types.SimpleNamespace(**flags)
         self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
         self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda s, level: None})
         calls = self.calls
@@ -315,14 +317,16 @@ def _build(tmp_path: Path, precision: str = "fp16") -> dict:
     )
 
 
-@pytest.mark.parametrize("version", ["10.13.0", "11.4.0"])
-def test_tensorrt_networks_are_strongly_typed_on_10_and_11(version, tmp_path, monkeypatch):
+# create_network takes a bit mask, bit i = NetworkDefinitionCreationFlag value i (TensorRT Python API, Builder):
+# strongly typed is bit 1 on 10.x and bit 0 on 11.x, where the flag is accepted and ignored.
+@pytest.mark.parametrize(("version", "strongly_typed_mask"), [("10.13.0", 0b10), ("11.4.0", 0b01)])
+def test_tensorrt_networks_are_strongly_typed_on_10_and_11(version, strongly_typed_mask, tmp_path, monkeypatch):
     fake = FakeTensorRT(version)
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     info = _build(tmp_path, "int8")
-    assert fake.calls["network_flags"] == [1 << 0] and info["typing"].startswith("strong")
+    assert fake.calls["network_flags"] == [strongly_typed_mask] and info["typing"].startswith("strong")
     assert fake.calls["profile"] == ("images", ((1, 3, 64, 64), (8, 3, 64, 64), (32, 3, 64, 64)))
-    assert fake.calls["pool"] == ("workspace", 256 << 20)
+    assert fake.calls["pool"] == ("workspace", 256 * 1024 * 1024)  # set_memory_pool_limit takes bytes
     assert (tmp_path / "model.engine").read_bytes() == b"engine"
     _build(tmp_path, "fp16")
     assert fake.calls["cache_in"] == [b"", b"timings"]  # the first build's timings are reused

@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 import pytest
-import timm
 import torch
 from torch import nn
 
@@ -98,26 +97,11 @@ def value(out: dict[str, torch.Tensor], key: str) -> float:
 def backbones() -> tuple[Backbone, Backbone]:
     """A DeiT-like student (patch 16, width 32) and a DINOv2-like teacher (patch 14, width 48)."""
     torch.manual_seed(0)
-    student = timm.create_model(
-        "vit_small_patch16_224",
-        pretrained=False,
-        img_size=112,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        dynamic_img_size=True,
-    )
-    teacher = timm.create_model(
-        "vit_small_patch14_dinov2",
-        pretrained=False,
-        img_size=112,
-        embed_dim=48,
-        depth=2,
-        num_heads=2,
-        dynamic_img_size=True,
-    )
+    tiny = {"img_size": 112, "depth": 2, "num_heads": 2, "dynamic_img_size": True}
     mean_std = ((0.5,) * 3, (0.5,) * 3)
-    return Backbone(student, "student", *mean_std), Backbone(teacher, "teacher", *mean_std).eval()
+    student = Backbone("student", "vit_small_patch16_224", {**tiny, "embed_dim": 32}, *mean_std)
+    teacher = Backbone("teacher", "vit_small_patch14_dinov2", {**tiny, "embed_dim": 48}, *mean_std)
+    return student, teacher.eval()
 
 
 def run_feature_loss(

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 
 pytest.importorskip("transformers")
@@ -208,10 +207,8 @@ def test_pixel_decoder_deformable_attention_matches_a_direct_computation():
 
 def tiny_segmentor() -> Segmentor:
     torch.manual_seed(0)
-    vit = timm.create_model(
-        "vit_small_patch16_224", dynamic_img_size=True, img_size=64, embed_dim=32, depth=4, num_heads=2
-    )
-    backbone = Backbone(vit, "tiny", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    kwargs = {"dynamic_img_size": True, "img_size": 64, "embed_dim": 32, "depth": 4, "num_heads": 2}
+    backbone = Backbone("tiny", "vit_small_patch16_224", kwargs, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     config = DecoderConfig(name="mask2former", channels=32, queries=6, pixel_decoder_layers=1, decoder_layers=2)
     return Segmentor(backbone, *build_decoder(config, 32, 4, 3)).eval()
 

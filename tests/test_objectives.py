@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -19,10 +18,8 @@ NUM_CLASSES = 3
 def tiny_segmentor(seed: int) -> Segmentor:
     """A 2-block, width-32 ViT with a linear head."""
     torch.manual_seed(seed)
-    vit = timm.create_model(
-        "vit_small_patch16_224", dynamic_img_size=True, img_size=64, embed_dim=32, depth=2, num_heads=2
-    )
-    backbone = Backbone(vit, f"tiny{seed}", (0.5,) * 3, (0.5,) * 3)
+    kwargs = {"dynamic_img_size": True, "img_size": 64, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    backbone = Backbone(f"tiny{seed}", "vit_small_patch16_224", kwargs, (0.5,) * 3, (0.5,) * 3)
     return Segmentor(backbone, *build_decoder(DecoderConfig(name="linear"), 32, 2, NUM_CLASSES))
 
 

@@ -19,9 +19,10 @@ from gkd.compress.losses import build_loss
 from gkd.compress.trainer import ResumableSampler, Trainer, lr_factor
 from gkd.data.base import to_sample
 from gkd.data.transforms import ImageNetTransformConfig, build_imagenet_transform
+from gkd.models.checkpoint import load_encoder
 from gkd.models.decoders import DecoderConfig, build_decoder
 from gkd.models.segmentor import Segmentor
-from gkd.models.weights import WeightsMismatchError, load_encoder, load_weights
+from gkd.models.weights import WeightsMismatchError, load_weights
 from gkd.models.zoo import create_backbone, with_patch_size
 from gkd.utils.runtime import DistInfo
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gkd.models.backbone import Backbone
-from gkd.models.weights import load_encoder, save_encoder
+from gkd.models.checkpoint import load_encoder, save_encoder
 from gkd.models.zoo import (
     SPECS,
     ModelConfig,

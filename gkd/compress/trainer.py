@@ -228,10 +228,25 @@ def fingerprint(*parts: object) -> str:
 
 
 class Trainer:
-    """Trains one objective for ``config.steps`` optimizer steps, resuming from ``checkpoint_dir``."""
+    """Trains one objective for ``config.steps`` optimizer steps, resuming from its checkpoint
+    (``<run_dir>/checkpoints/<name>/last.pt``). Arguments are keyword-only.
+
+    Args:
+        name: the stage's name: names its checkpoint, log (``logs/<name>.jsonl``) and progress bar.
+        objective: module whose ``forward(batch)`` returns a dict with ``loss`` (and other terms to log).
+        dataset: training samples (dicts with ``image``).
+        config: steps, batch size, schedule and optimiser settings.
+        training: precision, workers and compilation.
+        run_dir: the run directory.
+        device: where to train.
+        info: this process's rank and world size.
+        seed: seeds the sample order and each sample's augmentation.
+        settings_fingerprint: identifies the settings; a checkpoint of other settings is refused.
+    """
 
     def __init__(
         self,
+        *,
         name: str,
         objective: nn.Module,
         dataset: Dataset,

@@ -15,27 +15,63 @@ applied here: EVA02 tokens are normalised like DINOv2's, as the GKD authors dist
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from gkd.models import convstem  # noqa: F401  (registers vit_convstem16 with timm)
 from gkd.models.features import ViTFeatures
+
+_VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit", "timm.models.eva", "gkd.models.convstem")
+
+
+def is_supported_vit(arch: str) -> bool:
+    """Whether timm builds ``arch`` as a ``VisionTransformer`` (incl. DeiT) or ``Eva``, the models `Backbone` taps."""
+    return timm.is_model(arch) and timm.models.model_entrypoint(arch).__module__ in _VIT_MODULES
 
 
 class Backbone(nn.Module):
-    """Wraps a timm ViT (``VisionTransformer`` or ``Eva``) as ``self.model``.
+    """``timm.create_model(arch, **timm_kwargs)`` (random init) as ``self.model``, behind the feature interface.
 
-    ``self.model.state_dict()`` is exactly the timm model's, so a saved student encoder loads back
-    into a plain ``timm.create_model(arch)``.
+    The architecture and its kwargs are kept (``timm_arch``, ``timm_kwargs``), so an encoder file records them
+    and rebuilds the same model; ``self.model.state_dict()`` is exactly the timm model's, so a saved student
+    encoder loads back into a plain ``timm.create_model(arch)``. `gkd.models.zoo.create_backbone` builds one
+    from a zoo spec or timm name and loads weights.
+
+    Args:
+        name: the zoo spec or timm name the backbone was asked for (for messages and files).
+        arch: the timm architecture: a ``VisionTransformer`` (incl. DeiT) or ``Eva``.
+        timm_kwargs: ``timm.create_model`` kwargs (JSON values: they are written to encoder files).
+        mean: per-channel normalisation mean; ``None`` = the timm model's ``pretrained_cfg``.
+        std: per-channel normalisation std; ``None`` = the timm model's ``pretrained_cfg``.
     """
 
-    def __init__(self, model: nn.Module, name: str, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        name: str,
+        arch: str,
+        timm_kwargs: Mapping[str, Any],
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
         super().__init__()
-        self.model = model
+        if not is_supported_vit(arch):
+            raise ValueError(
+                f"{name} ({arch}) is not a timm ViT: a backbone is a VisionTransformer (incl. DeiT) or Eva"
+            )
+        self.model = timm.create_model(arch, pretrained=False, **timm_kwargs)
         self.name = name
+        self.timm_arch = arch
+        self.timm_kwargs = dict(timm_kwargs)
+        config = self.model.pretrained_cfg
+        mean = mean or config.get("mean", IMAGENET_DEFAULT_MEAN)
+        std = std or config.get("std", IMAGENET_DEFAULT_STD)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 

@@ -7,7 +7,7 @@ where that is the difference between a teacher weaker and one stronger than its 
 
 timm has every part (``ConvStem``, ``HybridEmbed``, ``VisionTransformer``) but no model with a configurable
 conv stem in front of a configurable ViT, so this module registers one. Being a timm model, it is built,
-saved and loaded like any other (``timm_backbone``, ``save_encoder``): its architecture name and JSON kwargs
+saved and loaded like any other (``Backbone``, ``save_encoder``): its architecture name and JSON kwargs
 rebuild it.
 """
 

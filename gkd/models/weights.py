@@ -3,7 +3,7 @@
 Formats (nothing is ever downloaded):
 
 - timm layout: ``.safetensors``, ``.pth`` / ``.pt`` / ``.bin`` (a state dict, possibly under ``state_dict``,
-  ``model`` or ``module``), including a student encoder written by `save_encoder`.
+  ``model`` or ``module``), including a student encoder written by `gkd.models.checkpoint.save_encoder`.
 - Layouts timm's own ``checkpoint_filter_fn`` converts, reused as is: the official DINOv2 release
   (facebookresearch names: ``mask_token``, ``register_tokens``, ``pos_embed`` with the class slot, giant's
   ``mlp.w12/w3``) through ``timm.models.vision_transformer.checkpoint_filter_fn``, and the original EVA02 MIM
@@ -35,29 +35,24 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import eva, vision_transformer
 from torch import nn
 
-from gkd.models import convstem  # noqa: F401  (registers vit_convstem16 with timm)
-from gkd.models.backbone import Backbone
-from gkd.utils.io import corrupt_safetensors, load_state_dict, save_state_dict
+from gkd.utils.io import corrupt_safetensors
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR_ENV = "GKD_WEIGHTS_DIR"
 """Directory of configured weights: ``<spec>.safetensors|.pth|.pt|.bin`` files or ``<spec>/`` HF snapshots."""
 
-ENCODER_FORMAT = "gkd.encoder/1"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 HF_MODEL_TYPES = ("dinov2", "dinov2_with_registers", "deit", "vit")
 HF_WEIGHT_FILES = (
@@ -105,7 +100,6 @@ _HEADS = ("head.", "head_dist.")
 # ``student.backbone.*`` (+ teacher and QSD heads, not loaded); its task-learning (mmseg) checkpoints hold
 # ``state_dict`` = ``backbone.*`` + ``decode_head.*``. Only the student encoder is taken from either.
 _RELEASE_PREFIXES = {"student.backbone.": "gkd-distillation", "backbone.": "gkd-segmentation"}
-_VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit", "timm.models.eva", "gkd.models.convstem")
 
 
 class WeightsMismatchError(RuntimeError):
@@ -262,65 +256,6 @@ def load_state(
         "".join(f"; {note}" for note in notes),
     )
     return report
-
-
-def is_supported_vit(arch: str) -> bool:
-    """Whether timm builds ``arch`` as a ``VisionTransformer`` (incl. DeiT) or ``Eva``, the models `Backbone` taps."""
-    return timm.is_model(arch) and timm.models.model_entrypoint(arch).__module__ in _VIT_MODULES
-
-
-def timm_backbone(
-    name: str,
-    arch: str,
-    timm_kwargs: Mapping[str, Any],
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> Backbone:
-    """``timm.create_model(arch, **timm_kwargs)`` (random init) as a `Backbone` that remembers ``arch`` and
-    ``timm_kwargs`` (attributes ``timm_arch``, ``timm_kwargs``) so `save_encoder` can record them.
-    ``mean``/``std`` default to the model's ``pretrained_cfg``."""
-    if not is_supported_vit(arch):
-        raise ValueError(f"{name} ({arch}) is not a timm ViT: a backbone is a VisionTransformer (incl. DeiT) or Eva")
-    model = timm.create_model(arch, pretrained=False, **timm_kwargs)
-    config = model.pretrained_cfg
-    mean, std = mean or config.get("mean", IMAGENET_DEFAULT_MEAN), std or config.get("std", IMAGENET_DEFAULT_STD)
-    backbone = Backbone(model, name, mean, std)
-    backbone.timm_arch = arch
-    backbone.timm_kwargs = dict(timm_kwargs)
-    return backbone
-
-
-def save_encoder(backbone: Backbone, path: str | Path, metadata: Mapping[str, Any] | None = None) -> None:
-    """Write ``backbone.model.state_dict()`` (plain timm keys) as safetensors, atomically, with the timm
-    architecture and kwargs in the metadata: ``timm.create_model(meta['arch'], **meta['timm_kwargs'])`` takes
-    it back. ``metadata`` adds JSON entries (e.g. the recipe's model config). ``backbone`` must come from
-    `timm_backbone` (``create_backbone`` builds through it)."""
-    arch, kwargs = getattr(backbone, "timm_arch", None), getattr(backbone, "timm_kwargs", None)
-    if arch is None or kwargs is None:
-        raise ValueError(f"backbone {backbone.name} was not built by gkd.models (no timm arch/kwargs recorded)")
-    metadata = {
-        **(metadata or {}),
-        "format": ENCODER_FORMAT,
-        "name": backbone.name,
-        "arch": arch,
-        "timm_kwargs": kwargs,
-        "mean": backbone.mean.flatten().tolist(),
-        "std": backbone.std.flatten().tolist(),
-    }
-    save_state_dict(path, backbone.model.state_dict(), metadata)
-
-
-def load_encoder(path: str | Path) -> Backbone:
-    """The `Backbone` a `save_encoder` file describes, weights loaded strictly."""
-    state, metadata = load_state_dict(path)
-    if metadata.get("format") != ENCODER_FORMAT:
-        raise WeightsMismatchError(f"{path} is not a gkd encoder file (no {ENCODER_FORMAT} metadata)")
-    backbone = timm_backbone(
-        metadata["name"], metadata["arch"], metadata["timm_kwargs"], metadata["mean"], metadata["std"]
-    )
-    check_fit(backbone.model, state, path)
-    backbone.model.load_state_dict(state, strict=True)
-    return backbone
 
 
 def _read_file(path: Path) -> dict[str, torch.Tensor]:

@@ -24,15 +24,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from gkd.models.backbone import Backbone
-from gkd.models.weights import (
-    WEIGHTS_DIR_ENV,
-    configured_weights,
-    is_supported_vit,
-    load_state,
-    load_weights,
-    timm_backbone,
-)
+from gkd.models.backbone import Backbone, is_supported_vit
+from gkd.models.weights import WEIGHTS_DIR_ENV, configured_weights, load_state, load_weights
 
 TEACHER, STUDENT = "teacher", "student"
 Family = Literal["dinov2", "eva02", "deit", "dino"]
@@ -201,7 +194,7 @@ def create_backbone(
     if weights is not None and not Path(weights).exists():
         raise FileNotFoundError(f"weights for {name}: {weights} not found")
     arch, timm_kwargs, mean, std = resolve_model(name, patch_size, **model_kwargs)
-    backbone = timm_backbone(name, arch, timm_kwargs, mean, std)
+    backbone = Backbone(name, arch, timm_kwargs, mean, std)
     if weights is not None:
         load_weights(backbone.model, weights, resample_patch=patch_size is not None)
     return backbone
@@ -218,7 +211,7 @@ def with_patch_size(backbone: Backbone, patch_size: int) -> Backbone:
     grid = grid[0] if isinstance(grid, (tuple, list)) else grid
     kwargs.update(patch_size=patch_size, img_size=grid // backbone.patch_size * patch_size)
     mean, std = backbone.mean.flatten().tolist(), backbone.std.flatten().tolist()
-    converted = timm_backbone(backbone.name, arch, kwargs, mean, std)
+    converted = Backbone(backbone.name, arch, kwargs, mean, std)
     load_state(converted.model, backbone.model.state_dict(), f"{backbone.name} at patch {backbone.patch_size}", True)
     return converted.to(backbone.mean.device)
 

@@ -56,14 +56,14 @@ def make_trainer(run_dir: Path, steps: int, info: DistInfo | None = None, dropou
     config = OptimConfig(steps=steps, batch_size=8, lr=1e-2, warmup_steps=2, **optim)
     info = info or DistInfo()
     return Trainer(
-        "toy",
-        ToyObjective(dropout),
-        ToyData(),
-        config,
-        TrainingConfig(),
-        run_dir,
-        torch.device("cpu"),
-        info,
+        name="toy",
+        objective=ToyObjective(dropout),
+        dataset=ToyData(),
+        config=config,
+        training=TrainingConfig(),
+        run_dir=run_dir,
+        device=torch.device("cpu"),
+        info=info,
         seed=0,
         settings_fingerprint="toy",
     )
