@@ -319,9 +319,8 @@ DEVICE_HELP = "auto (default): CUDA when a GPU is visible, else CPU; cuda withou
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gkd.export.runtimes import RUNTIME_NAMES
-    from gkd.pipeline import STAGES
-
+    """The ``gkd-compress`` parser: ``run`` and one sub-command per stage, then the tools (compare, predict,
+    sweep, zoo, data inspect); every sub-command takes ``--debug``."""
     parser = argparse.ArgumentParser(
         prog="gkd-compress",
         description="Distil a vision foundation model into a small segmentation model, export and benchmark it.",
@@ -335,14 +334,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_pipeline_commands(commands, debug)
+    _add_compare_command(commands, debug)
+    _add_predict_command(commands, debug)
+    _add_sweep_command(commands, debug)
+    _add_tool_commands(commands, debug)
+    return parser
+
+
+def _command(commands, name: str, help_text: str, debug: argparse.ArgumentParser, **options) -> argparse.ArgumentParser:
+    """A sub-command that takes ``--debug`` (``options``: more ``add_parser`` keywords, e.g. ``description``)."""
+    return commands.add_parser(name, help=help_text, parents=[debug], **options)
+
+
+def _add_device(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+
+
+def _add_pipeline_commands(commands, debug: argparse.ArgumentParser) -> None:
+    """``run`` and one sub-command per stage, all on a recipe and a run directory."""
+    from gkd.pipeline import STAGES
 
     def pipeline_command(name: str, help_text: str) -> argparse.ArgumentParser:
-        command = commands.add_parser(name, help=help_text, description=help_text, parents=[debug])
+        command = _command(commands, name, help_text, debug, description=help_text)
         command.add_argument(
             "recipe", nargs="?", help="recipe YAML (default: the run dir's recipe, else the embedded default)"
         )
         command.add_argument("--out", help="run directory (default: runs/<recipe name>)")
-        command.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+        _add_device(command)
         command.add_argument(
             "--threads", type=int, help="CPU threads for torch and ONNX Runtime (default: the CPUs free right now)"
         )
@@ -376,24 +395,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--triton-name", help="Triton model name (default: the recipe's name)")
     export.set_defaults(handler=_cmd_export)
 
-    compare = commands.add_parser(
-        "compare",
-        help="train the recipe's compare.methods over their seeds from one shared teacher; tabulate",
-        parents=[debug],
-    )
+
+def _add_compare_command(commands, debug: argparse.ArgumentParser) -> None:
+    help_text = "train the recipe's compare.methods over their seeds from one shared teacher; tabulate"
+    compare = _command(commands, "compare", help_text, debug)
     compare.add_argument("recipe", help="recipe YAML with compare.methods")
     compare.add_argument("--out", help="output directory (default: runs/<recipe name>_compare)")
     compare.add_argument("--workers", type=int, default=2, help="jobs trained at once (CPU threads split evenly)")
-    compare.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    _add_device(compare)
     compare.add_argument("--methods", nargs="+", help="only these methods (default: all the recipe lists)")
     compare.add_argument("--max-seeds", type=int, help="only the first N seeds of each method")
     compare.set_defaults(handler=_cmd_compare)
 
-    predict = commands.add_parser(
-        "predict",
-        help="segment pictures, folders, globs and videos with a run's model; labels, overlays, summary",
-        parents=[debug],
-    )
+
+def _add_predict_command(commands, debug: argparse.ArgumentParser) -> None:
+    from gkd.export.runtimes import RUNTIME_NAMES
+
+    help_text = "segment pictures, folders, globs and videos with a run's model; labels, overlays, summary"
+    predict = _command(commands, "predict", help_text, debug)
     predict.add_argument("run_dir", help="a finished run directory")
     predict.add_argument("inputs", nargs="+", help="pictures, folders, glob patterns ('**' recurses), videos")
     predict.add_argument("--out", required=True, help="output folder: labels/, overlays/, contact sheet, summary")
@@ -407,14 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=8, help="frames (or slide windows) per model call")
     predict.add_argument("--frame-step", type=int, default=1, help="videos: segment every n-th frame")
     predict.add_argument("--strict", action="store_true", help="stop at an unreadable input instead of skipping it")
-    predict.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    _add_device(predict)
     predict.set_defaults(handler=_cmd_predict)
 
-    sweep = commands.add_parser(
-        "sweep",
-        help="distil, export and benchmark several students; latency vs target-mIoU Pareto front",
-        parents=[debug],
-    )
+
+def _add_sweep_command(commands, debug: argparse.ArgumentParser) -> None:
+    help_text = "distil, export and benchmark several students; latency vs target-mIoU Pareto front"
+    sweep = _command(commands, "sweep", help_text, debug)
     sweep.add_argument("recipe", help="recipe YAML (its student is replaced by each of --students)")
     sweep.add_argument(
         "--students", nargs="+", required=True, help="NAME[,key=value...]: zoo/timm name, timm kwargs, weights=PATH"
@@ -426,17 +444,21 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--max-latency-ms", type=float, help="print the best student x runtime within this latency")
     sweep.set_defaults(handler=_cmd_sweep)
 
-    zoo = commands.add_parser("zoo", help="list the teacher/student model zoo", parents=[debug])
+
+def _add_tool_commands(commands, debug: argparse.ArgumentParser) -> None:
+    """``zoo`` and ``data inspect``."""
+    zoo = _command(commands, "zoo", "list the teacher/student model zoo", debug)
     zoo.add_argument("--json", action="store_true", help="print JSON instead of a table")
     zoo.set_defaults(handler=_cmd_zoo)
 
     data = commands.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
-    inspect = data.add_parser(
+    inspect = _command(
+        data,
         "inspect",
-        help="sample count and class pixel counts of a split (native resolution)",
+        "sample count and class pixel counts of a split (native resolution)",
+        debug,
         description="Count the samples of one split and the pixels of each class (after the label mapping, at "
         "native resolution); every file is decoded, so bad files are found too.",
-        parents=[debug],
     )
     inspect.add_argument("name", help="dataset: gtav, cityscapes, bdd100k, mapillary, acdc, camvid, ...")
     inspect.add_argument("root", help="the dataset's folder")
@@ -445,7 +467,6 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--skip-bad", action="store_true", help="skip (and log) bad samples instead of stopping")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(handler=_cmd_data_inspect)
-    return parser
 
 
 def _error_exit(error: BaseException) -> tuple[int, str] | None:

@@ -451,8 +451,8 @@ class Stage:
     name: str
     run: Callable[[Run], None]
     outputs: Callable[[Recipe], tuple[str, ...]]
-    needed: Callable[[Recipe], bool]
-    distributed: bool  # runs on every rank (training) or on rank 0 only
+    needed: Callable[[Recipe], bool] = lambda recipe: True
+    distributed: bool = False  # runs on every rank (training) or on rank 0 only
     inputs: Callable[[Recipe], tuple[str, ...]] = lambda recipe: ()
     reads: Callable[[Recipe], tuple[str, ...]] | None = None
     data: Callable[[Recipe], list[DataUse]] = lambda recipe: []
@@ -525,13 +525,19 @@ def _distill_trainings(recipe: Recipe) -> list[TrainingUse]:
 _TRAIN_DATA = ("seed", "data.img_size", "data.source", "data.extra_sources", "data.train_transform", "training")
 _EVAL_DATA = ("data.img_size", "data.source_val", "data.targets", "data.eval_transform")
 
+
+def _files(*names: str) -> Callable[[Recipe], tuple[str, ...]]:
+    """A stage's files whatever the recipe."""
+    return lambda recipe: names
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         "train-teacher",
         stage_train_teacher,
-        lambda r: (TEACHER_FILE,),
-        lambda r: r.teacher_training is not None,
-        True,
+        _files(TEACHER_FILE),
+        needed=lambda r: r.teacher_training is not None,
+        distributed=True,
         data=lambda r: _validated(r, r.teacher_training),
         trainings=lambda r: [TrainingUse("teacher", r.teacher_training, "source")],
         sections=(
@@ -549,9 +555,8 @@ STAGES: tuple[Stage, ...] = (
         "distill",
         stage_distill,
         lambda r: (ENCODER_FILE,) if _two_stage(r) else (ENCODER_FILE, SEGMENTOR_FILE),
-        lambda r: True,
-        True,
-        distill_inputs,
+        distributed=True,
+        inputs=distill_inputs,
         data=_distill_data,
         trainings=_distill_trainings,
         sections=(*_TRAIN_DATA, "models", "data.proxy", "data.proxy_transform", "data.distill_transform", "distill"),
@@ -561,10 +566,10 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "train-head",
         stage_train_head,
-        lambda r: (SEGMENTOR_FILE,),
-        _two_stage,
-        True,
-        lambda r: (ENCODER_FILE,),
+        _files(SEGMENTOR_FILE),
+        needed=_two_stage,
+        distributed=True,
+        inputs=_files(ENCODER_FILE),
         data=lambda r: _validated(r, r.head),
         trainings=lambda r: [TrainingUse("head", r.head, "source")],
         sections=(*_TRAIN_DATA, "models.student", "models.decoder", "head"),
@@ -574,9 +579,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "train-no-kd",
         stage_train_no_kd,
-        lambda r: (NO_KD_FILE,),
-        lambda r: r.compare.no_kd is not None,
-        True,
+        _files(NO_KD_FILE),
+        needed=lambda r: r.compare.no_kd is not None,
+        distributed=True,
         data=lambda r: _validated(r, r.compare.no_kd),
         trainings=lambda r: [TrainingUse("no_kd", r.compare.no_kd, "source")],
         sections=(*_TRAIN_DATA, "models.student", "models.decoder", "compare.no_kd"),
@@ -586,42 +591,34 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "evaluate",
         stage_evaluate,
-        lambda r: (EVAL_FILE,),
-        lambda r: True,
-        False,
-        lambda r: (SEGMENTOR_FILE,),
-        reads=lambda r: (TEACHER_FILE, NO_KD_FILE, SEGMENTOR_FILE, BEST_SEGMENTOR_FILE),
+        _files(EVAL_FILE),
+        inputs=_files(SEGMENTOR_FILE),
+        reads=_files(TEACHER_FILE, NO_KD_FILE, SEGMENTOR_FILE, BEST_SEGMENTOR_FILE),
         data=_evaluation_data,
         sections=(*_EVAL_DATA, "evaluate"),
     ),
     Stage(
         "export",
         stage_export,
-        lambda r: (EXPORT_FILE,),
-        lambda r: True,
-        False,
-        lambda r: (SEGMENTOR_FILE,),
+        _files(EXPORT_FILE),
+        inputs=_files(SEGMENTOR_FILE),
         data=lambda r: [DataUse("source", r.data.source, True), DataUse("source_val", r.data.source_val, True)],
         sections=("seed", "data.img_size", "data.source", "data.source_val", "data.eval_transform", "export"),
     ),
     Stage(
         "benchmark",
         stage_benchmark,
-        lambda r: (BENCHMARK_FILE,),
-        lambda r: True,
-        False,
-        lambda r: (SEGMENTOR_FILE, EXPORT_FILE),
+        _files(BENCHMARK_FILE),
+        inputs=_files(SEGMENTOR_FILE, EXPORT_FILE),
         data=lambda r: _evaluation_data(r) if r.benchmark.accuracy else [],
         sections=(*_EVAL_DATA, "evaluate", "benchmark"),
     ),
     Stage(
         "report",
         stage_report,
-        lambda r: (REPORT_JSON_FILE, REPORT_MD_FILE, MODEL_CARD_FILE),
-        lambda r: True,
-        False,
-        lambda r: (EVAL_FILE,),
-        reads=lambda r: (EVAL_FILE, EXPORT_FILE, BENCHMARK_FILE),
+        _files(REPORT_JSON_FILE, REPORT_MD_FILE, MODEL_CARD_FILE),
+        inputs=_files(EVAL_FILE),
+        reads=_files(EVAL_FILE, EXPORT_FILE, BENCHMARK_FILE),
     ),
 )
 

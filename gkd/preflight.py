@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError, safe_open
 
 from gkd.compress.config import OptimConfig
-from gkd.data.base import CachedDataset, DataError, ImageListDataset, SegmentationDataset, parallel_map
+from gkd.data.base import CachedDataset, DataError, ImageListDataset, SegmentationDataset, load_problems, parallel_map
 from gkd.data.config import SYNTHETIC, DatasetConfig, build_dataset
 from gkd.models.checkpoint import build_segmentor
 from gkd.models.decoders import DecoderConfig
@@ -155,18 +155,7 @@ def check_dataset(use: DataUse, cache_dir: Path | None, full: bool) -> tuple[str
         record = read_json(cache)
         if record.get("fingerprint") == fingerprint and (record.get("mode") == "full" or not full):
             return fingerprint, len(selection), []
-    if full:
-
-        def load(index: int) -> str | None:
-            try:
-                selection.load(index)
-            except DataError as error:
-                return str(error)
-            return None
-
-        found = list(parallel_map(load, range(len(selection))))
-    else:
-        found = list(parallel_map(_check_pair, files))
+    found = load_problems(selection, range(len(selection))) if full else parallel_map(_check_pair, files)
     problems = [f"{where}: {problem}" for problem in found if problem]
     if not problems and cache is not None:
         write_json(cache, {"fingerprint": fingerprint, "mode": "full" if full else "fast", "samples": len(files)})

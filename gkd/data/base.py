@@ -227,6 +227,20 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], chunk: int = 64) -> I
             yield from pool.map(fn, items[start : start + chunk])
 
 
+def load_problems(dataset: Dataset, indices: Sequence[int]) -> Iterator[str | None]:
+    """For each index, in order: why ``dataset.load(index)`` fails (its `DataError`), or ``None`` when it loads;
+    loaded on a few threads (`parallel_map`)."""
+
+    def problem(index: int) -> str | None:
+        try:
+            dataset.load(index)
+        except DataError as error:
+            return str(error)
+        return None
+
+    return parallel_map(problem, indices)
+
+
 class Selection(Dataset):
     """The samples of a split that a run uses: the seeded label fraction, then the first ``limit``,
     minus bad samples when ``skip_bad`` (each listed in ``skipped``, the message naming the file).

@@ -34,6 +34,7 @@ from gkd.data.base import (
     Selection,
     Transform,
     default_palette,
+    load_problems,
     parallel_map,
 )
 from gkd.data.camvid import CamVid
@@ -193,15 +194,7 @@ def _selection(config: DatasetConfig, transform: Transform | None, labeled: bool
     chosen = fraction_indices(len(dataset), config.fraction, config.fraction_seed)
     used = chosen[: config.limit] if config.limit else chosen
     if validate:
-
-        def problem(index: int) -> str | None:
-            try:
-                dataset.load(index)
-            except DataError as error:
-                return str(error)
-            return None
-
-        problems = list(parallel_map(problem, used))
+        problems = list(load_problems(dataset, used))
         for message in filter(None, problems):
             log.warning("skipping: %s", message)
         skipped += list(filter(None, problems))

@@ -58,7 +58,8 @@ class TrainTransformConfig(BaseModel):
 
 class ImageNetTransformConfig(BaseModel):
     """Recipe blocks `data.proxy_transform` / `data.distill_transform`: timm's ImageNet training transform
-    (``timm.data.create_transform(is_training=True)``) for the unlabeled images of a distillation stage.
+    (``timm.data.create_transform(is_training=True)``, whose keywords the fields are) for the unlabeled images of
+    a distillation stage.
     Defaults are the GKD code's (general_distillation/main.py, DeiT's recipe): RandomResizedCrop (scale
     0.08-1, bicubic), flip, colour jitter 0.3, RandAugment ``rand-m9-mstd0.5-inc1``, RandomErasing 0.25."""
 
@@ -160,19 +161,9 @@ class _ImageNetTransform:
     def __init__(self, config: ImageNetTransformConfig) -> None:
         from timm.data import create_transform
 
+        # every field of the config is a create_transform keyword of the same name
         self.pipeline = create_transform(
-            input_size=config.input_size,
-            is_training=True,
-            scale=config.scale,
-            hflip=config.hflip,
-            color_jitter=config.color_jitter,
-            auto_augment=config.auto_augment,
-            interpolation=config.interpolation,
-            mean=(0.0, 0.0, 0.0),
-            std=(1.0, 1.0, 1.0),
-            re_prob=config.re_prob,
-            re_mode=config.re_mode,
-            re_count=config.re_count,
+            **config.model_dump(), is_training=True, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)
         )
 
     def __call__(self, sample: Sample) -> Sample:
