@@ -33,13 +33,16 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 from gkd.data.base import IGNORE_INDEX
 
-# The loss weights and point sampling of Mask2Former's semantic-segmentation configs (and the GKD authors').
-CLASS_WEIGHT = 2.0
-MASK_WEIGHT = 5.0
-DICE_WEIGHT = 5.0
-NO_OBJECT_WEIGHT = 0.1
-OVERSAMPLE_RATIO = 3.0
-IMPORTANCE_SAMPLE_RATIO = 0.75
+# The loss weights and point sampling of Mask2Former's semantic-segmentation configs (and the GKD authors'),
+# by their `Mask2FormerConfig` names.
+LOSS_SETTINGS = {
+    "class_weight": 2.0,
+    "mask_weight": 5.0,
+    "dice_weight": 5.0,
+    "no_object_weight": 0.1,
+    "oversample_ratio": 3.0,
+    "importance_sample_ratio": 0.75,
+}
 
 
 class Feature2Pyramid(nn.Module):
@@ -108,13 +111,8 @@ def mask2former_config(
         dropout=0.0,
         feature_strides=[4, 8, 16, 32],
         common_stride=4,
-        class_weight=CLASS_WEIGHT,
-        mask_weight=MASK_WEIGHT,
-        dice_weight=DICE_WEIGHT,
-        no_object_weight=NO_OBJECT_WEIGHT,
         train_num_points=points,
-        oversample_ratio=OVERSAMPLE_RATIO,
-        importance_sample_ratio=IMPORTANCE_SAMPLE_RATIO,
+        **LOSS_SETTINGS,
     )
 
 
@@ -187,7 +185,11 @@ class Mask2FormerCriterion(nn.Module):
         self.hf_loss = hf.Mask2FormerLoss(config, weight_dict={})
         # A constant of the loss, not a weight of the model: keep it out of segmentor files.
         self.hf_loss.register_buffer("empty_weight", self.hf_loss.empty_weight, persistent=False)
-        self.weights = {"loss_cross_entropy": CLASS_WEIGHT, "loss_mask": MASK_WEIGHT, "loss_dice": DICE_WEIGHT}
+        self.weights = {
+            "loss_cross_entropy": config.class_weight,
+            "loss_mask": config.mask_weight,
+            "loss_dice": config.dice_weight,
+        }
 
     def forward(self, outputs: QueryOutputs, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         classes, masks = label_map_targets(labels)

@@ -63,72 +63,61 @@ class ModelSpec:
         return {**kwargs, **overrides}
 
 
+# What the models of a family share: patch, pre-training input size and normalisation (timm's pretrained_cfg).
+_IMAGENET = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}
+_FAMILIES: dict[str, dict[str, Any]] = {
+    "dinov2": {"patch_size": 14, "img_size": 518, **_IMAGENET},
+    "eva02": {"patch_size": 14, "img_size": 224, "mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD},
+    "deit": {"patch_size": 16, "img_size": 224, **_IMAGENET},
+    "dino": {"patch_size": 16, "img_size": 224, **_IMAGENET},
+}
+
+
+def _spec(
+    name: str, arch: str, family: Family, roles: tuple[str, ...], size: tuple[int, int], **extra: Any
+) -> ModelSpec:
+    """A spec with its family's patch, input size and normalisation; ``size`` is ``(embed_dim, depth)``."""
+    embed_dim, depth = size
+    return ModelSpec(name, arch, family, roles, embed_dim=embed_dim, depth=depth, **_FAMILIES[family], **extra)
+
+
 _DINOV2_SIZES = {"s": ("small", 384, 12), "b": ("base", 768, 12), "l": ("large", 1024, 24), "g": ("giant", 1536, 40)}
 
 
 def _dinov2(size: str, registers: bool) -> ModelSpec:
     width, embed_dim, depth = _DINOV2_SIZES[size]
-    roles = (TEACHER, STUDENT) if size in ("s", "b") else (TEACHER,)
-    return ModelSpec(
-        name=f"dinov2_vit{size}14" + ("_reg" if registers else ""),
-        arch=f"vit_{width}_patch14_" + ("reg4_dinov2" if registers else "dinov2"),
-        family="dinov2",
-        roles=roles,
-        patch_size=14,
-        embed_dim=embed_dim,
-        depth=depth,
-        img_size=518,
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
-        num_registers=4 if registers else 0,
-        notes=f"DINOv2 ViT-{size.upper()}/14 (LVD-142M)"
+    notes = (
+        f"DINOv2 ViT-{size.upper()}/14 (LVD-142M)"
         + (", 4 registers" if registers else "")
-        + ("; giant uses a SwiGLU MLP" if size == "g" else ""),
+        + ("; giant uses a SwiGLU MLP" if size == "g" else "")
     )
-
-
-def _eva02(width: str, embed_dim: int, depth: int) -> ModelSpec:
-    return ModelSpec(
-        name=f"eva02_{width}",
-        arch=f"eva02_{width}_patch14_224",
-        family="eva02",
-        roles=(TEACHER, STUDENT) if width != "large" else (TEACHER,),
-        patch_size=14,
-        embed_dim=embed_dim,
-        depth=depth,
-        img_size=224,
-        mean=OPENAI_CLIP_MEAN,
-        std=OPENAI_CLIP_STD,
-        notes=f"EVA02-{width[0].upper()}/14 MIM (IN-22k); RoPE + SwiGLU, CLIP mean/std",
-    )
-
-
-def _patch16_student(name: str, arch: str, family: str, embed_dim: int, notes: str) -> ModelSpec:
-    """A 12-block ViT/16 student at 224 with ImageNet normalisation (DeiT, DINO v1)."""
-    return ModelSpec(
-        name=name,
-        arch=arch,
-        family=family,
-        roles=(STUDENT,),
-        patch_size=16,
-        embed_dim=embed_dim,
-        depth=12,
-        img_size=224,
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
+    return _spec(
+        f"dinov2_vit{size}14" + ("_reg" if registers else ""),
+        f"vit_{width}_patch14_" + ("reg4_dinov2" if registers else "dinov2"),
+        "dinov2",
+        (TEACHER, STUDENT) if size in ("s", "b") else (TEACHER,),
+        (embed_dim, depth),
+        num_registers=4 if registers else 0,
         notes=notes,
     )
 
 
+def _eva02(width: str, embed_dim: int, depth: int) -> ModelSpec:
+    roles = (TEACHER, STUDENT) if width != "large" else (TEACHER,)
+    notes = f"EVA02-{width[0].upper()}/14 MIM (IN-22k); RoPE + SwiGLU, CLIP mean/std"
+    return _spec(f"eva02_{width}", f"eva02_{width}_patch14_224", "eva02", roles, (embed_dim, depth), notes=notes)
+
+
 def _deit(width: str, embed_dim: int) -> ModelSpec:
+    """A 12-block DeiT/16 at 224: the F2L students."""
     notes = f"DeiT-{width[0].upper()}/16, ImageNet-1k init (F2L student)"
-    return _patch16_student(f"deit_{width}", f"deit_{width}_patch16_224", "deit", embed_dim, notes)
+    return _spec(f"deit_{width}", f"deit_{width}_patch16_224", "deit", (STUDENT,), (embed_dim, 12), notes=notes)
 
 
 def _dino(size: str, width: str, embed_dim: int) -> ModelSpec:
     """DINO v1 (Caron et al. 2021): the students of the GKD code's F2F scripts (dinov2_*_distill_dino_*.sh)."""
     notes = f"DINO v1 ViT-{size.upper()}/16 (self-supervised, ImageNet-1k; timm tag .dino)"
-    return _patch16_student(f"dino_vit{size}16", f"vit_{width}_patch16_224.dino", "dino", embed_dim, notes)
+    return _spec(f"dino_vit{size}16", f"vit_{width}_patch16_224.dino", "dino", (STUDENT,), (embed_dim, 12), notes=notes)
 
 
 SPECS: dict[str, ModelSpec] = {
