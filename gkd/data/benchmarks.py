@@ -54,15 +54,19 @@ class BenchmarkData:
 
 
 class Benchmark(BaseModel):
-    """A source domain and its unseen targets."""
+    """A source domain and its unseen targets; the held-out source is the source's ``source_val_split``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     description: str
     source: Domain
-    source_val: Domain
     targets: dict[str, Domain]
+    source_val_split: str = "val"
+
+    @property
+    def source_val(self) -> Domain:
+        return self.source.model_copy(update={"split": self.source_val_split})
 
     def configs(
         self,
@@ -88,7 +92,6 @@ BENCHMARKS: dict[str, Benchmark] = {
             name="gtav2real",
             description="synthetic GTAV -> real Cityscapes, BDD100K, Mapillary (19 classes)",
             source=Domain(dataset="gtav", split="all"),
-            source_val=Domain(dataset="gtav", split="val"),
             targets={
                 "cityscapes": Domain(dataset="cityscapes", split="val"),
                 "bdd100k": Domain(dataset="bdd100k", split="val"),
@@ -99,7 +102,6 @@ BENCHMARKS: dict[str, Benchmark] = {
             name="cityscapes2acdc",
             description="Cityscapes -> ACDC adverse conditions (19 classes)",
             source=Domain(dataset="cityscapes", split="train"),
-            source_val=Domain(dataset="cityscapes", split="val"),
             targets={
                 condition: Domain(dataset="acdc", split="val", options={"condition": condition})
                 for condition in ("night", "snow", "fog", "rain")
@@ -109,7 +111,6 @@ BENCHMARKS: dict[str, Benchmark] = {
             name="potsdam2other",
             description="Potsdam RGB -> Potsdam IRRG, Vaihingen IRRG (6 ISPRS classes)",
             source=Domain(dataset="potsdam", split="train", options={"modality": "rgb"}),
-            source_val=Domain(dataset="potsdam", split="val", options={"modality": "rgb"}),
             targets={
                 "potsdam_irrg": Domain(
                     dataset="potsdam", split="val", options={"modality": "irrg"}, roots=("potsdam_irrg", "potsdam")
@@ -121,7 +122,6 @@ BENCHMARKS: dict[str, Benchmark] = {
             name="camvid_day2dusk",
             description="CamVid daytime sequences -> dusk sequence 0001TP (11 classes)",
             source=Domain(dataset="camvid", split="train", options={"domain": "day"}),
-            source_val=Domain(dataset="camvid", split="val", options={"domain": "day"}),
             targets={
                 "dusk": Domain(dataset="camvid", split="train+test", options={"domain": "dusk"}),
                 "day_test": Domain(dataset="camvid", split="test", options={"domain": "day"}),
