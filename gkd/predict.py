@@ -291,6 +291,66 @@ def contact_sheet(
     _save_png(sheet, path)
 
 
+def _frame_count(paths: Sequence[Path], frame_step: int) -> int | None:
+    """How many frames ``iter_frames`` yields (for the progress bar); ``None`` when a video's length is unknown."""
+    lengths = [1 if p.suffix.lower() not in VIDEO_SUFFIXES else _video_length(p, frame_step) for p in paths]
+    return None if None in lengths else sum(lengths)
+
+
+def _batches(frames: Iterator[Frame], size: int) -> Iterator[list[Frame]]:
+    """``frames`` in lists of ``size`` (the last one shorter)."""
+    batch: list[Frame] = []
+    for frame in frames:
+        batch.append(frame)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class _FrameWriter:
+    """Writes each frame's label PNG (palette image of the class ids) and overlay into ``out``, keeps its
+    summary record and offers it to the contact sheet."""
+
+    def __init__(self, out: Path, dataset: str) -> None:
+        self.out = out
+        _, self.class_names, self.palette_tuple = dataset_info(dataset)
+        self.palette = np.zeros((256, 3), dtype=np.uint8)
+        self.palette[: len(self.palette_tuple)] = np.asarray(self.palette_tuple, dtype=np.uint8)
+        self.palette_bytes = _palette_bytes(self.palette_tuple)
+        self.sheet = SheetSampler()
+        self.records: list[dict] = []
+
+    def summary(self) -> dict:
+        """The summary's classes, palette and one record per frame written."""
+        palette = [list(color) for color in self.palette_tuple]
+        return {"class_names": list(self.class_names), "palette": palette, "frames": self.records}
+
+    def write(self, frame: Frame, label: np.ndarray) -> None:
+        label_file, overlay_file = f"labels/{frame.name}.png", f"overlays/{frame.name}.png"
+        label_image = Image.fromarray(label)  # uint8 ids; a palette makes it a "P" image, ids unchanged
+        label_image.putpalette(self.palette_bytes)
+        _save_png(label_image, self.out / label_file)
+        blended = overlay(frame.image, label, self.palette)
+        _save_png(Image.fromarray(blended), self.out / overlay_file)
+        self.sheet.add(frame.name, frame.image, blended)
+        counts = np.bincount(label.ravel(), minlength=len(self.class_names))[: len(self.class_names)]
+        self.records.append(
+            {
+                "name": frame.name,
+                "input": str(frame.source),
+                **({"frame": frame.index} if frame.index is not None else {}),
+                "size": [int(label.shape[0]), int(label.shape[1])],
+                "label": label_file,
+                "overlay": overlay_file,
+                "class_area": {
+                    n: round(float(c) / label.size, 6) for n, c in zip(self.class_names, counts, strict=True)
+                },
+            }
+        )
+
+
 def predict(
     run_dir: str | Path,
     inputs: Sequence[str],
@@ -323,72 +383,30 @@ def predict(
     """
     if batch_size < 1 or frame_step < 1:
         raise ValueError("--batch-size and --frame-step must be at least 1")
-    out = Path(out)
-    paths = collect_inputs(inputs)
-    device = torch.device(device)
-    loaded, recipe = load_run_runtime(Path(run_dir), runtime, precision, device, model)
+    out, paths = Path(out), collect_inputs(inputs)
+    loaded, recipe = load_run_runtime(Path(run_dir), runtime, precision, torch.device(device), model)
     segmenter = Segmenter(loaded, recipe, batch_size)
-    _, class_names, palette_tuple = dataset_info(recipe.data.source.name)
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    palette[: len(palette_tuple)] = np.asarray(palette_tuple, dtype=np.uint8)
-    palette_bytes = _palette_bytes(palette_tuple)
-
-    lengths = [1 if p.suffix.lower() not in VIDEO_SUFFIXES else _video_length(p, frame_step) for p in paths]
-    total = None if None in lengths else sum(lengths)
+    writer = _FrameWriter(out, recipe.data.source.name)
     skipped: list[dict] = []
-    records: list[dict] = []
-
-    def flush(batch: list[Frame]) -> None:
-        for frame, label in zip(batch, segmenter.labels([f.image for f in batch]), strict=True):
-            label_file, overlay_file = f"labels/{frame.name}.png", f"overlays/{frame.name}.png"
-            label_image = Image.fromarray(label)  # uint8 ids; a palette makes it a "P" image, ids unchanged
-            label_image.putpalette(palette_bytes)
-            _save_png(label_image, out / label_file)
-            blended = overlay(frame.image, label, palette)
-            _save_png(Image.fromarray(blended), out / overlay_file)
-            sheet.add(frame.name, frame.image, blended)
-            counts = np.bincount(label.ravel(), minlength=len(class_names))[: len(class_names)]
-            records.append(
-                {
-                    "name": frame.name,
-                    "input": str(frame.source),
-                    **({"frame": frame.index} if frame.index is not None else {}),
-                    "size": [int(label.shape[0]), int(label.shape[1])],
-                    "label": label_file,
-                    "overlay": overlay_file,
-                    "class_area": {
-                        n: round(float(c) / label.size, 6) for n, c in zip(class_names, counts, strict=True)
-                    },
-                }
-            )
-            progress.update()
-
-    batch: list[Frame] = []
-    sheet = SheetSampler()
-    with tqdm(
-        total=total, desc=f"predict ({runtime}/{precision})", unit="frame", disable=not show_progress
-    ) as progress:
-        for frame in iter_frames(paths, frame_step, strict, skipped):
-            batch.append(frame)
-            if len(batch) == batch_size:
-                flush(batch)
-                batch = []
-        if batch:
-            flush(batch)
+    total = _frame_count(paths, frame_step)
+    progress = tqdm(total=total, desc=f"predict ({runtime}/{precision})", unit="frame", disable=not show_progress)
+    with progress:
+        for batch in _batches(iter_frames(paths, frame_step, strict, skipped), batch_size):
+            for frame, label in zip(batch, segmenter.labels([f.image for f in batch]), strict=True):
+                writer.write(frame, label)
+                progress.update()
     summary = {
         "run_dir": str(run_dir),
         "model": model,
         "runtime": loaded.info,
         "img_size": list(recipe.data.img_size),
         "mode": recipe.evaluate.mode,
-        "class_names": list(class_names),
-        "palette": [list(color) for color in palette_tuple],
-        "frames": records,
+        **writer.summary(),
         "skipped": skipped,
     }
-    if records:
-        contact_sheet(sheet.picks(), class_names, palette, out / CONTACT_SHEET_FILE)
+    if writer.records:
+        contact_sheet(writer.sheet.picks(), writer.class_names, writer.palette, out / CONTACT_SHEET_FILE)
         summary["contact_sheet"] = CONTACT_SHEET_FILE
     write_json(out / SUMMARY_FILE, summary)
-    log.info("predict: %d frames, %d inputs skipped; %s", len(records), len(skipped), out / SUMMARY_FILE)
+    log.info("predict: %d frames, %d inputs skipped; %s", len(writer.records), len(skipped), out / SUMMARY_FILE)
     return summary

@@ -218,6 +218,32 @@ def render_sweep(recipe_name: str, points: list[dict], front: list[int], failure
     return "\n".join([*lines, ""])
 
 
+def _claim_folder(recipe: Recipe, out: Path) -> Recipe:
+    """The sweep's base recipe (``recipe`` without compare methods), saved in ``out``; a folder holding a sweep
+    of another recipe is refused."""
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / SWEEP_RECIPE_FILE
+    base = recipe.model_copy(update={"compare": recipe.compare.model_copy(update={"methods": {}})})
+    if saved.is_file() and load_recipe(saved) != base:
+        raise RecipeError(f"{out} holds a sweep of another recipe ({saved}); use a new --out directory")
+    write_text(saved, dump_recipe(base))
+    return base
+
+
+def _plot(points: list[dict], path: Path, recipe_name: str, with_size: bool) -> None:
+    """Latency vs target mIoU of every point, one colour per student (labels add the input size ``with_size``)."""
+    plot_points = [
+        {
+            "label": f"{p['runtime']}" + (f" @{p['img_size'][0]}" if with_size else ""),
+            "group": p["student"],
+            "latency_ms": p["latency_ms"],
+            "miou": p["miou"],
+        }
+        for p in points
+    ]
+    pareto_plot(plot_points, path, title=f"{recipe_name}: students x runtimes, latency vs target mIoU")
+
+
 def run_sweep(
     recipe: Recipe,
     students: list[str],
@@ -242,12 +268,7 @@ def run_sweep(
     if len({spec.key for spec in specs}) != len(specs):
         raise ValueError("--students lists a student twice")
     sizes = [parse_img_size(text) for text in img_sizes] if img_sizes else [tuple(recipe.data.img_size)]
-    out.mkdir(parents=True, exist_ok=True)
-    saved = out / SWEEP_RECIPE_FILE
-    base = recipe.model_copy(update={"compare": recipe.compare.model_copy(update={"methods": {}})})
-    if saved.is_file() and load_recipe(saved) != base:
-        raise RecipeError(f"{out} holds a sweep of another recipe ({saved}); use a new --out directory")
-    write_text(saved, dump_recipe(base))
+    base = _claim_folder(recipe, out)
     points: list[dict] = []
     failures: list[str] = []
     for size in sizes:
@@ -260,16 +281,7 @@ def run_sweep(
     if not points:
         raise ComparisonError("sweep: no student was benchmarked; " + "; ".join(failures))
     front = pareto_front(points)
-    plot_points = [
-        {
-            "label": f"{p['runtime']}" + (f" @{p['img_size'][0]}" if img_sizes else ""),
-            "group": p["student"],
-            "latency_ms": p["latency_ms"],
-            "miou": p["miou"],
-        }
-        for p in points
-    ]
-    pareto_plot(plot_points, out / "pareto.png", title=f"{recipe.name}: students x runtimes, latency vs target mIoU")
+    _plot(points, out / "pareto.png", recipe.name, with_size=bool(img_sizes))
     summary = {
         "recipe": recipe.name,
         "students": [asdict(spec) for spec in specs],

@@ -132,24 +132,12 @@ def _latency_lines(benchmark: dict | None) -> list[str]:
 
 def render_model_card(report: dict, recipe: Recipe) -> str:
     """The model card of a run, from its report (`gkd.report.report.build_report`) and recipe."""
-    models, teacher, student = recipe.models, recipe.models.teacher, recipe.models.student
+    teacher, student = recipe.models.teacher, recipe.models.student
     teacher_licence = weight_licence(teacher.name, teacher.weights and str(teacher.weights), teacher.train_encoder)
     student_licence = weight_licence(student.name, student.weights and str(student.weights), False)
     datasets = data_roles(recipe)
     licences = {teacher_licence[0], student_licence[0], *(licence for *_, licence, _ in datasets)} - {"none"}
     licence = licences.pop() if len(licences) == 1 and "unknown" not in licences else "other"
-    trained = report["models"]
-    student_result = trained.get("student", {})
-    distill = recipe.distill
-    schedule = (
-        f"two stages: 1a task-agnostic distillation on the proxy images ({_steps(distill.task_agnostic)}), "
-        f"1b domain-agnostic distillation on source images ({_steps(distill.domain_agnostic)}), then "
-        f"stage 2, the decoder on the frozen encoder ({_steps(recipe.head)})"
-        if distill.schedule == "two_stage"
-        else f"one stage: task loss + distillation loss jointly ({_steps(distill.joint)})"
-    )
-    domains = list(report["domains"])
-    input_h, input_w = recipe.data.img_size
     lines = [
         "---",
         yaml.safe_dump(_metadata(report, recipe, licence), sort_keys=False).strip(),
@@ -160,65 +148,17 @@ def render_model_card(report: dict, recipe: Recipe) -> str:
         "A semantic-segmentation student trained by gkd-compress with GKD (*Generalizable Knowledge "
         "Distillation from Vision Foundation Models for Semantic Segmentation*, CVPR 2026).",
         "",
-        "## Model details",
+        *_details_lines(report, recipe),
         "",
-        f"- **Student**: `{student.name}` {student.kwargs or ''}, decoder `{models.decoder.name}` "
-        f"({_fmt_params(student_result.get('params_m'))} M parameters in all).",
-        f"- **Teacher**: {report['teacher_note']}",
-        f"- **Distillation**: loss `{distill.loss.name}`, {schedule}.",
-        f"- **Input**: `images` float32 (batch, 3, {input_h}, {input_w}), RGB in [0, 1] (normalisation is inside "
-        "the model); **output**: `logits` float32 (batch, classes, "
-        f"{input_h}, {input_w}). Other image sizes: `{recipe.evaluate.mode}` inference (see How to use).",
-        f"- **Classes** ({len(report['class_names'])}): {', '.join(report['class_names'])}.",
-        f"- **Seed**: {recipe.seed}. The full recipe is `recipe.resolved.yaml` beside this card.",
+        *_data_lines(datasets),
         "",
-        "## Training data and domains",
-        "",
-        "| role | dataset | root | split | options |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {role} | {config.name} | {config.root or '-'} | {config.split} | "
-            + (", ".join(f"{k}: {v}" for k, v in config.options.items()) or "-")
-            + " |"
-            for role, config, _, _ in datasets
-        ),
-        "",
-        "## Evaluation: mIoU per domain (%)",
-        "",
-        "| model | params (M) | " + " | ".join(domains) + " | mean target |",
-        "|---|---:|" + "---:|" * len(domains) + "---:|",
-        *(
-            f"| {result['label']} | {result['params_m']:.2f} | "
-            + " | ".join(_fmt(result["miou"].get(d)) for d in domains)
-            + f" | {_fmt(result['mean_target_miou'])} |"
-            for result in trained.values()
-        ),
-        "",
-        "mIoU over the whole split (one confusion matrix), labels at native resolution. 'source' is the held-out "
-        "split of the training domain; the target domains were never seen in training.",
+        *_evaluation_lines(report),
         "",
         "## Latency per runtime",
         "",
         *_latency_lines(report.get("benchmark")),
         "",
-        "## Intended use and limits",
-        "",
-        f"- Intended: semantic segmentation of images like the source domain ({recipe.data.source.name}) "
-        f"into its {len(report['class_names'])} classes, and a measured start for images of the target "
-        "domains above; research and evaluation of distilled, deployable students.",
-        "- Accuracy on any other domain is unknown until measured: run `gkd-compress evaluate` with it as a target.",
-        "- Not for safety-critical decisions (driving, medical, surveillance of people) without validation on "
-        "the deployment's own data.",
-        "- The licences below, not this card, say what the weights may be used for: a model trained on "
-        "non-commercial data inherits those terms.",
-        *(
-            [
-                "- The teacher was trained in this run; it stands in for a foundation model and is no evidence of "
-                "what a real one would teach."
-            ]
-            if teacher.train_encoder
-            else []
-        ),
+        *_intended_use_lines(report, recipe),
         "",
         "## Licences",
         "",
@@ -230,6 +170,101 @@ def render_model_card(report: dict, recipe: Recipe) -> str:
         ),
         "- gkd-compress itself: Apache License 2.0.",
         "",
+        *_how_to_use_lines(recipe),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _details_lines(report: dict, recipe: Recipe) -> list[str]:
+    """``## Model details``: the student, teacher, distillation schedule, input/output and classes."""
+    models, distill, student = recipe.models, recipe.distill, recipe.models.student
+    schedule = (
+        f"two stages: 1a task-agnostic distillation on the proxy images ({_steps(distill.task_agnostic)}), "
+        f"1b domain-agnostic distillation on source images ({_steps(distill.domain_agnostic)}), then "
+        f"stage 2, the decoder on the frozen encoder ({_steps(recipe.head)})"
+        if distill.schedule == "two_stage"
+        else f"one stage: task loss + distillation loss jointly ({_steps(distill.joint)})"
+    )
+    input_h, input_w = recipe.data.img_size
+    params = _fmt_params(report["models"].get("student", {}).get("params_m"))
+    return [
+        "## Model details",
+        "",
+        f"- **Student**: `{student.name}` {student.kwargs or ''}, decoder `{models.decoder.name}` "
+        f"({params} M parameters in all).",
+        f"- **Teacher**: {report['teacher_note']}",
+        f"- **Distillation**: loss `{distill.loss.name}`, {schedule}.",
+        f"- **Input**: `images` float32 (batch, 3, {input_h}, {input_w}), RGB in [0, 1] (normalisation is inside "
+        "the model); **output**: `logits` float32 (batch, classes, "
+        f"{input_h}, {input_w}). Other image sizes: `{recipe.evaluate.mode}` inference (see How to use).",
+        f"- **Classes** ({len(report['class_names'])}): {', '.join(report['class_names'])}.",
+        f"- **Seed**: {recipe.seed}. The full recipe is `recipe.resolved.yaml` beside this card.",
+    ]
+
+
+def _data_lines(datasets: list) -> list[str]:
+    """``## Training data and domains``: one row per data role (`data_roles`)."""
+    return [
+        "## Training data and domains",
+        "",
+        "| role | dataset | root | split | options |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {role} | {config.name} | {config.root or '-'} | {config.split} | "
+            + (", ".join(f"{k}: {v}" for k, v in config.options.items()) or "-")
+            + " |"
+            for role, config, _, _ in datasets
+        ),
+    ]
+
+
+def _evaluation_lines(report: dict) -> list[str]:
+    """``## Evaluation``: every trained model's mIoU per domain."""
+    domains = list(report["domains"])
+    return [
+        "## Evaluation: mIoU per domain (%)",
+        "",
+        "| model | params (M) | " + " | ".join(domains) + " | mean target |",
+        "|---|---:|" + "---:|" * len(domains) + "---:|",
+        *(
+            f"| {result['label']} | {result['params_m']:.2f} | "
+            + " | ".join(_fmt(result["miou"].get(d)) for d in domains)
+            + f" | {_fmt(result['mean_target_miou'])} |"
+            for result in report["models"].values()
+        ),
+        "",
+        "mIoU over the whole split (one confusion matrix), labels at native resolution. 'source' is the held-out "
+        "split of the training domain; the target domains were never seen in training.",
+    ]
+
+
+def _intended_use_lines(report: dict, recipe: Recipe) -> list[str]:
+    """``## Intended use and limits``."""
+    lines = [
+        "## Intended use and limits",
+        "",
+        f"- Intended: semantic segmentation of images like the source domain ({recipe.data.source.name}) "
+        f"into its {len(report['class_names'])} classes, and a measured start for images of the target "
+        "domains above; research and evaluation of distilled, deployable students.",
+        "- Accuracy on any other domain is unknown until measured: run `gkd-compress evaluate` with it as a target.",
+        "- Not for safety-critical decisions (driving, medical, surveillance of people) without validation on "
+        "the deployment's own data.",
+        "- The licences below, not this card, say what the weights may be used for: a model trained on "
+        "non-commercial data inherits those terms.",
+    ]
+    if recipe.models.teacher.train_encoder:
+        lines.append(
+            "- The teacher was trained in this run; it stands in for a foundation model and is no evidence of "
+            "what a real one would teach."
+        )
+    return lines
+
+
+def _how_to_use_lines(recipe: Recipe) -> list[str]:
+    """``## How to use``: the CLI and a few lines of ONNX Runtime."""
+    input_h, input_w = recipe.data.img_size
+    return [
         "## How to use",
         "",
         "```bash",
@@ -243,9 +278,7 @@ def render_model_card(report: dict, recipe: Recipe) -> str:
         f"images = np.zeros((1, 3, {input_h}, {input_w}), np.float32)  # RGB in [0, 1], resized to the input size",
         'labels = session.run(None, {"images": images})[0].argmax(1)',
         "```",
-        "",
     ]
-    return "\n".join(lines)
 
 
 def _steps(config) -> str:
