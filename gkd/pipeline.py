@@ -105,8 +105,15 @@ class Run:
         for_teacher: bool = False,
         imagenet_transform: ImageNetTransformConfig | None = None,
     ):
-        """A split with the recipe's training or evaluation transform; ``imagenet_transform`` replaces the
-        training transform by timm's (distillation stages, images only)."""
+        """A split with the recipe's training or evaluation transform (the source with every extra source).
+
+        Args:
+            config: the split.
+            train: the training transform (else the evaluation one).
+            labeled: read labels.
+            for_teacher: the teacher's training transform where the recipe has one.
+            imagenet_transform: timm's ImageNet transform instead of the training one (distillation, images only).
+        """
         data = self.recipe.data
         train_transform = (data.teacher_transform if for_teacher else None) or data.train_transform
         if train and imagenet_transform is not None:
@@ -124,6 +131,14 @@ class Run:
         return dataset
 
     def trainer(self, name: str, objective: torch.nn.Module, dataset, config: OptimConfig) -> Trainer:
+        """A `Trainer` in this run directory, its checkpoint tied to every recipe section the stage depends on.
+
+        Args:
+            name: the training phase (names its checkpoint and log).
+            objective: what is trained (moved to the run's device).
+            dataset: its samples.
+            config: its optimisation settings.
+        """
         recipe = self.recipe
         if self.info.is_main:  # the checkpoint (state + AdamW moments) may exist twice while it is replaced
             state = sum(t.numel() * t.element_size() for t in objective.state_dict().values())

@@ -116,7 +116,14 @@ def _video_length(path: Path, frame_step: int) -> int | None:
 def iter_frames(
     paths: Sequence[Path], frame_step: int = 1, strict: bool = False, skipped: list[dict] | None = None
 ) -> Iterator[Frame]:
-    """Every picture and video frame of ``paths``; unreadable inputs go to ``skipped`` (``strict``: raised)."""
+    """Every picture and video frame of ``paths``.
+
+    Args:
+        paths: pictures and videos (`collect_inputs`).
+        frame_step: keep every n-th video frame.
+        strict: raise at an unreadable input instead of skipping it.
+        skipped: unreadable inputs are appended here (file and reason).
+    """
     used: set[str] = set()
 
     def unique(name: str) -> str:
@@ -148,8 +155,15 @@ def load_run_runtime(
     run_dir: Path, runtime: str, precision: str, device: torch.device, model: str = "student"
 ) -> tuple[Runtime, Recipe]:
     """A segmentor of the run in ``runtime`` at ``precision``: PyTorch from its safetensors file, any other
-    runtime from the artifacts in ``export.json`` (the distilled student's only). ``model``: ``student``
-    (the deployed model), ``no_kd`` or ``teacher`` (the run's reference models, PyTorch only)."""
+    runtime from the artifacts in ``export.json`` (the distilled student's only).
+
+    Args:
+        run_dir: the run directory.
+        runtime: ``torch`` or the runtime of an exported artifact.
+        precision: the artifact's precision.
+        device: where to run.
+        model: ``student`` (the deployed model), ``no_kd`` or ``teacher`` (the run's references, PyTorch only).
+    """
 
     files = {"student": SEGMENTOR_FILE, "no_kd": NO_KD_FILE, "teacher": TEACHER_FILE}
     if model not in files:

@@ -98,7 +98,17 @@ def measure_latency(
     warmup_seconds: float = 0.0,
 ) -> dict:
     """Time ``run`` (one batch) ``iterations`` times after a warm-up of ``warmup_iterations`` and at least
-    ``warmup_seconds``; ``synchronize`` waits for the device after every call."""
+    ``warmup_seconds``; ``synchronize`` waits for the device after every call.
+
+    Args:
+        run: one batch through the model.
+        synchronize: waits until the device has finished (a no-op on CPU).
+        batch_size: images per call (for images per second).
+        device: where ``run`` computes (for peak memory).
+        iterations: timed calls.
+        warmup_iterations: untimed calls before them.
+        warmup_seconds: warm up at least this long, whatever the count.
+    """
     if iterations < 1:
         raise ValueError("iterations must be >= 1")
     warmup_start, warmed = time.perf_counter(), 0
@@ -146,7 +156,17 @@ def benchmark_runtime(
     warmup_seconds: float = 0.0,
     seed: int = 0,
 ) -> dict:
-    """Latency of ``runtime`` on a random batch staged on its device once (no host copies are timed)."""
+    """Latency of ``runtime`` on a random batch staged on its device once (no host copies are timed).
+
+    Args:
+        runtime: the runtime x precision to time.
+        img_size: ``(H, W)`` of the batch.
+        batch_size: images per call.
+        iterations: timed calls.
+        warmup_iterations: untimed calls before them.
+        warmup_seconds: warm up at least this long.
+        seed: seeds the random batch.
+    """
     batch = np.random.default_rng(seed).random((batch_size, 3, *img_size), dtype=np.float32)
     staged = runtime.stage(batch)
     return measure_latency(

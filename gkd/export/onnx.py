@@ -163,6 +163,13 @@ def export_onnx(
     """Export a prepared CPU model to ``path`` (dynamo exporter, dynamic batch in ``batch_range``).
 
     The file is written atomically and only after `onnx.checker` and the Resize check pass.
+
+    Args:
+        model: the fixed-size model (`prepare_for_export`), on the CPU.
+        path: the ``.onnx`` file to write.
+        img_size: ``(H, W)`` of its input.
+        opset: ONNX opset.
+        batch_range: ``(min, opt, max)`` batch the graph must take.
     """
     path = Path(path)
     low, _, high = batch_range
@@ -229,6 +236,12 @@ def check_parity(
 
     Returns the comparison judged against ``tolerance`` (``passed``, and ``reason`` when not; see
     `gkd.export.parity`). For a tight fp32 check pass a CPU model (CUDA convolutions default to TF32).
+
+    Args:
+        torch_model: the reference.
+        onnx_path: the exported graph.
+        images: ``(B, 3, H, W)`` inputs in ``[0, 1]``.
+        tolerance: the precision's parity limits.
     """
     device = next(torch_model.parameters()).device
     reference = torch_model(images.to(device, torch.float32)).float().cpu().numpy()

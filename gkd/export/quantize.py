@@ -55,6 +55,18 @@ def _reader(images: torch.Tensor, batch_size: int):
     return ImageReader()
 
 
+# Our names -> onnxruntime.quantization.CalibrationMethod members (imported lazily, with onnxruntime).
+CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+_QDQ_OPTIONS = {
+    "ActivationSymmetric": True,
+    "WeightSymmetric": True,
+    "MatMulConstBOnly": True,
+    "QuantizeBias": False,
+    # No "CalibMaxIntermediateOutputs": in onnxruntime 1.32 the min/max calibrator drops each full
+    # chunk without merging it, so calibration keeps every batch's activations in memory.
+}
+
+
 def quantize_int8(
     fp32_path: str | Path,
     out_path: str | Path,
@@ -62,17 +74,20 @@ def quantize_int8(
     method: str = "minmax",
     batch_size: int = 4,
 ) -> dict:
-    """Write the QDQ int8 model of ``fp32_path`` to ``out_path`` (atomically) and describe what was done."""
+    """Write the QDQ int8 model of ``fp32_path`` to ``out_path`` (atomically) and describe what was done.
+
+    Args:
+        fp32_path: the fp32 ONNX graph.
+        out_path: the int8 graph to write.
+        calibration_images: ``(N, 3, H, W)`` images in ``[0, 1]`` the activation ranges are calibrated on.
+        method: ONNX Runtime's calibration: ``minmax``, ``entropy`` or ``percentile``.
+        batch_size: calibration images per run.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     out_path = Path(out_path)
     model = onnx.load(str(fp32_path))
     exclude = excluded_nodes(model)
-    methods = {
-        "minmax": CalibrationMethod.MinMax,
-        "percentile": CalibrationMethod.Percentile,
-        "entropy": CalibrationMethod.Entropy,
-    }
     start = time.perf_counter()
     with atomic_path(out_path) as temp:
         quantize_static(
@@ -85,15 +100,8 @@ def quantize_int8(
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=exclude,
-            calibrate_method=methods[method],
-            extra_options={
-                "ActivationSymmetric": True,
-                "WeightSymmetric": True,
-                "MatMulConstBOnly": True,
-                "QuantizeBias": False,
-                # No "CalibMaxIntermediateOutputs": in onnxruntime 1.32 the min/max calibrator drops each full
-                # chunk without merging it, so calibration keeps every batch's activations in memory.
-            },
+            calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
+            extra_options=_QDQ_OPTIONS,
         )
         onnx.checker.check_model(str(temp))
         ops = Counter(node.op_type for node in onnx.load(str(temp)).graph.node)

@@ -253,6 +253,14 @@ def runtime_loaders(
     ``names`` = ``"auto"`` or runtime names (``torch``, ``onnxruntime``, ...) to restrict to. Artifacts the
     export stage skipped (``export_summary["skipped"]``) are reported with the export's reason. A loader
     raises when its runtime does not load (missing provider, library, device); see `load_runtime`.
+
+    Args:
+        segmentor: the trained model (the torch runtimes).
+        img_size: ``(H, W)`` of the artifacts.
+        out_dir: the run directory holding them.
+        export_summary: what the export stage wrote.
+        device: where to run.
+        names: ``auto`` (every runtime) or the runtimes to keep.
     """
     wanted = set(RUNTIME_NAMES if names == "auto" else names)
     out_dir = Path(out_dir)

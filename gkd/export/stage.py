@@ -90,6 +90,15 @@ def export_artifacts(
     tolerance (``config.parity``, `gkd.export.parity`). An artifact that misses parity stays in
     ``artifacts`` with its numbers and is listed under ``failed``, as is one that does not build; missing
     TensorRT or GPU puts artifacts under ``skipped`` with the reason. Nothing aborts the stage.
+
+    Args:
+        segmentor: the trained model.
+        img_size: ``(H, W)`` every artifact takes.
+        out_dir: where the artifacts and the parity images go.
+        config: the recipe's export block (precisions, opset, batch range, engines, parity tolerances).
+        calibration_images: images int8 calibration reads.
+        parity_images: images every artifact is compared with PyTorch fp32 on (saved for the benchmark).
+        device: where engines and AOTInductor packages are built.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -225,20 +234,24 @@ def benchmark_artifacts(
     images (the export's per-precision tolerances), or fails while running is ``failed``, with its reasons
     under ``failures``; the summary is then not ``ok`` (nor when an export artifact failed). Latency: each
     batch size of ``config.batch_sizes``.
+
+    Args:
+        segmentor: the trained model (PyTorch, and the fp32 reference).
+        img_size: ``(H, W)`` of the artifacts.
+        out_dir: the run directory holding them.
+        export_summary: what the export stage wrote (artifacts, skipped ones, parity tolerances).
+        config: the recipe's benchmark block (runtimes, batch sizes, iterations, accuracy).
+        device: where to run.
+        evaluate: ``evaluate(predict) -> {domain: mIoU}``; ``None`` measures latency only.
     """
-    out_dir = Path(out_dir)
-    img_size = (int(img_size[0]), int(img_size[1]))
+    out_dir, img_size = Path(out_dir), (int(img_size[0]), int(img_size[1]))
     loaders, skipped = runtime_loaders(segmentor, img_size, out_dir, export_summary, device, config.runtimes)
-    reference = TorchRuntime(segmentor, img_size, "fp32", device)
     parity_path = out_dir / export_summary.get("parity_images", PARITY_FILE)
     parity = np.load(parity_path) if parity_path.is_file() else None
     references = {
-        "logits": reference.predict(parity) if parity is not None else None,
-        "miou": evaluate(reference.predict) if evaluate is not None and config.accuracy else None,
+        **_fp32_reference(TorchRuntime(segmentor, img_size, "fp32", device), parity, evaluate, config.accuracy),
         "tolerances": ParityConfig(**export_summary.get("parity_tolerances", {})),
     }
-    del reference
-
     results: dict[str, dict] = {}
     # One runtime loaded at a time, so each one's peak memory is its own (plus the caller's segmentor).
     for key, loader in loaders.items():
@@ -248,13 +261,10 @@ def benchmark_artifacts(
             continue
         results[key] = _measure_runtime(key, runtime, parity, references, config, img_size, evaluate)
         del runtime
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _release_memory(device)
         log.info("benchmark: %s done", key)
-
     failed = sorted(key for key, entry in results.items() if entry["failed"])
-    summary = {
+    return {
         "ok": not failed and not export_summary.get("failed"),
         "failed": failed,
         "export_failed": export_summary.get("failed", {}),
@@ -268,7 +278,27 @@ def benchmark_artifacts(
         "skipped": skipped,
         "notes": BENCHMARK_NOTES,
     }
-    return summary
+
+
+def _release_memory(device: torch.device) -> None:
+    """Free what the last runtime held, so the next one's peak memory is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _fp32_reference(
+    reference: Runtime,
+    parity: np.ndarray | None,
+    evaluate: Callable[[Callable[[np.ndarray], np.ndarray]], dict[str, float]] | None,
+    accuracy: bool,
+) -> dict:
+    """PyTorch fp32's logits on the parity images and, with ``accuracy``, its mIoU per domain: what every
+    runtime is held to."""
+    return {
+        "logits": reference.predict(parity) if parity is not None else None,
+        "miou": evaluate(reference.predict) if evaluate is not None and accuracy else None,
+    }
 
 
 def _measure_runtime(

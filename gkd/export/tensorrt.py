@@ -47,6 +47,15 @@ def _use_timing_cache(config, path: Path) -> None:
         raise EngineBuildError("TensorRT refused an empty timing cache")
 
 
+def _add_profile(builder, config, img_size: Sequence[int], batch_range: tuple[int, int, int]) -> None:
+    """The input's optimization profile: batches ``(min, opt, max)`` at ``img_size``."""
+    low, opt, high = batch_range
+    profile = builder.create_optimization_profile()
+    profile.set_shape(INPUT_NAME, (low, 3, *img_size), (opt, 3, *img_size), (high, 3, *img_size))
+    if config.add_optimization_profile(profile) < 0:
+        raise EngineBuildError(f"TensorRT rejected the optimization profile batch {low}..{high} at {img_size}")
+
+
 def build_engine(
     onnx_path: str | Path,
     engine_path: str | Path,
@@ -60,6 +69,15 @@ def build_engine(
 
     The timing cache at ``timing_cache_path`` is loaded when present and saved back after the build, so
     later builds (the other precision, a re-run) skip kernel timings already measured on this GPU.
+
+    Args:
+        onnx_path: the graph (its own precision: fp16 or int8 Q/DQ; the network is strongly typed).
+        engine_path: the engine file to write.
+        precision: recorded in the summary.
+        img_size: ``(H, W)`` of the input.
+        batch_range: ``(min, opt, max)`` batch of the optimization profile.
+        workspace_mib: TensorRT's workspace memory pool limit.
+        timing_cache_path: the timing cache to read and update.
     """
     import tensorrt as trt
 
@@ -75,12 +93,8 @@ def build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     low, opt, high = batch_range
-    profile = builder.create_optimization_profile()
-    profile.set_shape(INPUT_NAME, (low, 3, *img_size), (opt, 3, *img_size), (high, 3, *img_size))
-    if config.add_optimization_profile(profile) < 0:
-        raise EngineBuildError(f"TensorRT rejected the optimization profile batch {low}..{high} at {img_size}")
+    _add_profile(builder, config, img_size, (low, opt, high))
     _use_timing_cache(config, timing_cache_path)
-    typing = f"strong (TensorRT {trt.__version__}): precision from the ONNX graph"
 
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -97,7 +111,7 @@ def build_engine(
         "source": Path(onnx_path).name,
         "tensorrt_version": trt.__version__,
         "precision": precision,
-        "typing": typing,
+        "typing": f"strong (TensorRT {trt.__version__}): precision from the ONNX graph",
         "profile": {"min": low, "opt": opt, "max": high},
         "workspace_mib": workspace_mib,
         "timing_cache": timing_cache_path.name,

@@ -64,7 +64,16 @@ def onnx_io(path: str | Path) -> tuple[dict, dict]:
 def model_config(
     name: str, platform: str, max_batch_size: int, inputs: dict, outputs: dict, preferred: list[int]
 ) -> str:
-    """``config.pbtxt`` text: the model's platform, batch limit, one input, one output, dynamic batching."""
+    """``config.pbtxt`` text: the model's platform, batch limit, one input, one output, dynamic batching.
+
+    Args:
+        name: the model's name in the repository.
+        platform: Triton's backend platform (``onnxruntime_onnx``, ``tensorrt_plan``).
+        max_batch_size: the largest batch the model takes.
+        inputs: the input tensor (``name``, ``data_type``, ``dims`` without the batch).
+        outputs: the output tensor, likewise.
+        preferred: dynamic batching's preferred batch sizes.
+    """
 
     def tensor_block(tensor: dict) -> str:
         dims = ", ".join(str(d) for d in tensor["dims"])

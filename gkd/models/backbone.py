@@ -129,6 +129,13 @@ class Backbone(nn.Module):
         With ``mask`` (``(B, N)`` bool over the patch grid) the embeddings of masked patches are
         replaced by ``mask_token`` (``(C,)``, owned by the caller, e.g. a distiller) before the
         position embedding, as in masked image modelling.
+
+        Args:
+            images: ``(B, 3, H, W)`` RGB in ``[0, 1]``; resized up to a multiple of the patch when needed.
+            layers: block indices to tap (negative: from the last).
+            mask: ``(B, N)`` bool, the patches to replace by ``mask_token``; ``None`` = no masking.
+            mask_token: ``(C,)`` embedding for masked patches (required with ``mask``).
+            norm: pass the tokens through the ViT's final norm.
         """
         layers = self.resolve_layers(layers)
         grid = self.grid_size(*images.shape[-2:])

@@ -30,6 +30,15 @@ def build_segmentor(model: ModelConfig, decoder: DecoderConfig, num_classes: int
 def save_segmentor(
     path: str | Path, segmentor: Segmentor, model: ModelConfig, decoder: DecoderConfig, num_classes: int
 ) -> None:
+    """Write ``segmentor``'s weights (safetensors, atomically) with the architecture `load_segmentor` rebuilds.
+
+    Args:
+        path: the file to write.
+        segmentor: the trained model.
+        model: its encoder's config (recorded without the weights path: the file holds the weights).
+        decoder: its decoder's config.
+        num_classes: classes of its output.
+    """
     metadata = {
         "format": SEGMENTOR_FORMAT,
         "model": model.model_dump(mode="json", include=set(ModelConfig.model_fields) - {"weights"}),

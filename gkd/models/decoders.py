@@ -106,7 +106,14 @@ class LinearHead(nn.Module):
 def build_decoder(
     config: DecoderConfig, embed_dim: int, depth: int, num_classes: int
 ) -> tuple[nn.Module, tuple[int, ...]]:
-    """The decoder and the encoder layers it reads."""
+    """The decoder and the encoder layers it reads.
+
+    Args:
+        config: the recipe's decoder block (its ``layers``, or the decoder's default taps).
+        embed_dim: the encoder's token width.
+        depth: the encoder's number of blocks (for the default taps).
+        num_classes: output classes.
+    """
     layers = tuple(config.layers) if config.layers else default_layers(depth, config.name)
     if config.name in ("uper", "mask2former") and len(layers) != 4:
         raise ValueError(f"decoder.layers: {config.name} takes 4 layers, got {layers}")
