@@ -82,6 +82,12 @@ class ResumableSampler(Sampler):
     ``W`` ranks holds the same samples as one process with the same global batch.
     With ``repeats > 1`` the epoch's order is timm's ``RepeatAugSampler``'s (repeated augmentation, DeiT):
     each drawn sample appears ``repeats`` times in a row, each copy with its own augmentation seed.
+
+    Args:
+        length: samples in the dataset.
+        seed: seeds each epoch's order and each sample's augmentation.
+        info: this process's rank and the world size.
+        repeats: copies of each drawn sample (repeated augmentation); 1 = off.
     """
 
     def __init__(self, length: int, seed: int, info: DistInfo, repeats: int = 1) -> None:

@@ -128,9 +128,18 @@ def to_sample(image: np.ndarray, label: np.ndarray | None, path: str) -> Sample:
 
 
 class SegmentationDataset(Dataset):
-    """Pairs of (image file, label file), a label mapping, and a transform. ``label_reader`` turns a
-    label file into raw ids (default: the stored ids; ``ColorLabelReader`` for colour-coded maps),
-    ``image_reader`` an image file into RGB (default: as stored)."""
+    """Pairs of (image file, label file), a label mapping, and a transform.
+
+    Args:
+        pairs: ``(image, label)`` files, one sample each.
+        label_mapper: raw label ids -> train ids (``IGNORE_INDEX`` for ignored ones).
+        num_classes: evaluated classes.
+        class_names: their names.
+        transform: applied to each sample (image and label together).
+        label_reader: a label file -> raw ids (default: the stored ids; ``ColorLabelReader`` for colour-coded
+            maps).
+        image_reader: an image file -> RGB (default: as stored).
+    """
 
     def __init__(
         self,
@@ -247,6 +256,14 @@ class Selection(Dataset):
 
     ``fraction_indices`` index the split's sorted sample list (``names``), before ``limit`` and skipping;
     ``indices`` are the ones actually served. ``save_fraction_indices`` writes them for the run dir.
+
+    Args:
+        dataset: the whole split.
+        names: its samples' names, in order.
+        fraction_indices: the seeded label fraction's indices.
+        indices: the indices served (after ``limit`` and skipping).
+        skipped: why each skipped sample was skipped.
+        info: the split's description (``name``, ``split``, classes, ...).
     """
 
     def __init__(

@@ -76,7 +76,15 @@ class Benchmark(BaseModel):
         limit: int | None = None,
         skip_bad: bool = False,
     ) -> BenchmarkData:
-        """Every domain's ``DatasetConfig``; the label fraction applies to the source train split."""
+        """Every domain's ``DatasetConfig``.
+
+        Args:
+            roots: ``{dataset name or root key: folder}``.
+            fraction: the label fraction of the source train split.
+            fraction_seed: seeds that fraction.
+            limit: at most this many samples of every split.
+            skip_bad: skip unreadable samples instead of stopping.
+        """
         common = {"limit": limit, "skip_bad": skip_bad}
         return BenchmarkData(
             source=self.source.config(roots, fraction=fraction, fraction_seed=fraction_seed, **common),

@@ -87,7 +87,15 @@ class TorchRuntime(Runtime):
 
 
 class OnnxRuntime(Runtime):
-    """An ONNX file in ONNX Runtime, I/O bound on the device (``io_binding``), so no copies are timed."""
+    """An ONNX file in ONNX Runtime, I/O bound on the device (``io_binding``), so no copies are timed.
+
+    Args:
+        path: the ONNX file.
+        precision: its precision (for the record).
+        device: where its inputs and outputs live.
+        providers: ONNX Runtime execution providers, preferred first (name or ``(name, options)``).
+        max_batch: the largest batch the graph takes.
+    """
 
     runtime = "onnxruntime"
 
