@@ -181,6 +181,17 @@ def test_saved_encoder_loads_into_plain_timm(tmp_path, name):
         assert torch.equal(a, b)
 
 
+def test_loading_an_encoder_leaves_the_random_state_alone(tmp_path):
+    """train-head loads the distilled encoder after seeding its head: the load must not draw random numbers."""
+    path = tmp_path / "encoder.safetensors"
+    save_encoder(create_backbone("deit_small", img_size=64, **TINY), path)
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    load_encoder(path)
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_conv_stem_vit(tmp_path):
     """vit_convstem16: four 3x3 stride-2 convolutions instead of the patchify stem, a stride-16 token grid, saved
     and loaded like any timm ViT; its patch size cannot be changed."""
