@@ -6,6 +6,7 @@ default recipe (``gkd/recipes/default.yaml``) runs every stage on generated data
 
 from __future__ import annotations
 
+import logging
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,8 @@ from gkd.data.transforms import EvalTransformConfig, ImageNetTransformConfig, Tr
 from gkd.export.config import BenchmarkConfig, ExportConfig
 from gkd.models.decoders import DecoderConfig
 from gkd.models.zoo import ModelConfig
+
+log = logging.getLogger("gkd")
 
 
 class _Strict(BaseModel):
@@ -154,6 +157,23 @@ class Recipe(_Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        """``evaluate.validate_every`` (recipes and run directories written before it moved) becomes
+        ``head.validate_every``, the setting it always meant: validation of train-head."""
+        evaluate = data.get("evaluate") if isinstance(data, dict) else None
+        if not isinstance(evaluate, dict) or "validate_every" not in evaluate:
+            return data
+        every = evaluate["validate_every"]
+        data = {**data, "evaluate": {k: v for k, v in evaluate.items() if k != "validate_every"}}
+        if every is not None:
+            if not isinstance(data.get("head"), dict):
+                raise ValueError("evaluate.validate_every is now head.validate_every, and this recipe has no head")
+            log.warning("recipe: evaluate.validate_every is now head.validate_every (%s); read as such", every)
+            data["head"] = {**data["head"], "validate_every": data["head"].get("validate_every", every)}
+        return data
 
     @field_validator("data")
     @classmethod

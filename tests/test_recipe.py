@@ -87,3 +87,17 @@ def test_dry_run_prints_the_plan_and_names_missing_files(tmp_path, capsys, defau
     out = capsys.readouterr().out
     assert "dinov2_vitl14.pth MISSING" in out
     assert str(tmp_path / "cityscapes") in out
+
+
+
+def test_evaluate_validate_every_written_before_it_moved_is_read_as_head_validate_every(default_data, caplog):
+    """Recipes and run directories from before validation became per stage still load."""
+    old = _with(default_data, "evaluate.validate_every", 7)
+    del old["head"]["validate_every"]
+    with caplog.at_level("WARNING", logger="gkd"):
+        recipe = parse_recipe(old)
+    assert recipe.head.validate_every == 7 and "now head.validate_every" in caplog.text
+    assert parse_recipe(_with(default_data, "evaluate.validate_every", None)) == load_recipe()
+    headless = _with(_with(default_data, "evaluate.validate_every", 7), "head", None)
+    with pytest.raises(RecipeError, match="has no head"):
+        parse_recipe(headless)
