@@ -89,7 +89,6 @@ def test_dry_run_prints_the_plan_and_names_missing_files(tmp_path, capsys, defau
     assert str(tmp_path / "cityscapes") in out
 
 
-
 def test_evaluate_validate_every_written_before_it_moved_is_read_as_head_validate_every(default_data, caplog):
     """Recipes and run directories from before validation became per stage still load."""
     old = _with(default_data, "evaluate.validate_every", 7)
