@@ -149,9 +149,15 @@ class FeatureDistillLoss(DistillLoss):
 
 
 class LogitDistillLoss(DistillLoss):
-    """A loss on ``(B, K, H, W)`` segmentation logits of a student and a teacher segmentor."""
+    """A loss on ``(B, K, H, W)`` segmentation logits of a student and a teacher segmentor: ``weight`` times a
+    `divergence` of the two, softened by ``temperature``, logged as ``term``."""
 
     needs: ClassVar[LossNeeds] = LossNeeds(inputs="logits")
+    term: ClassVar[str]
+
+    class Options(DistillLoss.Options):
+        temperature: float = Field(1.0, gt=0, description="both segmentors' logits are divided by it")
+        weight: float = Field(1.0, ge=0)
 
     def __init__(
         self, options: DistillLoss.Options, student_dim: int, teacher_dim: int, num_classes: int | None = None
@@ -186,8 +192,14 @@ class LogitDistillLoss(DistillLoss):
     def terms(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        """The weighted terms for checked float32 logits; ``valid`` (``(B, H, W)``): the pixels that
-        count (``None``: all)."""
+        """``{term: weight * divergence}`` for checked float32 logits."""
+        return {self.term: self.options.weight * self.divergence(student_logits, teacher_logits, valid)}
+
+    def divergence(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The unweighted loss for checked float32 logits; ``valid`` (``(B, H, W)``): the pixels that count
+        (``None``: all)."""
         raise NotImplementedError
 
 

@@ -30,7 +30,6 @@ from pydantic import Field
 from torch import nn
 
 from gkd.compress.losses.base import (
-    DistillLoss,
     FeatureDistillLoss,
     LayerPairOptions,
     LogitDistillLoss,
@@ -100,12 +99,13 @@ class CWDLoss(FeatureDistillLoss):
 class CWDLogitsLoss(LogitDistillLoss):
     """Channel-wise distillation of segmentation logits (``cwd_logits``)."""
 
-    class Options(DistillLoss.Options):
+    term = "loss_cwd"
+
+    class Options(LogitDistillLoss.Options):
         temperature: float = Field(4.0, gt=0)
         weight: float = Field(3.0, ge=0)
 
-    def terms(
+    def divergence(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor | None
-    ) -> dict[str, torch.Tensor]:
-        divergence = channel_wise_divergence(student_logits, teacher_logits, self.options.temperature, valid)
-        return {"loss_cwd": self.options.weight * divergence}
+    ) -> torch.Tensor:
+        return channel_wise_divergence(student_logits, teacher_logits, self.options.temperature, valid)

@@ -17,23 +17,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
-from gkd.compress.losses.base import DistillLoss, LogitDistillLoss, masked_mean
+from gkd.compress.losses.base import LogitDistillLoss, masked_mean
 
 
 class VanillaKDLoss(LogitDistillLoss):
     """Pixel-wise KL(teacher || student) of temperature-softened class distributions, times tau^2."""
 
-    class Options(DistillLoss.Options):
-        temperature: float = Field(1.0, gt=0)
-        weight: float = Field(1.0, ge=0)
+    term = "loss_kd"  # temperature and weight default to 1 (LogitDistillLoss.Options)
 
-    def terms(
+    def divergence(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor | None
-    ) -> dict[str, torch.Tensor]:
+    ) -> torch.Tensor:
         tau = self.options.temperature
         log_q_s = F.log_softmax(student_logits / tau, dim=1)
         log_q_t = F.log_softmax(teacher_logits / tau, dim=1)
         per_pixel = (log_q_t.exp() * (log_q_t - log_q_s)).sum(dim=1)
-        return {"loss_kd": self.options.weight * tau**2 * masked_mean(per_pixel, valid)}
+        return tau**2 * masked_mean(per_pixel, valid)
