@@ -61,7 +61,7 @@ from gkd.rundir import (
     TEACHER_FILE,
     validation_log,
 )
-from gkd.utils.io import file_sha256, read_json, require_free_space, write_json
+from gkd.utils.io import file_sha256, read_json, read_jsonl, require_free_space, write_json
 from gkd.utils.runtime import DistInfo
 
 log = logging.getLogger("gkd")
@@ -302,7 +302,7 @@ def validator(
     def on_step(step: int) -> None:
         if not run.info.is_main or (step % every and step != config.steps):
             return
-        history = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        history = [entry for _, entry in read_jsonl(log)] if log.is_file() else []
         if any(entry["step"] == step for entry in history):
             return
         domains = {name: metrics["miou"] for name, metrics in evaluate(torch_predictor(segmentor, run.device)).items()}

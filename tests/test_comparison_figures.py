@@ -27,9 +27,8 @@ from gkd.report.comparison import (
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "data" / "camvid_day2dusk_tiny.yaml"
-DEFAULT = (
-    REPO / "gkd" / "recipes" / "default.yaml"
-)  # generated street scenes: no data files needed  # figure_domain dusk, figure_methods [no_kd, gkd]
+# generated street scenes, no data files needed; figure_domain dusk, figure_methods [no_kd, gkd]
+DEFAULT = REPO / "gkd" / "recipes" / "default.yaml"
 CLASSES = ["sky", "road", "car"]
 
 

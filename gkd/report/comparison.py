@@ -9,7 +9,6 @@ a model, and imports nothing above it (names of run files come from `gkd.rundir`
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -34,7 +33,7 @@ from gkd.rundir import (
     validation_log,
 )
 from gkd.rundir import SOURCE_DOMAIN as SOURCE
-from gkd.utils.io import atomic_path, read_json, write_json, write_text
+from gkd.utils.io import atomic_path, read_json, read_jsonl, write_json, write_text
 
 if TYPE_CHECKING:
     from gkd.recipe import Recipe
@@ -334,11 +333,8 @@ def validation_history(job: ComparisonJob) -> dict[int, dict[str, float]] | None
     if not path.is_file():
         return None
     history = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, entry in read_jsonl(path):
         try:
-            entry = json.loads(line)
             history[offset + int(entry["step"])] = {domain: float(v) for domain, v in entry["miou"].items()}
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             message = f"{path}:{number}: not a validation entry {{step, miou: {{domain: mIoU}}}} ({error})"

@@ -95,6 +95,20 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
+    """``(line number, value)`` of every non-blank line of a JSON Lines file; a line that is not JSON raises
+    ``ValueError`` naming ``path:line``."""
+    entries = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entries.append((number, json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error})") from error
+    return entries
+
+
 def torch_save(path: str | Path, obj: Any) -> None:
     # Through a Python file object: torch's own C++ writer reports a full disk as an opaque stream error.
     with atomic_path(path) as temp, temp.open("wb") as handle:
