@@ -11,6 +11,8 @@ stage measures accuracy). The JSON written to ``--out`` records the command that
     python benchmarks/latency.py --segmentor runs/x/segmentor.safetensors --img-size 512 --out x.json
 
 On CUDA every PyTorch and AOTInductor row is also timed as a CUDA graph (``torch-cudagraph``, ``aoti-cudagraph``).
+``--runtimes torch torch-cudagraph`` times the PyTorch model alone and exports nothing (seconds, not minutes, for
+a Mask2Former head).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from gkd.models.segmentor import Segmentor
 from gkd.models.zoo import create_backbone
 from gkd.utils.io import write_json
 from gkd.utils.runtime import resolve_device
+
+PYTORCH_RUNTIMES = {"torch", "torch-cudagraph"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,7 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
     parity = torch.rand(2, 3, *img_size, generator=generator)
     with tempfile.TemporaryDirectory(prefix="gkd-latency-") as temp:
         work_dir = args.work_dir or Path(temp)
-        export = export_artifacts(segmentor, img_size, work_dir, export_config, calibration, parity, device)
+        if set(args.runtimes) <= PYTORCH_RUNTIMES:  # nothing to export: the runtimes run the model itself
+            export = {"batch_range": list(export_config.batch_range), "artifacts": {}, "skipped": {}, "failed": {}}
+        else:
+            export = export_artifacts(segmentor, img_size, work_dir, export_config, calibration, parity, device)
         benchmark = benchmark_artifacts(segmentor, img_size, work_dir, export, benchmark_config, device, None)
     results = {
         "command": shlex.join([Path(sys.executable).name, *sys.argv] if argv is None else ["latency.py", *argv]),

@@ -150,10 +150,15 @@ def test_pareto_labels_do_not_overlap_and_equal_accuracies_look_equal():
             assert not first.overlaps(second), (first, second)
 
 
-def test_latency_script_writes_results(tmp_path):
+def _latency_script():
     spec = importlib.util.spec_from_file_location("latency_script", REPO / "benchmarks" / "latency.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_latency_script_writes_results(tmp_path):
+    script = _latency_script()
     out = tmp_path / "results.json"
     argv = [
         "--arch", "vit_small_patch16_224", "--timm-kwargs", '{"embed_dim": 32, "depth": 1, "num_heads": 2}',
@@ -168,3 +173,17 @@ def test_latency_script_writes_results(tmp_path):
     for entry in results["benchmark"]["runtimes"].values():
         assert set(entry["latency"]) == {"1", "2"} and entry["latency"]["2"]["p50_ms"] > 0
     assert results["export"]["artifacts"]["onnx/fp32"]["parity"]["max_abs_diff"] < 1e-4
+
+
+def test_latency_script_times_pytorch_alone_without_exporting(tmp_path):
+    out, work = tmp_path / "results.json", tmp_path / "work"
+    argv = [
+        "--arch", "vit_small_patch16_224", "--timm-kwargs", '{"embed_dim": 32, "depth": 1, "num_heads": 2}',
+        "--decoder", "linear", "--num-classes", "3", "--img-size", "32", "--batch-sizes", "1",
+        "--iterations", "5", "--warmup", "1", "--warmup-seconds", "0", "--runtimes", "torch", "torch-cudagraph",
+        "--device", "cpu", "--work-dir", str(work), "--out", str(out),
+    ]  # fmt: skip
+    _latency_script().main(argv)
+    results = json.loads(out.read_text())
+    assert list(results["benchmark"]["runtimes"]) == ["torch/fp32"]  # no CUDA graph on CPU
+    assert results["export"]["artifacts"] == {} and not work.exists()
