@@ -48,6 +48,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def check_same_recipe(folder: Path, recipe: Recipe, what: str = "the results") -> None:
     """Refuse a folder whose saved resolved recipe is another one: results of two recipes are never mixed.
+    Recipes that differ only in how a comparison is reported (`REPORT_ONLY_COMPARE_KEYS`) are the same one.
 
     Args:
         folder: a run directory or a comparison's output directory.
@@ -57,8 +58,21 @@ def check_same_recipe(folder: Path, recipe: Recipe, what: str = "the results") -
     from gkd.recipe import RecipeError, load_recipe
 
     saved = Path(folder) / RECIPE_FILE
-    if saved.is_file() and load_recipe(saved) != recipe:
+    if saved.is_file() and _what_results_depend_on(load_recipe(saved)) != _what_results_depend_on(recipe):
         raise RecipeError(f"{folder} holds {what} of another recipe ({saved}); use a new --out directory")
+
+
+# Keys of the comparison report alone: changing them re-tabulates a finished comparison, never retrains it.
+# (figure_domain is not one: each job saves its predictions on that domain's example frames.)
+REPORT_ONLY_COMPARE_KEYS = ("reference_domain", "figure_methods", "paired_with")
+
+
+def _what_results_depend_on(recipe: Recipe) -> dict:
+    """The recipe as a dict, less the comparison report's presentation keys."""
+    settings = recipe.model_dump(mode="json")
+    for key in REPORT_ONLY_COMPARE_KEYS:
+        settings["compare"].pop(key)
+    return settings
 
 
 def setup_logging(log_dir: Path | None, console: bool = True, level: int = logging.INFO) -> None:

@@ -166,6 +166,14 @@ def test_compare_runs_tabulates_and_resumes(tmp_path, monkeypatch):
     assert main([*argv, "--max-seeds", "2"]) == 0
     assert [path.stat().st_mtime_ns for path in results] == stamps
     assert np.array_equal(read_figure_frames(saved)["predictions"], before)
+    # the report's own keys may change on a finished comparison: it is re-tabulated, not retrained
+    regrouped = tmp_path / "regrouped.yaml"
+    regrouped.write_text(f"base: {TINY}\ncompare: {{paired_with: no_kd, reference_domain: source}}\n")
+    assert main(["compare", str(regrouped), *argv[2:], "--max-seeds", "2"]) == 0
+    assert [path.stat().st_mtime_ns for path in results] == stamps
+    summary = json.loads((out / "comparison.json").read_text())
+    assert summary["paired"]["method"] == "no_kd" and summary["reference_domain"] == "source"
+    assert load_recipe(out / "recipe.resolved.yaml").compare.paired_with == "no_kd"
 
 
 def test_bad_command_line_is_exit_2(tmp_path, capsys):
@@ -193,6 +201,11 @@ def test_an_output_dir_of_another_recipe_is_refused(tmp_path, capsys):
 
     (tmp_path / "recipe.resolved.yaml").write_text(dump_recipe(load_recipe(FULL)))
     assert main(["compare", str(TINY), "--out", str(tmp_path)]) == 2
+    assert "another recipe" in capsys.readouterr().err
+    figure_domain = tmp_path / "figure_domain.yaml"  # each job saved its frames of the figure domain
+    figure_domain.write_text(f"base: {TINY}\ncompare: {{figure_domain: day_test}}\n")
+    (tmp_path / "recipe.resolved.yaml").write_text(dump_recipe(load_recipe(TINY)))
+    assert main(["compare", str(figure_domain), "--out", str(tmp_path)]) == 2
     assert "another recipe" in capsys.readouterr().err
     assert not (tmp_path / TEACHER_JOB).exists()
 
