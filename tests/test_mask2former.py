@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 from gkd.cli import main
 from gkd.compress.losses import build_loss
 from gkd.compress.objectives import JointObjective
+from gkd.export.runtimes import ReusedHostConstants
 from gkd.models.backbone import Backbone
 from gkd.models.checkpoint import load_segmentor
 from gkd.models.decoders import DecoderConfig, build_decoder, default_layers
@@ -223,6 +224,39 @@ def test_authors_taps_are_raw_block_outputs():
         normalised = segmentor.encoder(images, layers=segmentor.layers)
         assert not torch.allclose(raw.patch_tokens[0], normalised.patch_tokens[0])
         torch.testing.assert_close(segmentor.encoder.normalise(raw).patch_tokens[0], normalised.patch_tokens[0])
+
+
+def test_the_heads_host_made_constants_are_reused_so_a_cuda_graph_can_capture_it():
+    """transformers' pixel decoder builds its feature shapes with ``torch.tensor(list, device=...)`` in every
+    forward, a host-to-device copy a CUDA graph cannot record; the graph runtime's `ReusedHostConstants` makes
+    them once during warm-up and hands the same tensors to the captured call. (Checked here on CPU, where the
+    same calls pass through the mode.)"""
+    segmentor, images = tiny_segmentor(), torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = segmentor(images)
+        constants = ReusedHostConstants(torch.device("cpu"))
+        with constants:
+            first = segmentor(images)
+            made = constants.made
+            kept = {key: tensor.clone() for key, tensor in constants.tensors.items()}
+            second = segmentor(images)
+    assert made >= 2  # the pixel decoder's spatial shapes and each deformable layer's offset normaliser
+    assert constants.made == made  # the second (captured) call makes none: every one is found again
+    assert all(torch.equal(constants.tensors[key], tensor) for key, tensor in kept.items())
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)
+    torch.testing.assert_close(second, expected, rtol=0, atol=0)
+
+
+def test_reused_constants_never_return_another_value():
+    constants = ReusedHostConstants(torch.device("cpu"))
+    with constants:
+        a = torch.tensor([[16, 16], [8, 8]], dtype=torch.long, device="cpu")
+        b = torch.tensor([[16, 16], [8, 8]], dtype=torch.long, device="cpu")
+        c = torch.tensor([[16, 16], [8, 9]], dtype=torch.long, device="cpu")
+        d = torch.tensor([[16, 16], [8, 8]], dtype=torch.float32, device="cpu")
+        host = torch.tensor([1, 2])  # no device named: not a device constant
+    assert a is b and c.tolist() == [[16, 16], [8, 9]] and d.dtype == torch.float32 and d is not a
+    assert constants.made == 3 and host.device.type == "cpu"  # a, c, d; the host tensor is left alone
 
 
 def test_one_stage_feature_distillation_feeds_the_loss_normalised_tokens():

@@ -69,6 +69,16 @@ def compile_aoti(
     }
 
 
-def load_aoti(path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The compiled model of a package (called with a tensor on the device it was compiled for)."""
-    return torch._inductor.aoti_load_package(str(path))
+def load_aoti(
+    path: str | Path, device: torch.device | None = None, for_cuda_graph: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The compiled model of a package (called with a tensor on the device it was compiled for).
+
+    Args:
+        path: the ``.pt2`` package.
+        device: the CUDA device to load it on (default: the current one); ignored for CPU packages.
+        for_cuda_graph: load the runner without its thread synchronisation, whose event waits are not
+            allowed while a CUDA graph is captured (PyTorch's ``run_single_threaded``).
+    """
+    index = device.index if device is not None and device.type == "cuda" and device.index is not None else -1
+    return torch._inductor.aoti_load_package(str(path), run_single_threaded=for_cuda_graph, device_index=index)

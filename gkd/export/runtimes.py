@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
 from gkd.export.aoti import load_aoti
 from gkd.export.onnx import INPUT_NAME, OUTPUT_NAME, onnx_session, prepare_for_export
@@ -158,13 +160,51 @@ class AOTIRuntime(Runtime):
 
     runtime = "aoti"
 
-    def __init__(self, path: Path, precision: str, device: torch.device, max_batch: int | None = None) -> None:
-        self.model = load_aoti(path)
+    def __init__(
+        self,
+        path: Path,
+        precision: str,
+        device: torch.device,
+        max_batch: int | None = None,
+        for_cuda_graph: bool = False,
+    ) -> None:
+        self.model = load_aoti(path, device, for_cuda_graph)
         super().__init__(precision, device, {"artifact": path.name}, max_batch)
 
     def run(self, staged: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return self.model(staged)
+
+
+class ReusedHostConstants(TorchFunctionMode):
+    """``torch.tensor`` / ``torch.as_tensor`` of Python data onto ``device``: made once, then the same tensor.
+
+    A copy from pageable host memory cannot be recorded in a CUDA graph, yet models build small constants that
+    way inside ``forward`` (transformers' Mask2Former: the feature maps' shapes, as the deformable attention's
+    offset normaliser). Their values depend only on the input shape, which a graph fixes: made during the
+    warm-up calls, they are found here again during capture and become constants of the graph. Keyed by the
+    data itself, so a different value is never returned; callers must not write into them (none does).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+        self.tensors: dict[tuple, torch.Tensor] = {}
+        self.made = 0  # how many were made rather than found
+
+    def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        host_data = bool(args) and isinstance(args[0], list | tuple | int | float | bool)
+        if func not in (torch.tensor, torch.as_tensor) or not host_data or device is None:
+            return func(*args, **kwargs)
+        if torch.device(device).type != self.device.type:
+            return func(*args, **kwargs)
+        key = (func.__name__, repr(args), repr(sorted(kwargs.items(), key=lambda item: item[0])))
+        if key not in self.tensors:
+            self.tensors[key] = func(*args, **kwargs)
+            self.made += 1
+        return self.tensors[key]
 
 
 class CudaGraphRuntime(Runtime):
@@ -173,7 +213,10 @@ class CudaGraphRuntime(Runtime):
     Capture follows PyTorch's recipe (``torch.cuda.graphs``): a few warm-up calls on a side stream, then one
     call recorded into a `torch.cuda.CUDAGraph` reading a static input buffer; a replay copies the batch into
     that buffer and relaunches every kernel at once. The returned logits are the graph's static output,
-    overwritten by the next replay (callers copy them out first, as `predict` does).
+    overwritten by the next replay (callers copy them out first, as `predict` does). Two things a capture
+    does not allow are kept out of it: small constants the model builds from host data in ``forward`` are
+    made once (`ReusedHostConstants`), and AOTInductor packages run without their thread synchronisation
+    (`load_aoti` ``for_cuda_graph``); both failed capture on an H100 before (benchmarks/RESULTS.md).
     """
 
     WARMUP_CALLS = 3
@@ -185,19 +228,22 @@ class CudaGraphRuntime(Runtime):
         super().__init__(inner.precision, inner.device, {**inner.info, "cuda_graph": True}, inner.max_batch)
         self.inner = inner
         self.graphs: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] = {}
+        self.constants: dict[tuple[int, ...], ReusedHostConstants] = {}
         # Capture batch 1 now: a runtime that cannot be captured does not load (reported as skipped, not failed).
         self.run(torch.zeros(1, 3, *img_size, device=self.device))
 
     def _capture(self, staged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]:
         static_input = staged.clone()
+        constants = ReusedHostConstants(self.device)
+        self.constants[tuple(staged.shape)] = constants  # the graph reads them: they live as long as it
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), constants:
             for _ in range(self.WARMUP_CALLS):
                 self.inner.run(static_input)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph), constants:
             static_output = self.inner.run(static_input)
         return static_input, static_output, graph
 
@@ -296,7 +342,11 @@ def runtime_loaders(
     if device.type == "cuda":  # CUDA-graph replay of the eager model and of each AOTInductor package
         for key in [key for key in loaders if key.split("/")[0] in ("torch", "aoti")]:
             runtime, precision = key.split("/")
-            loaders[f"{runtime}-cudagraph/{precision}"] = lambda inner=loaders[key]: CudaGraphRuntime(inner(), img_size)
+            inner = loaders[key]
+            if runtime == "aoti":
+                artifact = export_summary["artifacts"][key]
+                inner = partial(AOTIRuntime, out_dir / artifact["file"], precision, device, max_batch, True)
+            loaders[f"{runtime}-cudagraph/{precision}"] = lambda inner=inner: CudaGraphRuntime(inner(), img_size)
     loaders = {key: loader for key, loader in loaders.items() if key.split("/")[0] in wanted}
     return loaders, {key: why for key, why in skipped.items() if key.split("/")[0] in wanted}
 
