@@ -1,32 +1,49 @@
 #!/usr/bin/env bash
-# The GPU checks of this project in one script, <= 9 minutes on one H100/H200 (each step has its own time limit,
-# and writes its JSON under OUT as it finishes, so a step that runs out of time still leaves the others' figures):
-#   1. the embedded default pipeline on cuda to its report (wall time in OUT/default_run_time.json),
-#   2. deployed-student latency at 512, batch 1 and 8, of ViT-S/16 and ViT-B/16 with UPerNet-256 and with the
-#      paper's Mask2Former (256): PyTorch eager fp32/bf16/fp16 and their CUDA-graph replay (no export: seconds),
-#   3. distillation throughput of the F2L pair (DINOv2-L -> DeiT-B, QSD, 512, batch 8): eager fp32, eager-amp
-#      (bf16 autocast, no compile), tuned (compile + bf16 + fused AdamW) and fed (tuned, batches from the real loader),
-#      with FLOPs per step and MFU against the measured bf16 matmul rate,
-#   4. AOTInductor packages of the ViT-S students (UPerNet fp32/bf16, Mask2Former bf16), timed as such and as
-#      CUDA graphs; last, because compiling them takes the longest.
-# Usage:  bash benchmarks/gpu_check.sh OUT            (on the GPU machine, from the repository root)
-#         bash benchmarks/gpu_check.sh OUT --tiny     (CPU smoke test of the same steps with tiny models)
-# Wheels the GPU machine lacks (pydantic, segmentation-models-pytorch, transformers for Mask2Former;
-# ../shared/docs/GPU.md, Python 3.12 there) are installed from .whl/ when that folder exists (not with --tiny: the
-# CPU machine has them installed).
+# The GPU checks of this project in one script. Each step has its own time limit and writes its log (and JSON)
+# under OUT as it finishes, so a step that runs out of time still leaves the others' figures:
+#   default_run        the embedded default pipeline on cuda to its report (wall time in OUT/default_run_time.json),
+#   latency_vits, latency_vitb, latency_vits_m2f, latency_vitb_m2f
+#                      deployed-student latency at 512, batch 1 and 8, of ViT-S/16 and ViT-B/16 with UPerNet-256
+#                      and with the paper's Mask2Former (256): PyTorch eager fp32/bf16/fp16 and their CUDA-graph
+#                      replay (no export: ~30 s each on an H100),
+#   distill_f2l        distillation throughput of the F2L pair (DINOv2-L -> DeiT-B, QSD, 512, batch 8): eager fp32,
+#                      eager-amp (bf16 autocast, no compile), tuned (compile + bf16 + fused AdamW) and fed (tuned,
+#                      batches from the real loader), with FLOPs per step and MFU against the measured bf16 matmul rate,
+#   aoti_vits, aoti_vits_m2f
+#                      AOTInductor packages of the ViT-S students (UPerNet fp32/bf16, Mask2Former bf16), timed as
+#                      such and as CUDA graphs; last, because compiling them takes the longest.
+# Every step at its limit adds up to ~19 minutes, more than one 15-minute device lease (machine start included):
+# pick the steps a lease has room for with --only (benchmarks/RESULTS.md, "GPU checks", says what is measured).
+# Usage:  bash benchmarks/gpu_check.sh OUT [--only STEP...]          (GPU machine, from the repository root)
+#         bash benchmarks/gpu_check.sh OUT --tiny [--only STEP...]   (CPU smoke test of the same steps, tiny models)
+# Wheels the GPU machine lacks (pydantic, segmentation-models-pytorch, adjustText, and transformers with its
+# dependencies for Mask2Former; ../shared/docs/GPU.md, Python 3.12 there) are installed from .whl/ when that folder
+# exists (not with --tiny: the CPU machine has them); a missing import stops the script before any step runs.
 set -uo pipefail
-OUT=${1:?usage: gpu_check.sh OUT [--tiny]}
-MODE=${2:-gpu}
+OUT=${1:?usage: gpu_check.sh OUT [--tiny] [--only STEP...]}
+shift
+MODE=gpu
+ONLY=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --tiny) MODE=--tiny ;;
+    --only) shift; while [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; do ONLY+=("$1"); shift; done; continue ;;
+    *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 if [ "$MODE" != "--tiny" ] && [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/gkd-site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --target /tmp/gkd-site .whl/*.whl 2>&1 | grep -v "already exists"
   export PYTHONPATH="/tmp/gkd-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 PY=${PYTHON:-python3}
+$PY -c "import adjustText, pydantic, segmentation_models_pytorch, transformers, gkd.models.mask2former" \
+  || { echo "gpu_check.sh: a module above is missing: bring its wheel in .whl/ (../shared/docs/GPU.md)" >&2; exit 3; }
 
 if [ "$MODE" = "--tiny" ]; then
   DEVICE=cpu
@@ -48,15 +65,19 @@ else
   LATENCY_COMMON=(--img-size 512 --batch-sizes 1 8 --iterations 50 --warmup 10 --device cuda)
   AOTI_UPER=(fp32 bf16)
   AOTI_M2F=(bf16)
-  LIMITS=(110 45 110 80)
+  LIMITS=(200 45 300 240)  # H100, 2026-11-26: 141 s, 20-32 s, > 111 s (tuned not reached), > 83 s
 fi
 EAGER=(--runtimes torch torch-cudagraph --precisions fp32)
 AOTI=(--runtimes aoti aoti-cudagraph --precisions fp32)
 STEPS=(default_run latency_vits latency_vitb latency_vits_m2f latency_vitb_m2f distill_f2l aoti_vits aoti_vits_m2f)
+for name in "${ONLY[@]}"; do
+  [[ " ${STEPS[*]} " == *" $name "* ]] || { echo "gpu_check.sh: no step $name (steps: ${STEPS[*]})" >&2; exit 2; }
+done
 
 declare -A STATUS
-step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, keep its log and exit code
+step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, keep its log and exit code (unless --only skips it)
   local name=$1 limit=$2; shift 2
+  [ ${#ONLY[@]} -eq 0 ] || [[ " ${ONLY[*]} " == *" $name "* ]] || return 0
   echo "== $name (limit ${limit}s)"
   local start=$SECONDS
   timeout --signal=INT --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -70,7 +91,8 @@ latency() {  # latency NAME LIMIT_S ARGS...: benchmarks/latency.py ARGS at the c
 
 start=$SECONDS
 step default_run "${LIMITS[0]}" $PY -m gkd.cli "${RUN_ARGS[@]}" --device "$DEVICE" --out "$OUT/default_run"
-echo "{\"device\": \"$DEVICE\", \"wall_s\": $((SECONDS - start))}" > "$OUT/default_run_time.json"
+[ -z "${STATUS[default_run]:-}" ] || echo "{\"device\": \"$DEVICE\", \"wall_s\": $((SECONDS - start))}" \
+  > "$OUT/default_run_time.json"
 latency latency_vits "${LIMITS[1]}" "${VIT_S[@]}" --decoder uper "${EAGER[@]}"
 latency latency_vitb "${LIMITS[1]}" "${VIT_B[@]}" --decoder uper "${EAGER[@]}"
 latency latency_vits_m2f "${LIMITS[1]}" "${VIT_S[@]}" --decoder mask2former "${EAGER[@]}"
