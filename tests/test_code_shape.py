@@ -3,7 +3,9 @@
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "gkd"
+from tests.helpers.paths import REPO
+
+PACKAGE = REPO / "gkd"
 MAX_FUNCTION_LINES = 60
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,11 +15,9 @@ from gkd.cli import main
 from gkd.compare import TEACHER_JOB, method_recipe, plan
 from gkd.recipe import RecipeError, load_recipe, parse_recipe
 from gkd.report.comparison import read_figure_frames, spread, summarize
+from tests.helpers.paths import CAMVID_ROOT, CAMVID_TINY_RECIPE, RECIPES_DIR, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-CAMVID = REPO.parent / "shared" / "data" / "CamVid"
-TINY = REPO / "tests" / "data" / "camvid_day2dusk_tiny.yaml"
-FULL = REPO / "recipes" / "camvid_day2dusk.yaml"
+FULL = RECIPES_DIR / "camvid_day2dusk.yaml"
 
 
 def _with_methods(methods: dict) -> object:
@@ -109,11 +106,12 @@ def test_spread_and_drops():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not CAMVID.is_dir(), reason=f"{CAMVID} not present")
+@pytest.mark.skipif(not CAMVID_ROOT.is_dir(), reason=f"{CAMVID_ROOT} not present")
 def test_compare_runs_tabulates_and_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the recipe's data roots are relative to the working directory
     out = tmp_path / "compare"
-    argv = ["compare", str(TINY), "--out", str(out), "--methods", "no_kd", "gkd", "vanilla_kd", "gkd_no_1a"]
+    methods = ["no_kd", "gkd", "vanilla_kd", "gkd_no_1a"]
+    argv = ["compare", str(CAMVID_TINY_RECIPE), "--out", str(out), "--methods", *methods]
     assert main([*argv, "--max-seeds", "2"]) == 0
     summary = json.loads((out / "comparison.json").read_text())
     rows = {row["method"]: row for row in summary["rows"]}
@@ -168,7 +166,7 @@ def test_compare_runs_tabulates_and_resumes(tmp_path, monkeypatch):
     assert np.array_equal(read_figure_frames(saved)["predictions"], before)
     # the report's own keys may change on a finished comparison: it is re-tabulated, not retrained
     regrouped = tmp_path / "regrouped.yaml"
-    regrouped.write_text(f"base: {TINY}\ncompare: {{paired_with: no_kd, reference_domain: source}}\n")
+    regrouped.write_text(f"base: {CAMVID_TINY_RECIPE}\ncompare: {{paired_with: no_kd, reference_domain: source}}\n")
     assert main(["compare", str(regrouped), *argv[2:], "--max-seeds", "2"]) == 0
     assert [path.stat().st_mtime_ns for path in results] == stamps
     summary = json.loads((out / "comparison.json").read_text())
@@ -177,9 +175,9 @@ def test_compare_runs_tabulates_and_resumes(tmp_path, monkeypatch):
 
 
 def test_bad_command_line_is_exit_2(tmp_path, capsys):
-    assert main(["compare", str(TINY), "--out", str(tmp_path), "--workers", "0"]) == 2
+    assert main(["compare", str(CAMVID_TINY_RECIPE), "--out", str(tmp_path), "--workers", "0"]) == 2
     assert "--workers" in capsys.readouterr().err
-    assert main(["compare", str(TINY), "--out", str(tmp_path), "--methods", "nope"]) == 2
+    assert main(["compare", str(CAMVID_TINY_RECIPE), "--out", str(tmp_path), "--methods", "nope"]) == 2
 
 
 def test_a_frozen_teacher_without_a_head_needs_no_teacher_job(tmp_path):
@@ -200,11 +198,11 @@ def test_an_output_dir_of_another_recipe_is_refused(tmp_path, capsys):
     from gkd.recipe import dump_recipe
 
     (tmp_path / "recipe.resolved.yaml").write_text(dump_recipe(load_recipe(FULL)))
-    assert main(["compare", str(TINY), "--out", str(tmp_path)]) == 2
+    assert main(["compare", str(CAMVID_TINY_RECIPE), "--out", str(tmp_path)]) == 2
     assert "another recipe" in capsys.readouterr().err
     figure_domain = tmp_path / "figure_domain.yaml"  # each job saved its frames of the figure domain
-    figure_domain.write_text(f"base: {TINY}\ncompare: {{figure_domain: day_test}}\n")
-    (tmp_path / "recipe.resolved.yaml").write_text(dump_recipe(load_recipe(TINY)))
+    figure_domain.write_text(f"base: {CAMVID_TINY_RECIPE}\ncompare: {{figure_domain: day_test}}\n")
+    (tmp_path / "recipe.resolved.yaml").write_text(dump_recipe(load_recipe(CAMVID_TINY_RECIPE)))
     assert main(["compare", str(figure_domain), "--out", str(tmp_path)]) == 2
     assert "another recipe" in capsys.readouterr().err
     assert not (tmp_path / TEACHER_JOB).exists()

@@ -24,11 +24,8 @@ from gkd.report.comparison import (
     validation_history,
     write_comparison,
 )
+from tests.helpers.paths import CAMVID_TINY_RECIPE, DEFAULT_RECIPE, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "data" / "camvid_day2dusk_tiny.yaml"
-# generated street scenes, no data files needed; figure_domain dusk, figure_methods [no_kd, gkd]
-DEFAULT = REPO / "gkd" / "recipes" / "default.yaml"
 CLASSES = ["sky", "road", "car"]
 
 
@@ -125,7 +122,7 @@ def test_the_report_draws_both_figures_and_links_them(jobs, tmp_path):
     _log(jobs[4], "head", [(2, 10.0, 20.0), (4, 30.0, 40.0)])
     out = tmp_path / "out"
     out.mkdir()
-    summary = write_comparison(load_recipe(TINY), jobs, out)
+    summary = write_comparison(load_recipe(CAMVID_TINY_RECIPE), jobs, out)
     for name in (PER_CLASS_PNG, MIOU_VS_STEP_PNG, "domains.png"):
         assert Image.open(out / name).format == "PNG"
     assert summary["figures"] == {"domains.png": True, "frames.png": False, PER_CLASS_PNG: True, MIOU_VS_STEP_PNG: True}
@@ -139,7 +136,7 @@ def test_without_validation_logs_the_step_figure_is_skipped_not_failed(jobs, tmp
     out = tmp_path / "out"
     out.mkdir()
     (out / MIOU_VS_STEP_PNG).write_bytes(b"stale")  # from an earlier report: not left behind
-    summary = write_comparison(load_recipe(TINY), jobs, out)
+    summary = write_comparison(load_recipe(CAMVID_TINY_RECIPE), jobs, out)
     assert not summary["figures"][MIOU_VS_STEP_PNG] and not (out / MIOU_VS_STEP_PNG).exists()
     assert (
         "`miou_vs_step.png`): not drawn: no job of teacher, no_kd, gkd kept a validation log"
@@ -151,7 +148,8 @@ def test_without_validation_logs_the_step_figure_is_skipped_not_failed(jobs, tmp
 def test_frames_come_from_the_saved_predictions_and_the_dataset(tmp_path, caplog):
     from gkd.data.config import build_dataset
 
-    data = load_recipe(DEFAULT).model_dump(mode="json")
+    # the default recipe's generated street scenes need no data files (its figures: dusk, [no_kd, gkd])
+    data = load_recipe(DEFAULT_RECIPE).model_dump(mode="json")
     data["compare"].update(figure_domain="fog", figure_methods=["gkd"])
     recipe = parse_recipe(data)
     fog = build_dataset(recipe.data.targets["fog"])

@@ -10,13 +10,13 @@ from PIL import Image
 from gkd.data.base import DataError
 from gkd.data.benchmarks import BENCHMARKS
 from gkd.data.config import DatasetConfig, build_dataset, inspect_dataset
+from tests.helpers.paths import CAMVID_ROOT
 
-CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "CamVid"
-pytestmark = pytest.mark.skipif(not CAMVID.is_dir(), reason=f"{CAMVID} not present")
+pytestmark = pytest.mark.skipif(not CAMVID_ROOT.is_dir(), reason=f"{CAMVID_ROOT} not present")
 
 
 def camvid(split: str, **options) -> DatasetConfig:
-    return DatasetConfig(name="camvid", root=CAMVID, split=split, options=options)
+    return DatasetConfig(name="camvid", root=CAMVID_ROOT, split=split, options=options)
 
 
 @pytest.mark.parametrize(
@@ -36,12 +36,12 @@ def test_split_and_domain_sizes(split, day, dusk):
 
 def test_split_files_agree_with_folders():
     listed = build_dataset(camvid("test")).names
-    assert listed == sorted(f"test/{p.name}" for p in (CAMVID / "test").glob("*.png"))
+    assert listed == sorted(f"test/{p.name}" for p in (CAMVID_ROOT / "test").glob("*.png"))
 
 
 def test_sequences_option_and_benchmark():
     assert len(build_dataset(camvid("test", sequences=["Seq05VD"]))) == 171
-    data = BENCHMARKS["camvid_day2dusk"].configs({"camvid": CAMVID})
+    data = BENCHMARKS["camvid_day2dusk"].configs({"camvid": CAMVID_ROOT})
     configs = (data.source, data.source_val, data.targets["dusk"], data.targets["day_test"])
     assert [len(build_dataset(c)) for c in configs] == [305, 101, 124, 171]
 
@@ -51,7 +51,7 @@ def test_void_is_ignored_and_inspect_matches_numpy():
     dataset = build_dataset(config)
     expected = np.zeros(12, dtype=np.int64)
     for index in range(3):
-        raw = np.asarray(Image.open(CAMVID / "trainannot" / Path(dataset.names[index]).name)).astype(np.int64)
+        raw = np.asarray(Image.open(CAMVID_ROOT / "trainannot" / Path(dataset.names[index]).name)).astype(np.int64)
         label = dataset[index]["label"].numpy()
         np.testing.assert_array_equal(label == 255, raw == 11)
         np.testing.assert_array_equal(label[raw != 11], raw[raw != 11])

@@ -1,8 +1,6 @@
 """The datasets of GKD's multi-source setting (SYNTHIA, UrbanSyn) in their on-disk layouts, their
 concatenation with GTAV-like sources in a run, and Mapillary scored at half resolution as the GKD code does."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -14,6 +12,7 @@ from gkd.pipeline import Run
 from gkd.recipe import RecipeError, load_recipe, merge, parse_recipe
 from gkd.utils.runtime import DistInfo
 from tests.helpers.data_layouts import image, save_ids, save_rgb
+from tests.helpers.paths import TINY_RECIPE
 
 
 def test_synthia_reads_the_converted_train_ids(tmp_path):
@@ -54,7 +53,7 @@ def test_mapillary_half_resolution(tmp_path):
 
 
 def test_extra_sources_are_trained_on_together(tmp_path):
-    tiny = load_recipe(Path(__file__).parent / "data" / "tiny_recipe.yaml").model_dump(mode="json")
+    tiny = load_recipe(TINY_RECIPE).model_dump(mode="json")
     extra = {"name": "synthetic", "split": "train", "options": {"domain": "fog", "num_samples": 5, "size": [112, 112]}}
     recipe = parse_recipe(merge(tiny, {"data": {"extra_sources": [extra]}}))
     run = Run(recipe, tmp_path, torch.device("cpu"), DistInfo())

@@ -25,31 +25,30 @@ from gkd.models.checkpoint import build_segmentor, save_segmentor
 from gkd.predict import PredictError, Segmenter, load_run_runtime, predict
 from gkd.recipe import dump_recipe, load_recipe
 from gkd.utils.io import write_json, write_text
+from tests.helpers.paths import CAMVID_ROOT, CAMVID_TINY_RECIPE
 
-CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "CamVid"
-TINY_CAMVID = Path(__file__).parent / "data" / "camvid_day2dusk_tiny.yaml"
 NUM_CLASSES = 11
 BATCH_RANGE = (1, 2, 4)
 
 
 def camvid_frames(split: str, count: int) -> list[Path]:
-    return sorted((CAMVID / split).glob("*.png"))[:count]
+    return sorted((CAMVID_ROOT / split).glob("*.png"))[:count]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A run directory as the pipeline leaves it: the tiny CamVid recipe's student, trained 40 steps on 8 day
     frames (so its labels are not one class), exported to ONNX fp32."""
-    if not CAMVID.is_dir():
-        pytest.skip(f"{CAMVID} not present")
+    if not CAMVID_ROOT.is_dir():
+        pytest.skip(f"{CAMVID_ROOT} not present")
     out = tmp_path_factory.mktemp("run")
-    recipe = load_recipe(TINY_CAMVID)
+    recipe = load_recipe(CAMVID_TINY_RECIPE)
     size = recipe.data.img_size
     write_text(out / "recipe.resolved.yaml", dump_recipe(recipe))
     images, labels = [], []
     for path in camvid_frames("train", 8):
         image = np.asarray(Image.open(path).convert("RGB").resize(size[::-1], Image.BILINEAR))
-        label = np.asarray(Image.open(CAMVID / "trainannot" / path.name).resize(size[::-1], Image.NEAREST))
+        label = np.asarray(Image.open(CAMVID_ROOT / "trainannot" / path.name).resize(size[::-1], Image.NEAREST))
         images.append(torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255)
         labels.append(torch.from_numpy(np.where(label == NUM_CLASSES, 255, label).astype(np.int64)))
     images, labels = torch.stack(images), torch.stack(labels)
@@ -75,7 +74,7 @@ def run_dir(tmp_path_factory) -> Path:
 def inputs(run_dir, tmp_path_factory) -> Path:
     """Two dusk and two day CamVid test frames (360 x 480), and one day frame at an odd size (203 x 311)."""
     folder = tmp_path_factory.mktemp("inputs")
-    for path in [*camvid_frames("test", 2), *sorted((CAMVID / "test").glob("*.png"))[-2:]]:
+    for path in [*camvid_frames("test", 2), *sorted((CAMVID_ROOT / "test").glob("*.png"))[-2:]]:
         (folder / path.name).write_bytes(path.read_bytes())
     Image.open(camvid_frames("val", 1)[0]).resize((311, 203), Image.BILINEAR).save(folder / "odd_size.png")
     return folder

@@ -37,8 +37,8 @@ from gkd.export.stage import benchmark_artifacts, export_artifacts
 from gkd.models.backbone import Backbone
 from gkd.models.decoders import DecoderConfig, build_decoder
 from gkd.models.segmentor import Segmentor
+from tests.helpers.paths import CAMVID_ROOT
 
-CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "CamVid"
 SIZE = (96, 128)  # CamVid's 360 x 480 frames downsized, a multiple of the 16-pixel patch
 NUM_CLASSES = 11  # CamVid's classes; label 11 (void) -> 255
 
@@ -55,9 +55,9 @@ def tiny_segmentor(
 def load_camvid(split: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` frames of ``split`` resized to `SIZE` (images bilinear in [0, 1], labels nearest)."""
     images, labels = [], []
-    for path in sorted((CAMVID / split).glob("*.png"))[:count]:
+    for path in sorted((CAMVID_ROOT / split).glob("*.png"))[:count]:
         image = Image.open(path).convert("RGB").resize(SIZE[::-1], Image.BILINEAR)
-        label = Image.open(CAMVID / f"{split}annot" / path.name).resize(SIZE[::-1], Image.NEAREST)
+        label = Image.open(CAMVID_ROOT / f"{split}annot" / path.name).resize(SIZE[::-1], Image.NEAREST)
         images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255)
         label_ids = torch.from_numpy(np.asarray(label).astype(np.int64))
         labels.append(torch.where(label_ids == NUM_CLASSES, 255, label_ids))
@@ -72,8 +72,8 @@ def miou(logits: np.ndarray, labels: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def camvid() -> dict[str, torch.Tensor]:
-    if not CAMVID.is_dir():
-        pytest.skip(f"{CAMVID} not present")
+    if not CAMVID_ROOT.is_dir():
+        pytest.skip(f"{CAMVID_ROOT} not present")
     train_images, train_labels = load_camvid("train", 24)
     val_images, val_labels = load_camvid("val", 16)
     return {"train": train_images, "train_labels": train_labels, "val": val_images, "val_labels": val_labels}

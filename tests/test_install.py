@@ -1,14 +1,14 @@
 """One ONNX Runtime per install: the extras never pull both packages, and start-up names the one to remove."""
 
 from importlib import metadata
-from pathlib import Path
 
 import pytest
 
 from gkd.utils import install
+from tests.helpers.paths import REPO
 
 tomllib = pytest.importorskip("tomllib")  # the standard library from Python 3.11
-PYPROJECT = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
 def _runtime_packages(requirements: list[str]) -> set[str]:

@@ -7,7 +7,6 @@ import importlib.util
 import itertools
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +19,7 @@ from gkd.models.backbone import Backbone
 from gkd.models.decoders import DecoderConfig, build_decoder
 from gkd.models.segmentor import Segmentor
 from gkd.report.pareto import MIN_MIOU_SPAN, pareto_figure, pareto_front, pareto_plot
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.paths import REPO
 
 
 def tiny_segmentor() -> Segmentor:

@@ -3,7 +3,6 @@ decoder's deformable attention against a direct bilinear computation, the raw-to
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +24,8 @@ from gkd.models.mask2former import (
     semantic_scores,
 )
 from gkd.models.segmentor import Segmentor
+from tests.helpers.paths import RECIPES_DIR, TINY_MASK2FORMER
 
-TINY_MASK2FORMER = Path(__file__).parent / "data" / "tiny_mask2former.yaml"
 # The four pixel centres of a 2x2 map as (x, y) in [0, 1], in row-major pixel order.
 CENTRES = torch.tensor([[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]])
 
@@ -287,7 +286,7 @@ def test_camvid_head_comparison_recipe_plans_both_heads_without_a_teacher(tmp_pa
     from gkd.compare import plan
     from gkd.recipe import load_recipe
 
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "camvid_day2dusk_mask2former.yaml")
+    recipe = load_recipe(RECIPES_DIR / "camvid_day2dusk_mask2former.yaml")
     jobs = plan(recipe, tmp_path, methods=["no_kd", "no_kd_mask2former"])
     assert [(job.method, job.seed) for job in jobs] == [
         (method, seed) for method in ("no_kd", "no_kd_mask2former") for seed in (0, 1, 2)

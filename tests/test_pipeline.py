@@ -12,15 +12,15 @@ from gkd.cli import main
 from gkd.compress.objectives import DistillObjective
 from gkd.models.checkpoint import load_segmentor
 from gkd.utils.errors import EXIT_INTERRUPTED
+from tests.helpers.paths import DEFAULT_RECIPE, TINY_RECIPE
 
-TINY = Path(__file__).parent / "data" / "tiny_recipe.yaml"
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    assert main(["run", str(TINY), "--out", str(out), "--device", "cpu"]) == 0
+    assert main(["run", str(TINY_RECIPE), "--out", str(out), "--device", "cpu"]) == 0
     return out
 
 
@@ -119,7 +119,7 @@ def test_rerun_after_finish_trains_nothing(finished_run, monkeypatch):
 
 def test_killed_distillation_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    assert main(["train-teacher", str(TINY), "--out", str(out), "--device", "cpu"]) == 0
+    assert main(["train-teacher", str(TINY_RECIPE), "--out", str(out), "--device", "cpu"]) == 0
     original = DistillObjective.forward
     calls = {"n": 0}
 
@@ -152,7 +152,7 @@ def test_run_dir_of_another_recipe_is_refused(finished_run, capsys):
         main(
             [
                 "evaluate",
-                os.fspath(Path(__file__).parents[1] / "gkd" / "recipes" / "default.yaml"),
+                os.fspath(DEFAULT_RECIPE),
                 "--out",
                 str(finished_run),
             ]

@@ -3,7 +3,6 @@ patch-14 weights (timm's resampling), normalised EVA02 tokens, the released chec
 heads and per-phase patch size / transforms in stage 1, repeated augmentation and the poly power."""
 
 import json
-from pathlib import Path
 
 import pytest
 import timm
@@ -25,9 +24,9 @@ from gkd.models.segmentor import Segmentor
 from gkd.models.weights import WeightsMismatchError, load_weights
 from gkd.models.zoo import create_backbone, with_patch_size
 from gkd.utils.runtime import DistInfo
+from tests.helpers.paths import TINY_RECIPE
 
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
-TINY_RECIPE = Path(__file__).parent / "data" / "tiny_recipe.yaml"
 
 
 def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -10,8 +10,8 @@ import pytest
 
 from gkd.cli import main
 from gkd.recipe import Recipe, load_recipe
+from tests.helpers.paths import RECIPES_DIR
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 # the paper's recipes live in sub-folders; top-level ones (camvid_day2dusk.yaml) are this project's own
 # benchmarks, tested where they are used (tests/test_compare.py)
 RECIPE_FILES = sorted(p for p in RECIPES_DIR.rglob("*/*.yaml") if p.relative_to(RECIPES_DIR).parts[0] != "_base")

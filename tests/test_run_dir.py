@@ -32,13 +32,11 @@ from gkd.utils.errors import (
 )
 from gkd.utils.io import save_state_dict
 from tests.helpers import data_layouts
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "data" / "tiny_recipe.yaml"
+from tests.helpers.paths import REPO, TINY_RECIPE
 
 
 def _recipe(path: Path, **overrides) -> Path:
-    path.write_text(yaml.safe_dump({"base": str(TINY), **overrides}))
+    path.write_text(yaml.safe_dump({"base": str(TINY_RECIPE), **overrides}))
     return path
 
 
@@ -83,7 +81,7 @@ def test_second_run_on_a_busy_directory_is_refused_naming_the_holder(tmp_path, c
     try:
         assert holder.stdout.readline().strip() == "locked"
         started = time.monotonic()
-        assert main(["run", str(TINY), "--out", str(out), "--device", "cpu"]) == EXIT_BUSY
+        assert main(["run", str(TINY_RECIPE), "--out", str(out), "--device", "cpu"]) == EXIT_BUSY
         assert time.monotonic() - started < 30  # refused at once, not after training
         err = capsys.readouterr().err
         assert f"PID {holder.pid}" in err and "in use by another run" in err
@@ -95,7 +93,7 @@ def test_second_run_on_a_busy_directory_is_refused_naming_the_holder(tmp_path, c
 
 def test_sigint_checkpoints_the_current_step_and_the_rerun_resumes_there(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    assert main(["train-teacher", str(TINY), "--out", str(out), "--device", "cpu"]) == 0
+    assert main(["train-teacher", str(TINY_RECIPE), "--out", str(out), "--device", "cpu"]) == 0
     original = DistillObjective.forward
     calls = {"n": 0}
 
@@ -119,7 +117,7 @@ def test_sigint_checkpoints_the_current_step_and_the_rerun_resumes_there(tmp_pat
 
 
 def test_force_reaches_every_stage_downstream():
-    recipe = load_recipe(TINY)
+    recipe = load_recipe(TINY_RECIPE)
     assert downstream(recipe, ("benchmark",)) == {"benchmark", "report"}
     assert downstream(recipe, ("distill",)) == {"distill", "train-head", "evaluate", "export", "benchmark", "report"}
     assert "distill" in downstream(recipe, ("train-teacher",))  # the tiny teacher's encoder is distilled
@@ -134,7 +132,7 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_leaves_no_partial_file(tmp_pa
 
     monkeypatch.setattr(torch, "save", save_then_fill_the_disk)
     out = tmp_path / "run"
-    assert main(["train-teacher", str(TINY), "--out", str(out), "--device", "cpu"]) == EXIT_DISK_FULL
+    assert main(["train-teacher", str(TINY_RECIPE), "--out", str(out), "--device", "cpu"]) == EXIT_DISK_FULL
     err = capsys.readouterr().err
     assert "disk full while writing" in err and "last.pt" in err and "Traceback" not in err
     assert not list(out.rglob("*.tmp")) and not list(out.rglob("last.pt"))
@@ -161,7 +159,7 @@ def test_read_only_out_is_one_line(tmp_path, capsys):
     mount = tmp_path / "read_only"
     _mount_tmpfs(mount, "ro,size=64k")
     try:
-        assert main(["run", str(TINY), "--out", str(mount / "run"), "--device", "cpu"]) == EXIT_NOT_WRITABLE
+        assert main(["run", str(TINY_RECIPE), "--out", str(mount / "run"), "--device", "cpu"]) == EXIT_NOT_WRITABLE
         err = capsys.readouterr().err
         assert f"cannot write {mount / 'run'}" in err and "Read-only file system" in err and "Traceback" not in err
     finally:
@@ -195,7 +193,7 @@ def test_corrupt_checkpoint_and_truncated_weights_name_the_file(tmp_path, capsys
     checkpoint = out / "checkpoints" / "teacher" / "last.pt"
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"PK\x03\x04 not a whole checkpoint")
-    assert main(["train-teacher", str(TINY), "--out", str(out), "--device", "cpu"]) == EXIT_CORRUPT_FILE
+    assert main(["train-teacher", str(TINY_RECIPE), "--out", str(out), "--device", "cpu"]) == EXIT_CORRUPT_FILE
     err = capsys.readouterr().err
     assert f"{checkpoint} is truncated or corrupt" in err and "Traceback" not in err
 
@@ -209,10 +207,10 @@ def test_corrupt_checkpoint_and_truncated_weights_name_the_file(tmp_path, capsys
 
 def test_unavailable_device_and_a_stage_without_inputs_leave_nothing_behind(tmp_path, capsys):
     if not torch.cuda.is_available():
-        assert main(["run", str(TINY), "--out", str(tmp_path / "cuda"), "--device", "cuda"]) == EXIT_NO_DEVICE
+        assert main(["run", str(TINY_RECIPE), "--out", str(tmp_path / "cuda"), "--device", "cuda"]) == EXIT_NO_DEVICE
         assert "no CUDA device" in capsys.readouterr().err
         assert not (tmp_path / "cuda").exists()
-    assert main(["report", str(TINY), "--out", str(tmp_path / "new")]) == EXIT_BAD_INPUT
+    assert main(["report", str(TINY_RECIPE), "--out", str(tmp_path / "new")]) == EXIT_BAD_INPUT
     assert "written by stage evaluate" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
 
@@ -258,7 +256,7 @@ def test_export_without_room_for_its_files_stops_before_writing(tmp_path, monkey
     save_state_dict(out / "segmentor.safetensors", {"w": torch.zeros(10)})
     usage = shell.disk_usage(tmp_path)
     monkeypatch.setattr("shutil.disk_usage", lambda path: usage._replace(free=10 * 2**20))
-    assert main(["export", str(TINY), "--out", str(out), "--device", "cpu"]) == EXIT_DISK_FULL
+    assert main(["export", str(TINY_RECIPE), "--out", str(out), "--device", "cpu"]) == EXIT_DISK_FULL
     assert "export needs about" in capsys.readouterr().err
     assert not (out / "model.onnx").exists()
 
@@ -269,7 +267,7 @@ def test_a_stage_redone_from_scratch_trains_every_step_again(tmp_path, monkeypat
     from gkd.utils.runtime import DistInfo
 
     out = tmp_path / "run"
-    assert main(["train-teacher", str(TINY), "--out", str(out), "--device", "cpu"]) == 0
+    assert main(["train-teacher", str(TINY_RECIPE), "--out", str(out), "--device", "cpu"]) == 0
     original, calls = TaskObjective.forward, {"n": 0}
 
     def counting(self, batch):
@@ -277,7 +275,7 @@ def test_a_stage_redone_from_scratch_trains_every_step_again(tmp_path, monkeypat
         return original(self, batch)
 
     monkeypatch.setattr(TaskObjective, "forward", counting)
-    run = Run(load_recipe(TINY), out, torch.device("cpu"), DistInfo())
+    run = Run(load_recipe(TINY_RECIPE), out, torch.device("cpu"), DistInfo())
     run_stage(run, STAGES[0])  # the finished checkpoint: nothing to train
     assert calls["n"] == 0
     run_stage(run, STAGES[0], scratch=True)  # as --force does: not "resumed at step 6"

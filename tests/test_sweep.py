@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 
 import pytest
 
 from gkd.cli import main
 from gkd.recipe import load_recipe
 from gkd.sweep import best_under, parse_img_size, parse_student, sized_recipe, sweep_recipe
+from tests.helpers.paths import TINY_SWEEP
 
-TINY = Path(__file__).parent / "data" / "tiny_sweep.yaml"
 SMALL = "vit_small_patch16_224,embed_dim=24,depth=4,num_heads=2"
 LARGER = "vit_small_patch16_224,embed_dim=48,depth=4,num_heads=2"
 
@@ -28,7 +27,7 @@ def test_student_specs_and_sizes():
     with pytest.raises(ValueError):
         parse_img_size("big")
 
-    recipe = load_recipe(TINY)
+    recipe = load_recipe(TINY_SWEEP)
     sized = sized_recipe(recipe, (96, 128))
     assert sized.data.img_size == (96, 128) and sized.data.train_transform.crop_size == (96, 128)
     assert sized.models.student.kwargs["img_size"] == [96, 128]
@@ -41,7 +40,7 @@ def test_student_specs_and_sizes():
 @pytest.mark.slow
 def test_sweep_trains_benchmarks_and_draws_the_front(tmp_path):
     out = tmp_path / "sweep"
-    argv = ["sweep", str(TINY), "--students", SMALL, LARGER, "--out", str(out), "--workers", "1"]
+    argv = ["sweep", str(TINY_SWEEP), "--students", SMALL, LARGER, "--out", str(out), "--workers", "1"]
     assert main([*argv, "--max-latency-ms", "1000"]) == 0
     summary = json.loads((out / "sweep.json").read_text())
     students = {point["student"] for point in summary["points"]}

@@ -9,9 +9,8 @@ import torch
 from gkd.compress.config import OptimConfig, TrainingConfig
 from gkd.compress.trainer import NonFiniteLossError, ResumableSampler, Trainer, lr_factor, param_groups
 from gkd.utils.runtime import DistInfo, resolve_num_workers
+from tests.helpers.paths import REPO
 from tests.helpers.toy_training import ToyData, ToyObjective, make_trainer, read_losses
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
