@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from gkd.cli import main
-from gkd.compress.objectives import DistillObjective
 from gkd.models.checkpoint import load_segmentor
 from gkd.utils.errors import EXIT_INTERRUPTED
+from tests.helpers.interrupted_distill import train_teacher_and_arm_interrupt
 from tests.helpers.paths import DEFAULT_RECIPE, TINY_RECIPE
 
 pytestmark = pytest.mark.slow
@@ -118,30 +118,17 @@ def test_rerun_after_finish_trains_nothing(finished_run, monkeypatch):
 
 
 def test_killed_distillation_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    def kill() -> None:
+        raise KeyboardInterrupt
+
     out = tmp_path / "run"
-    assert main(["train-teacher", str(TINY_RECIPE), "--out", str(out), "--device", "cpu"]) == 0
-    original = DistillObjective.forward
-    calls = {"n": 0}
-
-    def killed_at_call_10(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 10:  # 1a done (6 steps), 1b killed during its step 4; checkpoint at 1b step 2
-            raise KeyboardInterrupt
-        return original(self, batch)
-
-    monkeypatch.setattr(DistillObjective, "forward", killed_at_call_10)
+    # 1a done (6 steps), 1b killed during its step 4; checkpoint at 1b step 2
+    calls = train_teacher_and_arm_interrupt(out, monkeypatch, interrupt=kill, at_call=10)
     assert main(["distill", "--out", str(out), "--device", "cpu"]) == EXIT_INTERRUPTED  # a crash, not Ctrl-C
     assert not (out / "student_encoder.safetensors").exists()
-    monkeypatch.setattr(DistillObjective, "forward", original)
-    calls["n"] = 0
-
-    def counting(self, batch):
-        calls["n"] += 1
-        return original(self, batch)
-
-    monkeypatch.setattr(DistillObjective, "forward", counting)
+    calls.count = 0
     assert main(["distill", "--out", str(out), "--device", "cpu"]) == 0
-    assert calls["n"] == 4  # 1b steps 3..6 only
+    assert calls.count == 4  # 1b steps 3..6 only
     assert "distill_domain_agnostic: resumed at step 2" in (out / "logs" / "gkd.log").read_text()
     assert (out / "student_encoder.safetensors").is_file()
 

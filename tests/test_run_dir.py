@@ -17,7 +17,6 @@ import torch
 import yaml
 
 from gkd.cli import main
-from gkd.compress.objectives import DistillObjective
 from gkd.pipeline import downstream
 from gkd.recipe import load_recipe
 from gkd.utils.errors import (
@@ -32,6 +31,7 @@ from gkd.utils.errors import (
 )
 from gkd.utils.io import save_state_dict
 from tests.helpers import data_layouts
+from tests.helpers.interrupted_distill import train_teacher_and_arm_interrupt
 from tests.helpers.paths import REPO, TINY_RECIPE
 
 
@@ -93,26 +93,19 @@ def test_second_run_on_a_busy_directory_is_refused_naming_the_holder(tmp_path, c
 
 def test_sigint_checkpoints_the_current_step_and_the_rerun_resumes_there(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    assert main(["train-teacher", str(TINY_RECIPE), "--out", str(out), "--device", "cpu"]) == 0
-    original = DistillObjective.forward
-    calls = {"n": 0}
-
-    def ctrl_c_at_call_10(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 10:  # 1a done (6 steps); Ctrl-C during 1b's step 4 (checkpoints every 2 steps)
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, batch)
-
-    monkeypatch.setattr(DistillObjective, "forward", ctrl_c_at_call_10)
+    # 1a done (6 steps); Ctrl-C during 1b's step 4 (checkpoints every 2 steps)
+    calls = train_teacher_and_arm_interrupt(
+        out, monkeypatch, interrupt=lambda: os.kill(os.getpid(), signal.SIGINT), at_call=10
+    )
     capsys.readouterr()
     assert main(["distill", "--out", str(out), "--device", "cpu"]) == EXIT_INTERRUPTED
     err = capsys.readouterr().err
     assert "distill_domain_agnostic: interrupted at step 4; re-run to resume" in err
     assert "Traceback" not in err
-    assert calls["n"] == 10  # the step in flight finished, no further one started
-    calls["n"] = 0
+    assert calls.count == 10  # the step in flight finished, no further one started
+    calls.count = 0
     assert main(["distill", "--out", str(out), "--device", "cpu"]) == 0
-    assert calls["n"] == 2  # 1b steps 5 and 6 only
+    assert calls.count == 2  # 1b steps 5 and 6 only
     assert "distill_domain_agnostic: resumed at step 4" in (out / "logs" / "gkd.log").read_text()
 
 
