@@ -254,8 +254,12 @@ def test_reused_constants_never_return_another_value():
         c = torch.tensor([[16, 16], [8, 9]], dtype=torch.long, device="cpu")
         d = torch.tensor([[16, 16], [8, 8]], dtype=torch.float32, device="cpu")
         host = torch.tensor([1, 2])  # no device named: not a device constant
+        # two 0-d tensors that print alike: their values, not their printed form, must decide
+        close = [torch.tensor(1.0 + 1e-9, dtype=torch.float64), torch.tensor(1.0 + 2e-9, dtype=torch.float64)]
+        from_tensors = [torch.tensor([value], dtype=torch.float64, device="cpu") for value in close]
     assert a is b and c.tolist() == [[16, 16], [8, 9]] and d.dtype == torch.float32 and d is not a
     assert constants.made == 3 and host.device.type == "cpu"  # a, c, d; the host tensor is left alone
+    assert repr(close[0]) == repr(close[1]) and from_tensors[1].item() - from_tensors[0].item() == pytest.approx(1e-9)
 
 
 def test_one_stage_feature_distillation_feeds_the_loss_normalised_tokens():

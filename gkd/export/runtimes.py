@@ -195,8 +195,7 @@ class ReusedHostConstants(TorchFunctionMode):
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         device = kwargs.get("device")
-        host_data = bool(args) and isinstance(args[0], list | tuple | int | float | bool)
-        if func not in (torch.tensor, torch.as_tensor) or not host_data or device is None:
+        if func not in (torch.tensor, torch.as_tensor) or not args or not _python_numbers(args[0]) or device is None:
             return func(*args, **kwargs)
         if torch.device(device).type != self.device.type:
             return func(*args, **kwargs)
@@ -205,6 +204,13 @@ class ReusedHostConstants(TorchFunctionMode):
             self.tensors[key] = func(*args, **kwargs)
             self.made += 1
         return self.tensors[key]
+
+
+def _python_numbers(data: Any) -> bool:
+    """Whether ``data`` is a Python number or nested lists / tuples of them (no tensor, whose value may change)."""
+    if isinstance(data, list | tuple):
+        return all(_python_numbers(item) for item in data)
+    return isinstance(data, int | float | bool)
 
 
 class CudaGraphRuntime(Runtime):
