@@ -19,6 +19,12 @@
 # Wheels the GPU machine lacks (pydantic, segmentation-models-pytorch, adjustText, and transformers with its
 # dependencies for Mask2Former; ../shared/docs/GPU.md, Python 3.12 there) are installed from .whl/ when that folder
 # exists (not with --tiny: the CPU machine has them); a missing import stops the script before any step runs.
+# The wheels of the 2026-11-26 run (28 MB, carried with `carry: [".whl"]`), downloaded on the CPU machine:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d .whl \
+#     pydantic pydantic-core annotated-types typing-inspection typing_extensions segmentation-models-pytorch==0.6.0 \
+#     adjustText transformers==5.24.0 huggingface_hub tokenizers hf_xet regex typer click shellingham rich pygments \
+#     markdown-it-py mdurl annotated-doc httpx2 httpcore2 h11 anyio idna truststore
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUT [--tiny] [--only STEP...]}
 shift
