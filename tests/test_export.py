@@ -436,3 +436,19 @@ def test_cuda_graph_runtimes_exist_only_on_cuda(exported, trained):
     assert loaders and not [key for key in loaders if "cudagraph" in key]
     with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
         CudaGraphRuntime(TorchRuntime(trained, SIZE, "fp32", torch.device("cpu")), SIZE)
+
+
+def test_aoti_packages_replayed_as_cuda_graphs_load_without_thread_sync(trained, tmp_path, monkeypatch):
+    """AOTInductor's runner waits on events unless loaded with ``run_single_threaded``, which a capture refuses
+    (H100, 2026-11-26): the graph runtime of a package loads its own runner that way, the plain one does not."""
+    import gkd.export.runtimes as runtimes
+
+    loaded = []
+    monkeypatch.setattr(runtimes, "load_aoti", lambda path, device, for_cuda_graph: loaded.append(for_cuda_graph))
+    monkeypatch.setattr(runtimes, "CudaGraphRuntime", lambda inner, img_size: inner)
+    summary = {"batch_range": [1, 2, 4], "artifacts": {"aoti/fp32": {"file": "model.pt2", "device": "cuda"}}}
+    loaders, _ = runtime_loaders(trained, SIZE, tmp_path, summary, torch.device("cuda"), ["aoti", "aoti-cudagraph"])
+    assert set(loaders) == {"aoti/fp32", "aoti-cudagraph/fp32"}  # built, not run: no GPU needed
+    loaders["aoti/fp32"]()
+    loaders["aoti-cudagraph/fp32"]()
+    assert loaded == [False, True]
