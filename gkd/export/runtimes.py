@@ -233,15 +233,18 @@ class CudaGraphRuntime(Runtime):
         self.runtime = f"{inner.runtime}-cudagraph"
         super().__init__(inner.precision, inner.device, {**inner.info, "cuda_graph": True}, inner.max_batch)
         self.inner = inner
-        self.graphs: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] = {}
-        self.constants: dict[tuple[int, ...], ReusedHostConstants] = {}
+        # per input shape: static input, static output, the graph, and the constants the graph reads (kept alive)
+        self.graphs: dict[
+            tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph, ReusedHostConstants]
+        ] = {}
         # Capture batch 1 now: a runtime that cannot be captured does not load (reported as skipped, not failed).
         self.run(torch.zeros(1, 3, *img_size, device=self.device))
 
-    def _capture(self, staged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]:
+    def _capture(
+        self, staged: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph, ReusedHostConstants]:
         static_input = staged.clone()
         constants = ReusedHostConstants(self.device)
-        self.constants[tuple(staged.shape)] = constants  # the graph reads them: they live as long as it
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), constants:
@@ -251,13 +254,13 @@ class CudaGraphRuntime(Runtime):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), constants:
             static_output = self.inner.run(static_input)
-        return static_input, static_output, graph
+        return static_input, static_output, graph, constants
 
     def run(self, staged: torch.Tensor) -> torch.Tensor:
         shape = tuple(staged.shape)
         if shape not in self.graphs:
             self.graphs[shape] = self._capture(staged)
-        static_input, static_output, graph = self.graphs[shape]
+        static_input, static_output, graph, _ = self.graphs[shape]
         static_input.copy_(staged)
         graph.replay()
         return static_output
@@ -331,6 +334,7 @@ def runtime_loaders(
     if device.type == "cuda":
         for precision in ("bf16", "fp16"):
             loaders[f"torch/{precision}"] = lambda p=precision: TorchRuntime(segmentor, img_size, p, device)
+    capturable: dict[str, Loader] = {}  # runtimes whose CUDA-graph replay needs a runner loaded for capture
     for key, artifact in export_summary.get("artifacts", {}).items():
         kind, precision = key.split("/")
         path = out_dir / artifact["file"]
@@ -344,14 +348,12 @@ def runtime_loaders(
         elif kind == "aoti" and artifact["device"] != device.type:
             skipped[key] = f"the package was compiled for {artifact['device']}, the device is {device.type}"
         elif kind == "aoti":
-            loaders[key] = lambda p=precision, f=path: AOTIRuntime(f, p, device, max_batch)
+            loaders[key] = partial(AOTIRuntime, path, precision, device, max_batch)
+            capturable[key] = partial(AOTIRuntime, path, precision, device, max_batch, for_cuda_graph=True)
     if device.type == "cuda":  # CUDA-graph replay of the eager model and of each AOTInductor package
         for key in [key for key in loaders if key.split("/")[0] in ("torch", "aoti")]:
             runtime, precision = key.split("/")
-            inner = loaders[key]
-            if runtime == "aoti":
-                artifact = export_summary["artifacts"][key]
-                inner = partial(AOTIRuntime, out_dir / artifact["file"], precision, device, max_batch, True)
+            inner = capturable.get(key, loaders[key])
             loaders[f"{runtime}-cudagraph/{precision}"] = lambda inner=inner: CudaGraphRuntime(inner(), img_size)
     loaders = {key: loader for key, loader in loaders.items() if key.split("/")[0] in wanted}
     return loaders, {key: why for key, why in skipped.items() if key.split("/")[0] in wanted}
