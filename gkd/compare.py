@@ -41,8 +41,11 @@ from tqdm import tqdm
 
 from gkd.recipe import Recipe, RecipeError, dump_recipe, merge, parse_recipe
 from gkd.rundir import (
+    CEILING_FILE,
+    FIDELITY_TEACHER_FILE,
     FIGURE_FRAME_COUNT,
     FIGURE_FRAMES_FILE,
+    FROZEN_FILE,
     LOGS_DIR,
     NO_KD_FILE,
     RECIPE_FILE,
@@ -55,7 +58,7 @@ from gkd.rundir import (
     setup_logging,
 )
 from gkd.utils.cpu import available_cpus
-from gkd.utils.io import atomic_path, write_json, write_text
+from gkd.utils.io import atomic_path, read_json, write_json, write_text
 
 if TYPE_CHECKING:
     import torch
@@ -74,7 +77,7 @@ class Job:
     method: str
     label: str
     seed: int
-    student: str  # "teacher" | "distilled" | "no_kd"
+    student: str  # "teacher" | "distilled" | "no_kd" | "frozen" | "ceiling"
     recipe: Recipe
     dir: Path
 
@@ -148,20 +151,45 @@ def plan(recipe: Recipe, out: Path, methods: list[str] | None = None, max_seeds:
 def needs_teacher(job: Job) -> bool:
     from gkd.pipeline import distill_inputs
 
+    if job.student == "ceiling":
+        return job.recipe.models.teacher.train_encoder
     return job.student == "distilled" and TEACHER_FILE in distill_inputs(job.recipe)
 
 
 def model_file(job: Job) -> str:
     """The segmentor file a job trains, in its run directory."""
+    files = {"teacher": TEACHER_FILE, "no_kd": NO_KD_FILE, "distilled": SEGMENTOR_FILE}
+    return {**files, "frozen": FROZEN_FILE, "ceiling": CEILING_FILE}[job.student]
 
-    return {"teacher": TEACHER_FILE, "no_kd": NO_KD_FILE, "distilled": SEGMENTOR_FILE}[job.student]
+
+def schedule(job: Job) -> dict:
+    """The optimizer steps a job spends: ``labelled_steps`` (on labelled source: the task schedule every
+    method shares under the paper's protocol) and ``distill_steps`` (label-free stage-1 steps, extra)."""
+    recipe, distill = job.recipe, job.recipe.distill
+    if job.student == "teacher":
+        return {"labelled_steps": recipe.teacher_training.steps, "distill_steps": 0}
+    if job.student == "no_kd":
+        return {"labelled_steps": recipe.compare.no_kd.steps, "distill_steps": 0}
+    if job.student in ("frozen", "ceiling"):
+        return {"labelled_steps": recipe.head.steps, "distill_steps": 0}
+    if distill.schedule == "one_stage":  # distillation rides on the labelled steps
+        return {"labelled_steps": distill.joint.steps, "distill_steps": 0}
+    phases = (distill.task_agnostic, distill.domain_agnostic)
+    return {"labelled_steps": recipe.head.steps, "distill_steps": sum(p.steps for p in phases if p is not None)}
 
 
 def run_job(job: Job, teacher_file: Path, device: str, threads: int) -> dict:
     """Train and evaluate one job in this process (a pool worker); returns and writes its result."""
     import torch
 
-    from gkd.pipeline import STAGES, Run, evaluate_segmentors, run_stage
+    from gkd.pipeline import (
+        STAGES,
+        Run,
+        evaluate_segmentors,
+        run_stage,
+        teacher_fidelity_tokens,
+        train_frozen_encoder_head,
+    )
     from gkd.utils.runtime import DistInfo, resolve_device, seed_everything
 
     torch.set_num_threads(threads)
@@ -175,9 +203,16 @@ def run_job(job: Job, teacher_file: Path, device: str, threads: int) -> dict:
         _link(teacher_file, run.file(TEACHER_FILE))
     names = {"teacher": ("train-teacher",), "no_kd": ("train-no-kd",), "distilled": ("distill", "train-head")}
     for stage in STAGES:
-        if stage.name in names[job.student] and stage.needed(job.recipe) and not stage.complete(run):
+        if stage.name in names.get(job.student, ()) and stage.needed(job.recipe) and not stage.complete(run):
             run_stage(run, stage)
+    if job.student in ("frozen", "ceiling") and not run.file(model_file(job)).is_file():
+        train_frozen_encoder_head(run, "teacher" if job.student == "ceiling" else "student")
     metrics = evaluate_segmentors(run, {"model": model_file(job)})["model"]
+    tokens_file = teacher_file.parent / FIDELITY_TEACHER_FILE
+    if job.student == "teacher" or job.recipe.teacher_training is None:
+        teacher_fidelity_tokens(run, tokens_file)
+    if job.student in PROBED and tokens_file.is_file():  # else `backfill_fidelity` probes it after the teacher
+        metrics["fidelity"] = job_fidelity(job, run, tokens_file)
     write_figure_frames(job, run.device)
     result = {
         "method": job.method,
@@ -186,10 +221,42 @@ def run_job(job: Job, teacher_file: Path, device: str, threads: int) -> dict:
         "class_names": run.class_names,
         "seconds": time.perf_counter() - start,
         "threads": threads,
+        "schedule": schedule(job),
         **metrics,
     }
     write_json(job.result_file, result)
     return result
+
+
+PROBED = ("distilled", "no_kd", "frozen")  # students whose features are probed against the teacher's
+
+
+def job_fidelity(job: Job, run: object, tokens_file: Path) -> dict:
+    """Feature fidelity (`gkd.pipeline.encoder_fidelity`) of the encoder a job trained."""
+    import torch
+
+    from gkd.models.checkpoint import load_segmentor
+    from gkd.pipeline import encoder_fidelity
+
+    encoder = load_segmentor(run.file(model_file(job)))[0].encoder.to(run.device)
+    return encoder_fidelity(run, encoder, torch.load(tokens_file, weights_only=False))
+
+
+def backfill_fidelity(jobs: Sequence[Job], out: Path, device: str = "cpu") -> None:
+    """Probe the finished student jobs that ran before the teacher's tokens existed, and rewrite their results."""
+    from gkd.pipeline import Run
+    from gkd.utils.runtime import DistInfo, resolve_device
+
+    tokens_file = out / TEACHER_JOB / FIDELITY_TEACHER_FILE
+    missing = [
+        job for job in jobs if job.student in PROBED and job.done() and "fidelity" not in read_json(job.result_file)
+    ]
+    if not missing or not tokens_file.is_file():
+        return
+    for job in tqdm(missing, desc="fidelity", unit="job"):
+        run = Run(job.recipe, job.dir, resolve_device(device), DistInfo())
+        result = read_json(job.result_file)
+        write_json(job.result_file, {**result, "fidelity": job_fidelity(job, run, tokens_file)})
 
 
 def figure_frame_ids(count: int, frames: int = FIGURE_FRAME_COUNT) -> list[int]:
@@ -342,6 +409,7 @@ def run_comparison(
     write_text(out / RECIPE_FILE, dump_recipe(recipe))
     failures = run_jobs(jobs, out, workers, device)
     backfill_figure_frames(jobs, device)
+    backfill_fidelity(jobs, out, device)
     if failures:
         if any(job.done() for job in jobs):  # what did finish is still tabulated
             write_comparison(recipe, jobs, out)

@@ -36,10 +36,12 @@ from gkd.data.transforms import (
     build_imagenet_transform,
     build_train_transform,
 )
+from gkd.evaluate.fidelity import DomainTokens, encode, evenly_spaced, fidelity_per_domain
 from gkd.evaluate.inference import evaluate_predictor, torch_predictor
 from gkd.export.stage import benchmark_artifacts, export_artifacts
 from gkd.models.backbone import Backbone
 from gkd.models.checkpoint import build_segmentor, load_encoder, load_segmentor, save_encoder, save_segmentor
+from gkd.models.decoders import build_decoder
 from gkd.models.segmentor import Segmentor
 from gkd.models.weights import check_fit
 from gkd.models.zoo import create_backbone_from_config, with_patch_size
@@ -48,9 +50,11 @@ from gkd.recipe import OptimConfig, Recipe
 from gkd.rundir import (
     BENCHMARK_FILE,
     BEST_SEGMENTOR_FILE,
+    CEILING_FILE,
     ENCODER_FILE,
     EVAL_FILE,
     EXPORT_FILE,
+    FROZEN_FILE,
     MODEL_CARD_FILE,
     NO_KD_FILE,
     REPORT_JSON_FILE,
@@ -61,7 +65,7 @@ from gkd.rundir import (
     TEACHER_FILE,
     validation_log,
 )
-from gkd.utils.io import file_sha256, read_json, read_jsonl, require_free_space, write_json
+from gkd.utils.io import atomic_path, file_sha256, read_json, read_jsonl, require_free_space, write_json
 from gkd.utils.runtime import DistInfo
 
 log = logging.getLogger("gkd")
@@ -343,6 +347,82 @@ def stage_train_no_kd(run: Run) -> None:
     trainer.fit(validator(run, segmentor, objective, "no_kd", config))
     if run.info.is_main:
         save_segmentor(run.file(NO_KD_FILE), segmentor, recipe.models.student, recipe.models.decoder, run.num_classes)
+
+
+def train_frozen_encoder_head(run: Run, encoder_from: str) -> None:
+    """A fresh decoder on a frozen encoder, trained exactly like GKD's stage 2 (the ``head`` schedule).
+
+    ``encoder_from="student"``: the student's own initial encoder (its recipe weights): the authors' no-KD row,
+    a frozen ImageNet DeiT with the same head schedule as GKD. ``"teacher"``: the teacher's encoder, the
+    ceiling GKD would reach if distillation were perfect.
+    """
+    recipe = run.recipe
+    if encoder_from == "teacher":
+        model, file = recipe.models.teacher, CEILING_FILE
+        encoder = teacher_backbone(run)
+        torch.manual_seed(recipe.seed + 2)
+        decoder, layers = build_decoder(recipe.models.decoder, encoder.embed_dim, encoder.depth, run.num_classes)
+        segmentor = Segmentor(encoder, decoder, layers).to(run.device)
+    else:
+        model, file = recipe.models.student, FROZEN_FILE
+        segmentor = student_segmentor(run)
+    objective = TaskObjective(segmentor, freeze_encoder=True)
+    name = "ceiling" if encoder_from == "teacher" else "frozen"
+    trainer = run.trainer(name, objective, run.dataset(recipe.data.source, train=True), recipe.head)
+    trainer.fit(validator(run, segmentor, objective, name, recipe.head))
+    if run.info.is_main:
+        save_segmentor(run.file(file), segmentor, model, recipe.models.decoder, run.num_classes)
+
+
+FIDELITY_IMAGES = 48  # images per domain for the fidelity probes (x tokens per image: plenty for a linear fit)
+FIDELITY_FIT = "fit"  # the source training images the probes are fitted on
+
+
+def _fidelity_sets(run: Run) -> dict[str, tuple[object, list[int]]]:
+    """``{name: (dataset, indices)}``: the source training split (the fit), every evaluated domain, the proxy."""
+    data = run.recipe.data
+    configs = {FIDELITY_FIT: (data.source, True), **{d: (c, True) for d, c in evaluation_domains(run).items()}}
+    if data.proxy is not None:
+        configs["proxy"] = (data.proxy, False)  # R² only: a proxy set has no segmentation labels
+    sets = {}
+    for name, (config, labeled) in configs.items():
+        dataset = build_dataset(config, transform=build_eval_transform(data.eval_transform), labeled=labeled)
+        count = 2 * FIDELITY_IMAGES if name == FIDELITY_FIT else FIDELITY_IMAGES
+        sets[name] = (dataset, evenly_spaced(len(dataset), count))
+    return sets
+
+
+def teacher_fidelity_tokens(run: Run, path: Path) -> dict[str, DomainTokens]:
+    """The teacher's tokens on the fidelity images, computed once and kept in ``path`` (every student of a
+    comparison is probed against the same teacher tokens)."""
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    teacher = teacher_backbone(run)
+    tokens = {
+        name: encode(teacher, dataset, indices, run.num_classes, run.device, grid=student_grid(run))
+        for name, (dataset, indices) in _fidelity_sets(run).items()
+    }
+    with atomic_path(path) as partial:
+        torch.save(tokens, partial)
+    return tokens
+
+
+def student_grid(run: Run) -> tuple[int, int]:
+    """The student's token grid at the recipe's input size."""
+    with torch.device("meta"):
+        encoder = create_backbone_from_config(run.recipe.models.student.model_copy(update={"weights": None}))
+    return encoder.grid_size(*run.recipe.data.img_size)
+
+
+def encoder_fidelity(run: Run, encoder: Backbone, teacher_tokens: dict[str, DomainTokens]) -> dict[str, dict]:
+    """`gkd.evaluate.fidelity` of ``encoder`` against the teacher on every domain (and the proxy)."""
+    own = {
+        name: encode(encoder, dataset, indices, run.num_classes, run.device)
+        for name, (dataset, indices) in _fidelity_sets(run).items()
+    }
+    fit = own.pop(FIDELITY_FIT)
+    domains = {name: (tokens, teacher_tokens[name]) for name, tokens in own.items()}
+    return fidelity_per_domain(domains, fit, teacher_tokens[FIDELITY_FIT], run.num_classes)
 
 
 def evaluation_domains(run: Run) -> dict[str, DatasetConfig]:

@@ -9,10 +9,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from gkd.cli import main
-from gkd.compare import TEACHER_JOB, method_recipe, plan
+from gkd.compare import TEACHER_JOB, method_recipe, plan, schedule
 from gkd.recipe import RecipeError, load_recipe, parse_recipe
 from gkd.report.comparison import read_figure_frames, spread, summarize
 from tests.helpers.paths import CAMVID_ROOT, CAMVID_TINY_RECIPE, RECIPES_DIR, REPO
@@ -38,26 +39,27 @@ def test_the_benchmark_recipe_plans_every_row(tmp_path):
     assert by_method["gkd_no_1a"].distill.task_agnostic is None
     assert by_method["gkd_no_mask"].distill.loss.options["mask_patch"] is False
     assert by_method["vanilla_kd"].distill.schedule == "one_stage"
-    # every student gets the same number of optimizer steps of the same batch size
+    # the paper's protocol: every student gets the same labelled task schedule (480 steps of 8 images);
+    # label-free stage-1 steps come on top, and the budget rows differ only in those
     for job in jobs[1:]:
-        r = job.recipe
-        if job.student == "no_kd":
-            steps = [r.compare.no_kd]
-        elif r.distill.schedule == "one_stage":
-            steps = [r.distill.joint]
-        else:
-            steps = [c for c in (r.distill.task_agnostic, r.distill.domain_agnostic, r.head) if c is not None]
-        assert sum(c.steps for c in steps) == 480, job.method
-        assert {c.batch_size for c in steps} == {8}, job.method
+        steps = schedule(job)
+        assert steps["labelled_steps"] == 480, job.method
+        if job.student == "distilled" and job.recipe.distill.schedule == "two_stage":
+            assert job.recipe.head.batch_size == 8 and job.recipe.head.steps == 480, job.method
+    budgets = [
+        schedule(next(j for j in jobs if j.method == m))["distill_steps"] for m in recipe.compare.budget_curve.methods
+    ]
+    assert budgets == sorted(budgets) and budgets[-1] >= 10 * budgets[0]
+    assert schedule(next(j for j in jobs if j.method == "gkd_no_1a"))["distill_steps"] == budgets[-1]
 
 
 def test_the_protocol_never_trains_on_dusk():
     recipe = load_recipe(FULL)
     data = recipe.data
-    for config in (data.source, data.proxy, data.source_val):
+    for config in (data.source, data.source_val):
         assert config.options["domain"] == "day"
     assert data.targets["dusk"].options["domain"] == "dusk"
-    assert "test" not in data.proxy.split.split("+")  # day test frames are a target: not in the proxy either
+    assert data.proxy.name == "image_folder" and "imagenette" in str(data.proxy.root)  # no CamVid frame at all
 
 
 def test_a_method_may_not_change_the_teacher():
@@ -163,7 +165,9 @@ def test_compare_runs_tabulates_and_resumes(tmp_path, monkeypatch):
     saved.unlink()
     assert main([*argv, "--max-seeds", "2"]) == 0
     assert [path.stat().st_mtime_ns for path in results] == stamps
-    assert np.array_equal(read_figure_frames(saved)["predictions"], before)
+    # the same model, predicted again in this process (another thread count: near-tied logits of a 2-step
+    # model may flip a pixel's argmax)
+    assert np.mean(read_figure_frames(saved)["predictions"] == before) > 0.99
     # the report's own keys may change on a finished comparison: it is re-tabulated, not retrained
     regrouped = tmp_path / "regrouped.yaml"
     regrouped.write_text(f"base: {CAMVID_TINY_RECIPE}\ncompare: {{paired_with: no_kd, reference_domain: source}}\n")
@@ -221,3 +225,56 @@ def test_real_dinov2_weights_swap_in_for_the_built_teacher(tmp_path):
     assert jobs["teacher", 0].recipe.models.teacher.name == "dinov2_vitb14"
     assert not needs_teacher(jobs["gkd", 0])  # feature distillation reads the frozen VFM directly
     assert needs_teacher(jobs["vanilla_kd", 0])  # logit distillation needs the head the teacher job trains
+
+
+def test_protocol_rows_fidelity_and_budget_curve(tmp_path, monkeypatch):
+    """The paper's protocol rows: the student's own frozen encoder and the teacher's (the ceiling), each with
+    the head schedule; every student probed against the teacher; GKD budgets against the frozen row."""
+    monkeypatch.chdir(REPO)
+    recipe = tmp_path / "protocol.yaml"
+    recipe.write_text(
+        f"base: {CAMVID_TINY_RECIPE}\n"
+        "compare:\n"
+        "  paired_with: gkd\n"
+        "  budget_curve: {baseline: frozen, methods: [gkd_short, gkd]}\n"
+        "  methods:\n"
+        "    frozen: {label: no KD (frozen), student: frozen}\n"
+        "    ceiling: {label: teacher encoder + head, student: ceiling}\n"
+        "    gkd_short: {label: GKD short, overrides: {distill: {task_agnostic: null, domain_agnostic: {steps: 1}}}}\n"
+    )
+    out = tmp_path / "compare"
+    methods = ["frozen", "ceiling", "gkd_short", "gkd"]
+    assert main(["compare", str(recipe), "--out", str(out), "--methods", *methods, "--max-seeds", "1"]) == 0
+    summary = json.loads((out / "comparison.json").read_text())
+    rows = {row["method"]: row for row in summary["rows"]}
+    head_steps = load_recipe(recipe).head.steps
+    assert rows["frozen"]["schedule"] == {"labelled_steps": head_steps, "distill_steps": 0}
+    assert rows["ceiling"]["schedule"] == {"labelled_steps": head_steps, "distill_steps": 0}
+    assert rows["gkd"]["schedule"] == {"labelled_steps": head_steps, "distill_steps": 4}
+    assert rows["gkd_short"]["schedule"]["distill_steps"] == 1
+    # the frozen row's encoder is the student's initialisation, untouched; the ceiling's is the teacher's
+    from gkd.models.checkpoint import load_segmentor
+
+    frozen = load_segmentor(out / "frozen" / "seed0" / "frozen_segmentor.safetensors")[0]
+    distilled = load_segmentor(out / "gkd" / "seed0" / "segmentor.safetensors")[0]
+    teacher = load_segmentor(out / TEACHER_JOB / "teacher_segmentor.safetensors")[0]
+    ceiling = load_segmentor(out / "ceiling" / "seed0" / "ceiling_segmentor.safetensors")[0]
+    assert ceiling.encoder.embed_dim == teacher.encoder.embed_dim
+    for name, value in teacher.encoder.state_dict().items():
+        assert torch.equal(ceiling.encoder.state_dict()[name], value), name
+    fresh = frozen.encoder.state_dict()
+    assert any(not torch.equal(fresh[n], v) for n, v in distilled.encoder.state_dict().items())
+    # fidelity: every student row, on each domain and the proxy; the ceiling and teacher are not probed
+    assert "fidelity" not in rows["ceiling"] and "fidelity" not in rows["teacher"]
+    fidelity = rows["gkd"]["fidelity"]
+    assert set(fidelity) == {"source", "dusk", "day_test", "proxy"}
+    assert "probe_miou" in fidelity["dusk"] and "probe_miou" not in fidelity["proxy"]
+    assert all(entry["r2"]["mean"] <= 1.0 for entry in fidelity.values())
+    curve = summary["budget_curve"]
+    assert [point["method"] for point in curve["points"]] == ["gkd_short", "gkd"]
+    gkd_dusk = rows["gkd"]["miou"]["dusk"]["values"][0] - rows["frozen"]["miou"]["dusk"]["values"][0]
+    assert curve["points"][1]["domains"]["dusk"]["differences"] == pytest.approx([gkd_dusk])
+    markdown = (out / "comparison.md").read_text()
+    assert "## Feature fidelity" in markdown and "## Budget curve" in markdown and "| labelled steps |" in markdown
+    for name in ("fidelity.png", "budget_curve.png"):
+        assert Image.open(out / name).format == "PNG"

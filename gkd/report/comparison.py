@@ -46,6 +46,8 @@ DOMAINS_PNG = "domains.png"
 FRAMES_PNG = "frames.png"
 PER_CLASS_PNG = "per_class.png"
 MIOU_VS_STEP_PNG = "miou_vs_step.png"
+FIDELITY_PNG = "fidelity.png"
+BUDGET_CURVE_PNG = "budget_curve.png"
 
 
 class ComparisonJob(Protocol):
@@ -105,9 +107,20 @@ def summarize(results: list[dict], reference: str) -> list[dict]:
                     d: [_mean_or_none([run["domains"][d]["iou"][c] for run in runs]) for c in range(num_classes)]
                     for d in domains
                 },
+                **({"schedule": runs[0]["schedule"]} if "schedule" in runs[0] else {}),
+                **({"fidelity": _fidelity_stats(runs)} if all("fidelity" in run for run in runs) else {}),
             }
         )
     return summary
+
+
+def _fidelity_stats(runs: list[dict]) -> dict:
+    """Each fidelity metric of each domain (`gkd.evaluate.fidelity`), mean and spread over the runs."""
+    first = runs[0]["fidelity"]
+    return {
+        domain: {metric: spread([run["fidelity"][domain][metric] for run in runs]) for metric in metrics}
+        for domain, metrics in first.items()
+    }
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:
@@ -125,7 +138,7 @@ def render_markdown(summary: dict) -> str:
     """The tables of ``comparison.md``."""
     reference, rows = summary["reference_domain"], summary["rows"]
     targets = [d for d in summary["domains"] if d not in (reference, SOURCE)]
-    head = ["method", "seeds", "params (M)", f"{reference} mIoU"]
+    head = ["method", "seeds", "params (M)", "labelled steps", "stage-1 steps", f"{reference} mIoU"]
     for target in targets:
         head += [f"{target} mIoU", f"drop {reference}→{target}"]
     head += [f"{SOURCE} (val) mIoU"] if reference != SOURCE else []
@@ -142,7 +155,10 @@ def render_markdown(summary: dict) -> str:
         "|" + "---|" * len(head),
     ]
     for row in rows:
-        cells = [row["label"], str(len(row["seeds"])), f"{row['params_m']:.2f}", _cell(row["miou"][reference])]
+        steps = row.get("schedule", {})
+        cells = [row["label"], str(len(row["seeds"])), f"{row['params_m']:.2f}"]
+        cells += [str(steps.get("labelled_steps", "–")), str(steps.get("distill_steps", "–"))]
+        cells += [_cell(row["miou"][reference])]
         for target in targets:
             cells += [_cell(row["miou"][target]), _cell(row["drop"][target])]
         cells += [_cell(row["miou"][SOURCE])] if reference != SOURCE else []
@@ -156,6 +172,9 @@ def render_markdown(summary: dict) -> str:
             "",
             render_paired(summary["paired"]["rows"], label, summary["domains"]),
         ]
+    lines += render_fidelity(rows)
+    if "budget_curve" in summary:
+        lines += render_budget_curve(summary["budget_curve"])
     for domain in summary["domains"]:
         lines += ["", f"## Per-class IoU (%), {domain} (mean over seeds)", ""]
         lines += ["| method | " + " | ".join(summary["class_names"]) + " |"]
@@ -164,6 +183,123 @@ def render_markdown(summary: dict) -> str:
             values = ["–" if v is None else f"{v:.1f}" for v in row["class_iou"][domain]]
             lines.append(f"| {row['label']} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
+
+
+def render_fidelity(rows: list[dict]) -> list[str]:
+    """The ``## Feature fidelity`` section: ridge R² to the teacher's tokens and linear-probe mIoU per domain."""
+    probed = [row for row in rows if "fidelity" in row]
+    if not probed:
+        return []
+    domains = list(probed[0]["fidelity"])
+    head = ["method"] + [f"{d} R²" for d in domains]
+    head += [f"{d} probe mIoU" for d in domains if "probe_miou" in probed[0]["fidelity"][d]]
+    lines = [
+        "",
+        "## Feature fidelity (student's last-layer tokens against the teacher's)",
+        "",
+        "Ridge R² of a linear map from the student's tokens to the teacher's, and mIoU of a least-squares linear "
+        "probe from its tokens to each patch's class (token level); both fitted on source training images only "
+        "(`gkd/evaluate/fidelity.py`), mean ± std over seeds.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for row in probed:
+        fidelity = row["fidelity"]
+        cells = [row["label"]] + [_cell(fidelity[d]["r2"], 2) for d in domains]
+        cells += [_cell(fidelity[d]["probe_miou"]) for d in domains if "probe_miou" in fidelity[d]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def budget_curve(rows: list[dict], baseline: str, methods: list[str], domains: list[str]) -> list[dict]:
+    """Each of ``methods`` against ``baseline`` seed by seed, with its stage-1 steps: the points of the budget
+    curve, fewest steps first (``domains[d]``: ``differences`` method − baseline per common seed, their
+    ``mean``, ``wins``)."""
+    by_method = {row["method"]: row for row in rows}
+    if baseline not in by_method:
+        return []
+    points = []
+    for method in [m for m in methods if m in by_method]:
+        (entry,) = paired_differences([by_method[method], by_method[baseline]], method, domains)
+        row = by_method[method]
+        points.append(
+            {
+                "method": method,
+                "label": row["label"],
+                "distill_steps": row["schedule"]["distill_steps"],
+                "seeds": entry["seeds"],
+                "domains": entry["domains"],
+            }
+        )
+    return sorted(points, key=lambda point: point["distill_steps"])
+
+
+def render_budget_curve(curve: dict) -> list[str]:
+    """The ``## Budget curve`` section: Δ mIoU against the baseline per stage-1 budget."""
+    points, domains = curve["points"], curve["domains"]
+    head = ["method", "stage-1 steps", "seeds"] + [f"{d}: Δ, seeds won" for d in domains]
+    lines = [
+        "",
+        f"## Budget curve: each budget against {curve['baseline_label']}, seed by seed",
+        "",
+        f"Δ = the row's mIoU − {curve['baseline_label']}'s at the same seed, mean over seeds; won = seeds where "
+        "the row is higher.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for point in points:
+        cells = [point["label"], str(point["distill_steps"]), str(len(point["seeds"]))]
+        for domain in domains:
+            entry = point["domains"][domain]
+            cells.append(f"{entry['mean']:+.1f}, {entry['wins']}/{len(point['seeds'])}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_budget_curve(curve: dict, title: str, path: Path) -> None:
+    """Δ mIoU against the baseline (seeds as dots, mean as a line) over stage-1 steps, one panel per domain."""
+    points, domains = curve["points"], curve["domains"]
+    figure, axes = plt.subplots(1, len(domains), figsize=(3.6 * len(domains), 3.2), squeeze=False)
+    steps = [point["distill_steps"] for point in points]
+    for panel, domain in zip(axes[0], domains, strict=True):
+        for point in points:
+            values = point["domains"][domain]["differences"]
+            panel.scatter([point["distill_steps"]] * len(values), values, s=10, color="tab:blue", alpha=0.5)
+        panel.plot(steps, [point["domains"][domain]["mean"] for point in points], marker="o", color="tab:blue")
+        panel.axhline(0, color="black", linewidth=0.6)
+        panel.set_xscale("log")
+        panel.set_title(domain, fontsize=9)
+        panel.set_xlabel("stage-1 distillation steps", fontsize=8)
+        panel.grid(linewidth=0.3)
+    axes[0][0].set_ylabel(f"Δ mIoU vs {curve['baseline_label']} (points)")
+    figure.suptitle(f"{title}: distillation budget (dots: seeds; line: mean)", fontsize=9)
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=130, format="png")
+    plt.close(figure)
+
+
+def plot_fidelity(rows: list[dict], title: str, path: Path) -> None:
+    """Grouped bars: each probed method's ridge R² to the teacher per domain (error bars: std over seeds)."""
+    probed = [row for row in rows if "fidelity" in row]
+    domains = list(probed[0]["fidelity"])
+    figure, axes = plt.subplots(figsize=(2.0 + 0.8 * len(probed) * max(1, len(domains)) / 2, 3.6))
+    width = 0.8 / len(domains)
+    for i, domain in enumerate(domains):
+        xs = [r + (i - (len(domains) - 1) / 2) * width for r in range(len(probed))]
+        means = [row["fidelity"][domain]["r2"]["mean"] for row in probed]
+        errors = [row["fidelity"][domain]["r2"]["std"] for row in probed]
+        axes.bar(xs, means, width, yerr=errors, capsize=2, label=domain)
+    axes.set_xticks(range(len(probed)), [row["label"] for row in probed], rotation=30, ha="right", fontsize=8)
+    axes.set_ylabel("ridge R² to the teacher's tokens")
+    axes.set_title(f"{title}: feature fidelity per domain", fontsize=9)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=130, format="png")
+    plt.close(figure)
 
 
 def plot_domains(summary: dict, path: Path) -> None:
@@ -398,12 +534,16 @@ def render_figure_links(figures: dict[str, bool], domain: str, curve_methods: li
         FRAMES_PNG: f"{domain} frames: image, label and predictions",
         PER_CLASS_PNG: f"per-class IoU on {domain}",
         MIOU_VS_STEP_PNG: "validation mIoU against training step",
+        FIDELITY_PNG: "feature fidelity: ridge R² to the teacher's tokens per domain",
+        BUDGET_CURVE_PNG: "Δ mIoU against the baseline per stage-1 budget",
     }
     skipped = {
         FRAMES_PNG: f"not drawn: a shown method's first job has no `{FIGURE_FRAMES_FILE}`, or they show other frames",
         MIOU_VS_STEP_PNG: f"not drawn: no job of {', '.join(curve_methods) or 'compare.figure_methods'} kept a "
         "validation log "
         "(`logs/<stage>_validation.jsonl`, written when a training stage sets `validate_every`)",
+        FIDELITY_PNG: "not drawn: no job recorded feature fidelity",
+        BUDGET_CURVE_PNG: "not drawn: compare.budget_curve is not set, or its baseline did not run",
     }
     lines = ["", "## Figures", ""]
     for name, written in figures.items():
@@ -477,6 +617,13 @@ def write_comparison(recipe: Recipe, jobs: Sequence[ComparisonJob], out: Path) -
             "method": paired_with,
             "rows": paired_differences(students, paired_with, summary["domains"]),
         }
+    curve_config = recipe.compare.budget_curve
+    if curve_config is not None:
+        targets = [d for d in summary["domains"] if d not in (reference, SOURCE)]
+        points = budget_curve(summary["rows"], curve_config.baseline, curve_config.methods, targets)
+        if points:
+            baseline_label = next(row["label"] for row in summary["rows"] if row["method"] == curve_config.baseline)
+            summary["budget_curve"] = {"baseline_label": baseline_label, "domains": targets, "points": points}
     write_json(out / COMPARISON_JSON, summary)
     plot_domains(summary, out / DOMAINS_PNG)
     plot_per_class(class_iou_stats(results, domain), summary["class_names"], domain, recipe.name, out / PER_CLASS_PNG)
@@ -484,11 +631,18 @@ def write_comparison(recipe: Recipe, jobs: Sequence[ComparisonJob], out: Path) -
     curves = validation_curves(done, curve_methods, list(dict.fromkeys([domain, reference])))
     if curves:
         plot_miou_vs_step(curves, recipe.name, out / MIOU_VS_STEP_PNG)
+    probed = any("fidelity" in row for row in summary["rows"])
+    if probed:
+        plot_fidelity(summary["rows"], recipe.name, out / FIDELITY_PNG)
+    if "budget_curve" in summary:
+        plot_budget_curve(summary["budget_curve"], recipe.name, out / BUDGET_CURVE_PNG)
     figures = {
         DOMAINS_PNG: True,
         FRAMES_PNG: plot_frames(recipe, jobs, out / FRAMES_PNG),
         PER_CLASS_PNG: True,
         MIOU_VS_STEP_PNG: bool(curves),
+        FIDELITY_PNG: probed,
+        BUDGET_CURVE_PNG: "budget_curve" in summary,
     }
     for name, written in figures.items():
         if not written:
