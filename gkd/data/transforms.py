@@ -11,21 +11,26 @@ Sliding-window inference belongs to the evaluate module, not here.
 
 Image-only distillation stages (GKD 1a and 1b) may use timm's ImageNet training transform instead
 (`ImageNetTransformConfig`: RandomResizedCrop, flip, colour jitter, RandAugment, RandomErasing), built by
-``timm.data.create_transform`` as the GKD code builds it.
+``timm.data.create_transform`` as the GKD code builds it, its posterize ops keeping the 0-bit case the GKD
+code's Pillow had (`_posterize`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 
 from gkd.data.base import IGNORE_INDEX, Sample
+
+if TYPE_CHECKING:
+    from timm.data.auto_augment import AugmentOp
 
 
 class TrainTransformConfig(BaseModel):
@@ -165,11 +170,45 @@ class _ImageNetTransform:
         self.pipeline = create_transform(
             **config.model_dump(), is_training=True, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)
         )
+        for op in _augment_ops(self.pipeline):
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
 
     def __call__(self, sample: Sample) -> Sample:
         pixels = (sample["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         image = self.pipeline(Image.fromarray(pixels))
         return {key: value for key, value in sample.items() if key != "label"} | {"image": image}
+
+
+def _augment_ops(pipeline: Any) -> list[AugmentOp]:
+    """The ``AugmentOp`` instances of timm's auto-augment steps (RandAugment, AutoAugment, AugMix) in a
+    ``create_transform`` pipeline."""
+    from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
+
+    ops: list[AugmentOp] = []
+    for step in pipeline.transforms:
+        if isinstance(step, (RandAugment, AugMixAugment)):
+            ops += step.ops
+        elif isinstance(step, AutoAugment):
+            ops += [op for sub_policy in step.policy for op in sub_policy]
+    return ops
+
+
+def _posterize(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize op, with 0 bits kept giving a black image as in Pillow up to 12.
+
+    timm's level functions ask for 0 bits at the end of their range (``PosterizeIncreasing`` at magnitude 10,
+    which ``rand-m9-mstd0.5-inc1`` draws for ~2 % of its ops; ``Posterize`` below magnitude 2.5, as in the
+    ``v0`` policy). Pillow up to 12 (checked: ``ImageOps.posterize`` of 10.4 and 12.0) kept ``i & ~(2**8 - 1)``
+    = 0 of every value, a black image, which is also TensorFlow's "keep 0 MSB" and what the GKD code trained on;
+    Pillow 13 raises ``ValueError`` instead. Set on the ops of our own pipeline only (``AugmentOp.aug_fn``), so
+    timm and Pillow stay unpatched.
+    """
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return image.point(lambda _: 0)
+    return ImageOps.posterize(image, bits_to_keep)
 
 
 def build_imagenet_transform(config: ImageNetTransformConfig) -> _ImageNetTransform:
