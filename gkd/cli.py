@@ -128,6 +128,12 @@ def _summary(run_dir: Path) -> str:
     if timings:
         p50, key, batch = min(timings)
         lines.append(f"  fastest runtime: {key}, {p50:.2f} ms p50 at batch {batch}")
+    not_checked: dict[str, list[str]] = {}  # reason -> what (e.g. ONNX parity and latency without ONNX Runtime)
+    for section in ("export", "benchmark"):
+        for key, reason in ((report.get(section) or {}).get("not_checked") or {}).items():
+            not_checked.setdefault(reason, []).append(f"{key} {'parity' if section == 'export' else 'latency'}")
+    for reason, what in not_checked.items():
+        lines.append(f"  not checked: {', '.join(what)} ({reason})")
     lines.append(f"  report: {run_dir / 'report.md'}")
     return "\n".join(lines)
 

@@ -211,6 +211,19 @@ def export_onnx(
     }
 
 
+def onnxruntime_unavailable() -> str | None:
+    """Why ONNX Runtime cannot run here, naming the extra that installs it; ``None`` when it imports.
+
+    ONNX Runtime is in no default install (``[cpu]`` and ``[gpu]`` are alternatives), so a bare install
+    exports ONNX files but cannot check or time them: the export and benchmark stages record that instead.
+    """
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "install gkd-compress[cpu] (or [gpu]) for ONNX Runtime"
+    return None
+
+
 def onnx_session(
     path: str | Path, providers: Sequence[str | tuple[str, dict]] = ("CPUExecutionProvider",)
 ) -> onnxruntime.InferenceSession:

@@ -268,13 +268,13 @@ class CudaGraphRuntime(Runtime):
 
 def _ort_providers(runtime: str, precision: str, device: torch.device, out_dir: Path, export_summary: dict) -> list:
     """Providers for an ONNX Runtime session, or a `RuntimeError` saying why this runtime cannot run here."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
     if runtime == "onnxruntime" and device.type == "cpu":
         return ["CPUExecutionProvider"]
     if device.type != "cuda":
         raise RuntimeError(f"{runtime} needs a CUDA device; the device is {device.type}")
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
     index = device.index or 0
     if runtime == "onnxruntime":
         if "CUDAExecutionProvider" not in available:

@@ -25,6 +25,7 @@ from gkd.export.onnx import (
     check_parity,
     export_onnx,
     half_precision,
+    onnxruntime_unavailable,
     prepare_for_export,
 )
 from gkd.export.parity import compare_logits, judge
@@ -39,6 +40,7 @@ log = logging.getLogger("gkd")
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 ENGINE_FILES = {"fp16": "model.fp16.engine", "int8": "model.int8.engine"}
 AOTI_FILES = {"fp32": "model.pt2", "bf16": "model.bf16.pt2", "fp16": "model.fp16.pt2"}
+ONNXRUNTIME_RUNTIMES = ("onnxruntime", "onnxruntime-trt")
 PARITY_FILE = "parity_images.npy"
 TIMING_CACHE_FILE = "tensorrt.timing.cache"
 BENCHMARK_NOTES = {
@@ -89,7 +91,9 @@ def export_artifacts(
     AOTInductor packages are built on ``device``. Each artifact's parity is judged by its precision's
     tolerance (``config.parity``, `gkd.export.parity`). An artifact that misses parity stays in
     ``artifacts`` with its numbers and is listed under ``failed``, as is one that does not build; missing
-    TensorRT or GPU puts artifacts under ``skipped`` with the reason. Nothing aborts the stage.
+    TensorRT or GPU puts artifacts under ``skipped`` with the reason. Without ONNX Runtime the fp32 / fp16
+    ONNX files are still written, listed under ``not_checked`` (their parity) and int8 is skipped (its
+    quantizer is ONNX Runtime's). Nothing aborts the stage.
 
     Args:
         segmentor: the trained model.
@@ -116,6 +120,7 @@ def export_artifacts(
         "artifacts": {},
         "skipped": {},
         "failed": {},
+        "not_checked": {},
         "environment": environment_info(),
     }
     _save_parity_images(out_dir / PARITY_FILE, parity_images)
@@ -136,6 +141,7 @@ def _export_onnx_files(
     parity_images: torch.Tensor,
 ) -> None:
     img_size, batch_range = summary["img_size"], config.batch_range
+    onnxruntime_missing = onnxruntime_unavailable()
 
     def onnx_file(precision: str) -> dict:
         path = out_dir / ONNX_FILES[precision]
@@ -147,14 +153,22 @@ def _export_onnx_files(
             info = export_onnx(model, path, img_size, config.opset, batch_range)
         if precision == "fp16":
             info["numerics"] = FP16_NUMERICS
-        info["parity"] = check_parity(prepared, path, parity_images, config.parity.tolerance(precision))
+        if not onnxruntime_missing:
+            info["parity"] = check_parity(prepared, path, parity_images, config.parity.tolerance(precision))
         return info
 
     for precision in config.precisions:
-        if precision == "int8" and "onnx/fp32" not in summary["artifacts"]:
-            summary["failed"]["onnx/int8"] = "not quantized: model.onnx (fp32) was not written"
+        key = f"onnx/{precision}"
+        if precision == "int8" and onnxruntime_missing:
+            summary["skipped"][key] = f"not quantized (ONNX Runtime's quantizer): {onnxruntime_missing}"
             continue
-        _attempt(summary, f"onnx/{precision}", lambda p=precision: onnx_file(p))
+        if precision == "int8" and "onnx/fp32" not in summary["artifacts"]:
+            summary["failed"][key] = "not quantized: model.onnx (fp32) was not written"
+            continue
+        _attempt(summary, key, lambda p=precision: onnx_file(p))
+        if onnxruntime_missing and key in summary["artifacts"]:
+            summary["not_checked"][key] = onnxruntime_missing
+            log.warning("export: %s written, its parity not checked: %s", key, onnxruntime_missing)
     written = [p for p in config.precisions if f"onnx/{p}" in summary["artifacts"]]
     log.info("export: ONNX %s written to %s", ", ".join(written) or "nothing", out_dir)
 
@@ -233,7 +247,7 @@ def benchmark_artifacts(
     precision's tolerance against PyTorch fp32 on any domain, misses logit parity on the export's parity
     images (the export's per-precision tolerances), or fails while running is ``failed``, with its reasons
     under ``failures``; the summary is then not ``ok`` (nor when an export artifact failed). Latency: each
-    batch size of ``config.batch_sizes``.
+    batch size of ``config.batch_sizes``. Without ONNX Runtime its runtimes are listed under ``not_checked``.
 
     Args:
         segmentor: the trained model (PyTorch, and the fp32 reference).
@@ -246,6 +260,13 @@ def benchmark_artifacts(
     """
     out_dir, img_size = Path(out_dir), (int(img_size[0]), int(img_size[1]))
     loaders, skipped = runtime_loaders(segmentor, img_size, out_dir, export_summary, device, config.runtimes)
+    onnxruntime_missing = onnxruntime_unavailable()
+    # ONNX Runtime's TensorRT provider needs a GPU first: on a CPU its loader says so, installed or not.
+    needs_onnxruntime = ONNXRUNTIME_RUNTIMES if device.type == "cuda" else ("onnxruntime",)
+    not_checked = {
+        key: onnxruntime_missing for key in loaders if onnxruntime_missing and key.split("/")[0] in needs_onnxruntime
+    }
+    loaders = {key: loader for key, loader in loaders.items() if key not in not_checked}
     parity_path = out_dir / export_summary.get("parity_images", PARITY_FILE)
     parity = np.load(parity_path) if parity_path.is_file() else None
     references = {
@@ -276,6 +297,7 @@ def benchmark_artifacts(
         "environment": environment_info(),
         "runtimes": results,
         "skipped": skipped,
+        "not_checked": not_checked,
         "notes": BENCHMARK_NOTES,
     }
 

@@ -127,6 +127,8 @@ def _latency_lines(benchmark: dict | None) -> list[str]:
                 )
     for key, why in benchmark.get("skipped", {}).items():
         lines.append(f"| {key} | | not run here: {why} | | | |")
+    for key, why in benchmark.get("not_checked", {}).items():
+        lines.append(f"| {key} | | not checked: {why} | | | |")
     return lines
 
 

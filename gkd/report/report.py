@@ -164,9 +164,11 @@ def _export_markdown(export: dict | None) -> list[str]:
         "| artifact | file | max abs diff | allowed | argmax agreement | parity |",
         "|---|---|---:|---:|---:|---|",
     ]
+    not_checked = export.get("not_checked", {})
     for key, artifact in export["artifacts"].items():
         parity = artifact.get("parity", {})
         status = "ok" if parity.get("passed", True) else f"FAILED: {parity.get('reason', '')}"
+        status = f"not checked: {not_checked[key]}" if key in not_checked else status
         lines.append(
             f"| {key} | `{Path(artifact.get('file', '')).name}` | {_fmt(parity.get('max_abs_diff'), 6)}"
             f" | {_fmt(parity.get('limit'), 6)}"
@@ -211,6 +213,8 @@ def _benchmark_markdown(benchmark: dict | None, pareto_plot: str | None = None) 
             )
     for key, reason in benchmark.get("skipped", {}).items():
         lines.append(f"| {key} | | | | | | | skipped: {reason} |")
+    for key, reason in benchmark.get("not_checked", {}).items():
+        lines.append(f"| {key} | | | | | | | not checked: {reason} |")
     lines.append("")
     if any_busy:
         lines += [

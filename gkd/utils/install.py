@@ -34,8 +34,8 @@ def onnxruntime_install_problem(gpu: bool) -> str | None:
     installed = installed_distributions()
     if not installed:
         return (
-            "ONNX Runtime is not installed: export and benchmark need it. "
-            "pip install 'gkd-compress[cpu]' (or '[gpu]' on a CUDA machine)"
+            "ONNX Runtime is not installed: the ONNX files are written but their parity and latency are not "
+            "checked. pip install 'gkd-compress[cpu]' (or '[gpu]' on a CUDA machine)"
         )
     if len(installed) < 2:
         return None
