@@ -151,9 +151,9 @@ def test_fallback_cap_is_reported_when_the_tolerance_is_not_reached(tmp_path):
 
 def _tiny_segmentor() -> Segmentor:
     torch.manual_seed(0)
-    kwargs = {"dynamic_img_size": True, "img_size": 64, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    kwargs = {"dynamic_img_size": True, "img_size": 64, "embed_dim": 32, "depth": 4, "num_heads": 2}
     backbone = Backbone("tiny", "vit_small_patch16_224", kwargs, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    return Segmentor(backbone, *build_decoder(DecoderConfig(name="uper", channels=16), 32, 2, 5)).eval()
+    return Segmentor(backbone, *build_decoder(DecoderConfig(name="uper", channels=16), 32, 4, 5)).eval()
 
 
 def test_export_stage_records_the_fallback_and_a_too_small_source(tmp_path, monkeypatch):
