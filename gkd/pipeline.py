@@ -496,7 +496,7 @@ def stage_export(run: Run) -> None:
     # ONNX fp32/fp16/int8, the AOTInductor package and engines: a few copies of the weights at most
     require_free_space(run.dir, 6 * run.file(SEGMENTOR_FILE).stat().st_size + 64 * 2**20, "export")
     segmentor = load_segmentor(run.file(SEGMENTOR_FILE))[0].to(run.device).eval()
-    calibration = _images(run, recipe.data.source, recipe.export.calibration_images, recipe.seed)
+    calibration = _images(run, recipe.data.source, recipe.export.source_images, recipe.seed)
     parity = _images(run, recipe.data.source_val, 4, recipe.seed + 1)
     summary = export_artifacts(segmentor, recipe.data.img_size, run.dir, recipe.export, calibration, parity, run.device)
     write_json(run.file(EXPORT_FILE), summary)

@@ -40,6 +40,18 @@ class ParityConfig(BaseModel):
         return getattr(self, precision)
 
 
+class Int8FallbackConfig(BaseModel):
+    """Sensitivity fallback of the int8 ONNX graph (`gkd.export.quantize.quantize_with_fallback`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="keep the most sensitive nodes float until int8 parity holds")
+    holdout_images: int = Field(
+        32, ge=0, description="source images beyond the calibration set that the sensitivity is measured on"
+    )
+    max_float_nodes: int = Field(8, ge=1, description="most quantizable nodes the fallback may keep float")
+
+
 class ExportConfig(BaseModel):
     """What `export` writes: ONNX per precision, TensorRT engines, an AOTInductor package."""
 
@@ -55,9 +67,15 @@ class ExportConfig(BaseModel):
         ("fp32", "fp16", "int8"),
         description="ONNX files to write: model.onnx (fp32, always), model.fp16.onnx, model.int8.onnx (QDQ)",
     )
-    calibration_images: int = Field(16, gt=0, description="source images that calibrate the int8 activation ranges")
+    calibration_images: int = Field(
+        256, gt=0, description="source images (seeded draw) that calibrate the int8 activation ranges"
+    )
     calibration_method: CalibrationMethod = Field(
-        "minmax", description="onnxruntime calibrator for int8 activation ranges"
+        "minmax", description="onnxruntime calibrator for int8 activation ranges: minmax, percentile or entropy"
+    )
+    int8_fallback: Int8FallbackConfig = Field(
+        default_factory=Int8FallbackConfig,
+        description="nodes kept float by measured sensitivity when the int8 graph misses its parity tolerance",
     )
     parity: ParityConfig = Field(
         default_factory=ParityConfig,
@@ -77,6 +95,11 @@ class ExportConfig(BaseModel):
         (1, 8, 32), description="(min, opt, max) batch: the dynamic batch of every artifact and the TensorRT profile"
     )
     workspace_mib: int = Field(4096, gt=0, description="TensorRT builder workspace memory pool limit (MiB)")
+
+    @property
+    def source_images(self) -> int:
+        """Source images the export draws: the calibration set, then the fallback's held-out images."""
+        return self.calibration_images + (self.int8_fallback.holdout_images if self.int8_fallback.enabled else 0)
 
     @field_validator("precisions")
     @classmethod

@@ -12,24 +12,45 @@ Choices for ViT segmentors (each also what TensorRT's explicit-quantization path
 - Excluded nodes: the first convolution (the patch embedding, fed with normalised pixels) and the last one
   (the classifier that produces the logits): the usual first/last-layer rule, a small share of the FLOPs.
 - Biases stay float (``QuantizeBias=False``): TensorRT adds them in its fp32 epilogue, it has no int32 bias DQ.
-- Calibration: min/max over the calibration images by default (``percentile`` / ``entropy`` selectable).
+- Calibration: min/max over the calibration images by default (``percentile`` / ``entropy`` selectable),
+  run once per artifact and kept in ONNX Runtime's calibration cache, so re-quantizing with other exclusions
+  (the sensitivity fallback) reuses the same activation ranges.
+- Sensitivity fallback (`quantize_with_fallback`): when the int8 graph misses its parity tolerance on held-out
+  source images, each quantized node is quantized alone to measure what it costs, and the most harmful ones
+  stay float, one at a time, until the tolerance holds or the cap on float nodes is reached.
 - No ``quant_pre_process``: the exporter's optimizer already folded BatchNorm and constants into the graph.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 
-from gkd.export.onnx import INPUT_NAME
+from gkd.export.config import Int8FallbackConfig, ParityTolerance
+from gkd.export.onnx import INPUT_NAME, OUTPUT_NAME, onnx_session
+from gkd.export.parity import compare_logits, judge
 from gkd.utils.io import atomic_path
 
 QUANTIZED_OPS = ("MatMul", "Conv", "ConvTranspose")
+# Our names -> onnxruntime.quantization.CalibrationMethod members (imported lazily, with onnxruntime).
+CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+_QDQ_OPTIONS = {
+    "ActivationSymmetric": True,
+    "WeightSymmetric": True,
+    "MatMulConstBOnly": True,
+    "QuantizeBias": False,
+}
+# Calibration batches per collect pass: ONNX Runtime's calibrators keep every activation of a pass in memory
+# (256 images at 384x288 would be tens of GB); ``CalibStridedMinMax`` splits the passes and merges their
+# ranges (min/max) or histograms (entropy, percentile).
+_BATCHES_PER_PASS = 4
 
 
 def excluded_nodes(model: onnx.ModelProto) -> list[str]:
@@ -38,33 +59,60 @@ def excluded_nodes(model: onnx.ModelProto) -> list[str]:
     return list(dict.fromkeys([convolutions[0], convolutions[-1]])) if convolutions else []
 
 
+def quantizable_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes the quantizer gives Q/DQ: convolutions and MatMuls with a constant weight, less `excluded_nodes`."""
+    weights = {initializer.name for initializer in model.graph.initializer}
+    always_float = set(excluded_nodes(model))
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type in QUANTIZED_OPS
+        and (node.op_type != "MatMul" or node.input[1] in weights)
+        and node.name not in always_float
+    ]
+
+
+def split_calibration(images: torch.Tensor, calibration: int, holdout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``calibration`` images and up to ``holdout`` of the rest (the fallback's held-out set).
+
+    Raises:
+        ValueError: fewer than ``calibration`` images (the source split is too small for the recipe).
+    """
+    if len(images) < calibration:
+        raise ValueError(
+            f"int8 calibration needs {calibration} source images, the source split has {len(images)}: "
+            "lower export.calibration_images or use a larger source split"
+        )
+    return images[:calibration], images[calibration : calibration + holdout]
+
+
 def _reader(images: torch.Tensor, batch_size: int):
     from onnxruntime.quantization import CalibrationDataReader
 
     class ImageReader(CalibrationDataReader):
-        """Feeds calibration images in batches (the graph's batch is dynamic)."""
+        """Feeds calibration images in batches (the graph's batch is dynamic), a range of batches at a time."""
 
         def __init__(self) -> None:
             array = images.float().cpu().numpy().astype(np.float32)
-            self.batches = iter([array[i : i + batch_size] for i in range(0, len(array), batch_size)])
+            self.batches = [array[i : i + batch_size] for i in range(0, len(array), batch_size)]
+            self.pending = iter(self.batches)
+
+        def __len__(self) -> int:
+            return len(self.batches)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self.pending = iter(self.batches[start_index:end_index])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self.batches, None)
+            batch = next(self.pending, None)
             return None if batch is None else {INPUT_NAME: batch}
 
     return ImageReader()
 
 
-# Our names -> onnxruntime.quantization.CalibrationMethod members (imported lazily, with onnxruntime).
-CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
-_QDQ_OPTIONS = {
-    "ActivationSymmetric": True,
-    "WeightSymmetric": True,
-    "MatMulConstBOnly": True,
-    "QuantizeBias": False,
-    # No "CalibMaxIntermediateOutputs": in onnxruntime 1.32 the min/max calibrator drops each full
-    # chunk without merging it, so calibration keeps every batch's activations in memory.
-}
+def _batches_per_pass(batches: int) -> int:
+    """The largest pass size up to `_BATCHES_PER_PASS` that divides ``batches`` (ONNX Runtime requires it)."""
+    return max(size for size in range(1, _BATCHES_PER_PASS + 1) if batches % size == 0)
 
 
 def quantize_int8(
@@ -73,6 +121,8 @@ def quantize_int8(
     calibration_images: torch.Tensor,
     method: str = "minmax",
     batch_size: int = 4,
+    keep_float: Sequence[str] = (),
+    calibration_cache: str | Path | None = None,
 ) -> dict:
     """Write the QDQ int8 model of ``fp32_path`` to ``out_path`` (atomically) and describe what was done.
 
@@ -82,18 +132,25 @@ def quantize_int8(
         calibration_images: ``(N, 3, H, W)`` images in ``[0, 1]`` the activation ranges are calibrated on.
         method: ONNX Runtime's calibration: ``minmax``, ``entropy`` or ``percentile``.
         batch_size: calibration images per run.
+        keep_float: nodes left unquantized besides `excluded_nodes` (the sensitivity fallback's choice).
+        calibration_cache: ONNX Runtime's calibration cache (JSON): read when it exists, else written, so
+            later calls with the same images and method skip calibration.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; expected one of {sorted(CALIBRATION_METHODS)}")
     out_path = Path(out_path)
     model = onnx.load(str(fp32_path))
-    exclude = excluded_nodes(model)
+    exclude = list(dict.fromkeys([*excluded_nodes(model), *keep_float]))
+    reader = _reader(calibration_images, batch_size)
+    options = {**_QDQ_OPTIONS, "CalibStridedMinMax": _batches_per_pass(len(reader))}
     start = time.perf_counter()
     with atomic_path(out_path) as temp:
         quantize_static(
             model,
             str(temp),
-            _reader(calibration_images, batch_size),
+            reader,
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS),
             per_channel=True,
@@ -101,7 +158,8 @@ def quantize_int8(
             weight_type=QuantType.QInt8,
             nodes_to_exclude=exclude,
             calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
-            extra_options=_QDQ_OPTIONS,
+            calibration_cache_path=None if calibration_cache is None else str(calibration_cache),
+            extra_options=options,
         )
         onnx.checker.check_model(str(temp))
         ops = Counter(node.op_type for node in onnx.load(str(temp)).graph.node)
@@ -120,3 +178,117 @@ def quantize_int8(
         "quantize_linear_nodes": ops["QuantizeLinear"],
         "dequantize_linear_nodes": ops["DequantizeLinear"],
     }
+
+
+def _logits(path: Path, images: np.ndarray, batch_size: int) -> np.ndarray:
+    session = onnx_session(path)
+    return np.concatenate(
+        [
+            session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size]})[0]
+            for i in range(0, len(images), batch_size)
+        ]
+    )
+
+
+def _harm(comparison: dict) -> tuple[float, float]:
+    """How much a quantized graph departs from fp32: argmax disagreement first, mean |logit difference| next."""
+    return 1.0 - comparison["argmax_agreement"], comparison["mean_abs_diff"]
+
+
+def quantize_with_fallback(
+    fp32_path: str | Path,
+    out_path: str | Path,
+    calibration_images: torch.Tensor,
+    holdout_images: torch.Tensor,
+    tolerance: ParityTolerance,
+    fallback: Int8FallbackConfig,
+    method: str = "minmax",
+    batch_size: int = 4,
+) -> dict:
+    """`quantize_int8`, then keep the most sensitive nodes float until ``tolerance`` holds on ``holdout_images``.
+
+    Sensitivity: each quantizable node is quantized alone (every other one float) and its logits compared with
+    fp32's on the held-out images; the harm is the argmax disagreement, then the mean |logit difference|. The
+    most harmful nodes are kept float one at a time, re-quantizing after each, until the graph passes
+    ``tolerance`` or ``fallback.max_float_nodes`` are float. The graph that passes, or the last one tried,
+    is written to ``out_path``; the summary's ``fallback`` entry lists every float node and why.
+
+    Args:
+        fp32_path: the fp32 ONNX graph.
+        out_path: the int8 graph to write.
+        calibration_images: images the activation ranges are calibrated on.
+        holdout_images: source images not in the calibration set, the sensitivity is measured on.
+        tolerance: the int8 parity tolerance the graph must meet on ``holdout_images``.
+        fallback: the recipe's fallback settings (on / off, cap on float nodes).
+        method: ONNX Runtime's calibration method.
+        batch_size: images per run.
+    """
+    out_path = Path(out_path)
+    with tempfile.TemporaryDirectory(prefix="gkd.int8.", dir=out_path.parent) as scratch:
+        cache = Path(scratch) / "calibration.json"
+
+        def quantize(keep_float: Sequence[str], path: Path) -> dict:
+            return quantize_int8(fp32_path, path, calibration_images, method, batch_size, keep_float, cache)
+
+        info = quantize((), out_path)
+        if not fallback.enabled:
+            info["fallback"] = {"enabled": False}
+            return info
+        if len(holdout_images) == 0:
+            info["fallback"] = {"enabled": True, "ran": False, "reason": "no held-out source images"}
+            return info
+        holdout = holdout_images.float().cpu().numpy().astype(np.float32)
+        reference = _logits(Path(fp32_path), holdout, batch_size)
+
+        def judged(path: Path) -> dict:
+            return judge(compare_logits(reference, _logits(path, holdout, batch_size)), tolerance)
+
+        start = time.perf_counter()
+        before = judged(out_path)
+        report = {"enabled": True, "holdout_images": len(holdout), "before": before, "float_nodes": []}
+        if before["passed"]:
+            info["fallback"] = {**report, "ran": False, "reason": "all-int8 graph within tolerance", "after": before}
+            return info
+
+        candidates = quantizable_nodes(onnx.load(str(fp32_path)))
+        trial = Path(scratch) / "trial.onnx"
+        sensitivity = {}
+        for node in candidates:
+            quantize([other for other in candidates if other != node], trial)
+            sensitivity[node] = compare_logits(reference, _logits(trial, holdout, batch_size))
+        ranked = sorted(candidates, key=lambda node: _harm(sensitivity[node]), reverse=True)
+
+        after, keep_float = before, []
+        for node in ranked[: fallback.max_float_nodes]:
+            keep_float.append(node)
+            quantize(keep_float, trial)
+            after = judged(trial)
+            report["float_nodes"].append(
+                {
+                    "node": node,
+                    "why": "most harmful remaining node when quantized alone "
+                    f"(argmax agreement {sensitivity[node]['argmax_agreement']:.4f}, "
+                    f"mean |logit diff| {sensitivity[node]['mean_abs_diff']:.3g} on the held-out images)",
+                    "argmax_agreement_after": after["argmax_agreement"],
+                    "max_abs_diff_after": after["max_abs_diff"],
+                }
+            )
+            if after["passed"]:
+                break
+        if keep_float:
+            info = quantize(keep_float, out_path)
+        info["fallback"] = {
+            **report,
+            "ran": True,
+            "after": after,
+            "passed": after["passed"],
+            "fallback_s": round(time.perf_counter() - start, 2),
+            "sensitivity": {
+                node: {k: sensitivity[node][k] for k in ("argmax_agreement", "mean_abs_diff")} for node in ranked
+            },
+        }
+        if not after["passed"]:
+            info["fallback"]["reason"] = (
+                f"still outside tolerance with {len(keep_float)} float nodes (cap export.int8_fallback.max_float_nodes)"
+            )
+        return info

@@ -29,7 +29,7 @@ from gkd.export.onnx import (
     prepare_for_export,
 )
 from gkd.export.parity import compare_logits, judge
-from gkd.export.quantize import quantize_int8
+from gkd.export.quantize import quantize_with_fallback, split_calibration
 from gkd.export.runtimes import Runtime, TorchRuntime, load_runtime, runtime_loaders
 from gkd.export.tensorrt import build_engine, tensorrt_unavailable
 from gkd.models.segmentor import Segmentor
@@ -100,7 +100,8 @@ def export_artifacts(
         img_size: ``(H, W)`` every artifact takes.
         out_dir: where the artifacts and the parity images go.
         config: the recipe's export block (precisions, opset, batch range, engines, parity tolerances).
-        calibration_images: images int8 calibration reads.
+        calibration_images: source images for int8: the first ``config.calibration_images`` calibrate, up to
+            ``config.int8_fallback.holdout_images`` more are the sensitivity fallback's held-out set.
         parity_images: images every artifact is compared with PyTorch fp32 on (saved for the benchmark).
         device: where engines and AOTInductor packages are built.
     """
@@ -146,8 +147,19 @@ def _export_onnx_files(
     def onnx_file(precision: str) -> dict:
         path = out_dir / ONNX_FILES[precision]
         if precision == "int8":
-            calibration = calibration_images[: config.calibration_images]
-            info = quantize_int8(out_dir / ONNX_FILES["fp32"], path, calibration, config.calibration_method)
+            fallback = config.int8_fallback
+            calibration, holdout = split_calibration(
+                calibration_images, config.calibration_images, fallback.holdout_images if fallback.enabled else 0
+            )
+            info = quantize_with_fallback(
+                out_dir / ONNX_FILES["fp32"],
+                path,
+                calibration,
+                holdout,
+                config.parity.tolerance("int8"),
+                fallback,
+                config.calibration_method,
+            )
         else:
             model = prepared if precision == "fp32" else half_precision(prepared)
             info = export_onnx(model, path, img_size, config.opset, batch_range)
