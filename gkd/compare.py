@@ -5,6 +5,7 @@ Each method is the recipe with its ``overrides`` deep-merged in (a new ``distill
 that loss's default options); methods may not change the teacher. The output directory holds::
 
     teacher/                   the recipe's teacher, trained once (the ``train-teacher`` stage)
+    teacher_cache/<key>/       teacher outputs (``distill.teacher_cache``), built once, read by every job of that key
     <method>/seed<k>/          one ordinary run directory per method and seed (``gkd-compress`` can
                                inspect or resume it); ``figure_frames.npz`` holds the job's predictions on
                                the report's example frames; ``result.json`` is written last, so a job is
@@ -52,6 +53,7 @@ from gkd.rundir import (
     RESULT_FILE,
     SEGMENTOR_FILE,
     SOURCE_DOMAIN,
+    TEACHER_CACHE_DIR,
     TEACHER_FILE,
     TEACHER_JOB,
     check_same_recipe,
@@ -178,8 +180,9 @@ def schedule(job: Job) -> dict:
     return {"labelled_steps": recipe.head.steps, "distill_steps": sum(p.steps for p in phases if p is not None)}
 
 
-def run_job(job: Job, teacher_file: Path, device: str, threads: int) -> dict:
-    """Train and evaluate one job in this process (a pool worker); returns and writes its result."""
+def run_job(job: Job, teacher_file: Path, device: str, threads: int, teacher_caches: Path | None = None) -> dict:
+    """Train and evaluate one job in this process (a pool worker); returns and writes its result. Teacher caches
+    (``distill.teacher_cache``) live in ``teacher_caches``, shared by every job (default: the job's own folder)."""
     import torch
 
     from gkd.pipeline import (
@@ -198,7 +201,7 @@ def run_job(job: Job, teacher_file: Path, device: str, threads: int) -> dict:
     write_text(job.dir / RECIPE_FILE, dump_recipe(job.recipe))
     start = time.perf_counter()
     seed_everything(job.recipe.seed)
-    run = Run(job.recipe, job.dir, resolve_device(device), DistInfo())
+    run = Run(job.recipe, job.dir, resolve_device(device), DistInfo(), teacher_caches=teacher_caches)
     if needs_teacher(job) and not run.file(TEACHER_FILE).is_file():
         _link(teacher_file, run.file(TEACHER_FILE))
     names = {"teacher": ("train-teacher",), "no_kd": ("train-no-kd",), "distilled": ("distill", "train-head")}
@@ -371,7 +374,7 @@ def run_jobs(jobs: list[Job], out: Path, workers: int = 2, device: str = "cpu") 
         def submit_ready() -> None:
             for job in [job for job in pending if ready(job)]:
                 pending.remove(job)
-                running[pool.submit(run_job, job, teacher_file, device, threads)] = job
+                running[pool.submit(run_job, job, teacher_file, device, threads, out / TEACHER_CACHE_DIR)] = job
 
         submit_ready()
         while running:

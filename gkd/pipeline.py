@@ -28,6 +28,7 @@ from torch.utils.data import ConcatDataset
 
 from gkd.compress.losses import build_loss, loss_needs
 from gkd.compress.objectives import DistillObjective, JointObjective, TaskObjective
+from gkd.compress.teacher_cache import TeacherViews, cache_key, open_or_build
 from gkd.compress.trainer import Trainer, fingerprint
 from gkd.data.config import DatasetConfig, build_dataset, dataset_info
 from gkd.data.transforms import (
@@ -62,11 +63,12 @@ from gkd.rundir import (
     SEGMENTOR_FILE,
     SOURCE_DOMAIN,
     SOURCE_SELECTION_FILE,
+    TEACHER_CACHE_DIR,
     TEACHER_FILE,
     validation_log,
 )
 from gkd.utils.io import atomic_path, file_sha256, read_json, read_jsonl, require_free_space, write_json
-from gkd.utils.runtime import DistInfo
+from gkd.utils.runtime import DistInfo, resolve_num_workers
 
 log = logging.getLogger("gkd")
 
@@ -83,6 +85,11 @@ class Run:
     device: torch.device
     info: DistInfo
     fingerprints: dict[str, str] = field(default_factory=dict)  # data role -> fingerprint (pre-flight check)
+    teacher_caches: Path | None = None  # where teacher caches live (compare: shared by its jobs); None = in the run
+
+    @property
+    def teacher_cache_root(self) -> Path:
+        return self.teacher_caches or self.dir / TEACHER_CACHE_DIR
 
     def file(self, name: str) -> Path:
         return self.dir / name
@@ -258,13 +265,8 @@ def stage_distill(run: Run) -> None:
         return
     # 1a then 1b, each a new distillation model as in the GKD code: fresh loss heads (projectors, mask token),
     # only the student carried over; 1a may run both networks at another patch size (the code: 14 on 224 crops).
-    data = recipe.data
-    phases = [
-        ("distill_task_agnostic", distill.task_agnostic, data.proxy, data.proxy_transform),
-        ("distill_domain_agnostic", distill.domain_agnostic, data.source, data.distill_transform),
-    ]
     encoder = student.encoder
-    for index, (name, config, images, transform) in enumerate(phases):
+    for index, (name, config, images, transform) in enumerate(_distill_phases(recipe)):
         if config is None:
             continue
         patch_size = distill.task_agnostic_patch_size if index == 0 else None
@@ -275,10 +277,92 @@ def stage_distill(run: Run) -> None:
         loss = build_loss(distill.loss.name, options, encoder.embed_dim, teacher.embed_dim, run.num_classes)
         objective = DistillObjective(encoder, loss, teacher, run.teacher_dtype)
         dataset = run.dataset(images, train=True, labeled=False, imagenet_transform=transform)
+        if distill.teacher_cache is not None:
+            dataset = teacher_views(run, name, objective, dataset)
         run.trainer(name, objective, dataset, config).fit()
         del teacher, objective
     if run.info.is_main:
         save_student_encoder(run, with_patch_size(encoder, student.encoder.patch_size))
+
+
+def _distill_phases(
+    recipe: Recipe,
+) -> list[tuple[str, OptimConfig | None, DatasetConfig | None, ImageNetTransformConfig | None]]:
+    """Stage 1's phases: name, settings, images and ImageNet transform (None = the training transform)."""
+    data, distill = recipe.data, recipe.distill
+    return [
+        ("distill_task_agnostic", distill.task_agnostic, data.proxy, data.proxy_transform),
+        ("distill_domain_agnostic", distill.domain_agnostic, data.source, data.distill_transform),
+    ]
+
+
+def teacher_cache_specs(run: Run, hashes: FileHashes) -> dict[str, dict]:
+    """What the teacher cache of each stage-1 phase depends on, by phase (empty without ``distill.teacher_cache``):
+    the teacher's weights (by content) and settings, the layers the loss reads, the images, their transform,
+    ``K`` and the dtype; methods that differ in anything else (loss terms, steps, seeds, the student) share it."""
+    recipe, distill = run.recipe, run.recipe.distill
+    if distill.teacher_cache is None or not _two_stage(recipe):
+        return {}
+    teacher = recipe.models.teacher
+    weights = run.file(TEACHER_FILE) if teacher.train_encoder else Path(teacher.weights)
+    common = {
+        "teacher": {
+            **teacher.model_dump(mode="json", exclude={"weights"}),
+            "weights_sha256": hashes(weights),
+            "dtype": recipe.training.teacher_dtype,
+        },
+        "teacher_layers": distill.loss.options.get("teacher_layers"),
+        "img_size": list(recipe.data.img_size),
+        "views": distill.teacher_cache.views,
+        "dtype": distill.teacher_cache.dtype,
+    }
+    specs = {}
+    for index, (name, config, images, transform) in enumerate(_distill_phases(recipe)):
+        if config is None:
+            continue
+        sources = [images] + (recipe.data.extra_sources if images == recipe.data.source else [])
+        specs[name] = {
+            **common,
+            "patch_size": distill.task_agnostic_patch_size if index == 0 else None,
+            "images": [source.model_dump(mode="json") for source in sources],
+            "transform": (transform or recipe.data.train_transform).model_dump(mode="json"),
+        }
+    return specs
+
+
+def teacher_cache_keys(run: Run, hashes: FileHashes) -> dict[str, str]:
+    """`cache_key` of each stage-1 phase's teacher cache (recorded with the stage: a new teacher, new key)."""
+    return {name: cache_key(spec) for name, spec in teacher_cache_specs(run, hashes).items()}
+
+
+def teacher_views(run: Run, phase: str, objective: DistillObjective, dataset) -> TeacherViews:
+    """``dataset`` as the cached views of ``phase`` (`TeacherViews`), the cache built first where it is missing or
+    incomplete (rank 0 builds, the other ranks wait, then open it)."""
+    settings = run.recipe.distill.teacher_cache
+    hashes = FileHashes(run.file(RECORDS_DIR) / HASHES_FILE)
+    spec = teacher_cache_specs(run, hashes)[phase]
+    directory = run.teacher_cache_root / cache_key(spec)
+
+    def open_cache():
+        return open_or_build(
+            directory,
+            spec,
+            dataset,
+            objective.teacher_outputs,
+            settings.views,
+            settings.dtype,
+            run.device,
+            settings.batch_size,
+            settings.views_per_shard,
+            resolve_num_workers(run.recipe.training.num_workers, run.device),
+        )
+
+    cache = open_cache() if run.info.is_main else None
+    if run.info.enabled:
+        dist.barrier()
+    cache = cache or open_cache()
+    log.info("%s: teacher outputs of %d views per image read from %s", phase, settings.views, directory)
+    return TeacherViews(dataset, settings.views, cache)
 
 
 def validator(
@@ -555,6 +639,7 @@ class Stage:
     sections: tuple[str, ...] = ("",)
     weights: tuple[str, ...] = ()  # model roles whose recipe weights it loads
     side_outputs: tuple[str, ...] = ()  # files it may also write (not needed for completeness); cleared on a redo
+    caches: Callable[[Run, FileHashes], dict[str, str]] = lambda run, hashes: {}  # keys of the caches it reads
 
     def consumed_files(self, recipe: Recipe) -> tuple[str, ...]:
         return (self.reads or self.inputs)(recipe)
@@ -657,6 +742,7 @@ STAGES: tuple[Stage, ...] = (
         sections=(*_TRAIN_DATA, "models", "data.proxy", "data.proxy_transform", "data.distill_transform", "distill"),
         weights=("teacher", "student"),
         side_outputs=(validation_log("distill_joint"),),
+        caches=teacher_cache_keys,
     ),
     Stage(
         "train-head",
@@ -769,18 +855,21 @@ def consumed(run: Run, stage: Stage, hashes: FileHashes) -> dict:
     recipe = run.recipe
     dumped = recipe.model_dump(mode="json")
     weights = {role: getattr(recipe.models, role).weights for role in stage.weights}
-    return {
+    record = {
         "recipe": {section or "(all)": _hash_json(_section(dumped, section)) for section in stage.sections},
         "inputs": {name: hashes(run.file(name)) for name in stage.consumed_files(recipe)},
         "weights": {role: hashes(Path(path)) if path else None for role, path in weights.items()},
         "data": {use.role: run.fingerprints.get(use.role) for use in stage.data(recipe)},
     }
+    caches = stage.caches(run, hashes)
+    return {**record, "caches": caches} if caches else record  # no key without caches: records stay as they were
 
 
 def _changes(before: dict, now: dict) -> list[str]:
     """What differs between two `consumed` records, in words (an unknown data fingerprint is no change)."""
     changes = []
-    for kind, label in (("recipe", "recipe section"), ("inputs", "input"), ("weights", "weights of"), ("data", "data")):
+    kinds = (("recipe", "recipe section"), ("inputs", "input"), ("weights", "weights of"), ("data", "data"))
+    for kind, label in (*kinds, ("caches", "teacher cache of")):
         old, new = before.get(kind, {}), now.get(kind, {})
         for key in sorted(set(old) | set(new)):
             if kind == "data" and (old.get(key) is None or new.get(key) is None):

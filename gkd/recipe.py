@@ -12,9 +12,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from gkd.compress.config import OptimConfig, TrainingConfig
+from gkd.compress.config import OptimConfig, TeacherCacheConfig, TrainingConfig
 from gkd.compress.losses import loss_needs, validate_loss_options
 from gkd.data.config import DatasetConfig, dataset_info
 from gkd.data.transforms import EvalTransformConfig, ImageNetTransformConfig, TrainTransformConfig
@@ -108,6 +117,21 @@ class DistillConfig(_Strict):
     )
     joint: OptimConfig | None = Field(None, description="one_stage: task loss + distillation loss, jointly")
     distill_weight: float = Field(1.0, gt=0, description="one_stage: weight of the distillation loss")
+    teacher_cache: TeacherCacheConfig | None = Field(
+        None,
+        description="two_stage: the teacher's tokens of K views per image computed once and read back by every "
+        "step (and every compare job sharing teacher, data, transform and K); the student then sees only those "
+        "K views; null = the teacher runs every step",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_unset_cache(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """No ``teacher_cache`` key while it is off: resolved recipes and stage records of recipes without it
+        stay byte for byte what they were before the option existed."""
+        dumped = handler(self)
+        if dumped.get("teacher_cache") is None:
+            dumped.pop("teacher_cache", None)
+        return dumped
 
 
 class EvaluateConfig(_Strict):
@@ -206,9 +230,17 @@ class Recipe(_Strict):
                 raise ValueError("data.proxy: task_agnostic distillation needs a proxy image set")
             if self.head is None:
                 raise ValueError("head: two_stage needs stage 2 (head) settings")
+            teacher = self.models.teacher
+            if distill.teacher_cache is not None and not (teacher.weights or teacher.train_encoder):
+                raise ValueError(
+                    "distill.teacher_cache: a cache is named by the teacher's weights file; give "
+                    "models.teacher.weights (a randomly initialised teacher differs from run to run)"
+                )
         else:
             if distill.joint is None:
                 raise ValueError("distill.joint: one_stage needs its optimisation settings")
+            if distill.teacher_cache is not None:
+                raise ValueError("distill.teacher_cache: only the two_stage schedule reads a teacher cache")
             if needs.teacher_segmentor and self.teacher_training is None:
                 raise ValueError(f"teacher_training: {distill.loss.name} needs a teacher with a trained head")
         if self.models.teacher.train_encoder and self.teacher_training is None:

@@ -36,6 +36,7 @@ LOG_FILE = "gkd.log"
 SOURCE_DOMAIN = "source"  # the held-out source split among the evaluated domains
 RESULT_FILE = "result.json"  # a compare job's metrics, written last: the job is complete when it exists
 TEACHER_JOB = "teacher"  # the compare job (and output sub-folder) that trains the shared teacher
+TEACHER_CACHE_DIR = "teacher_cache"  # teacher_cache/<key>/: cached teacher outputs (run dir, or compare folder)
 FIGURE_FRAMES_FILE = "figure_frames.npz"  # a compare job's predictions on the example frames of the report
 FIGURE_FRAME_COUNT = 4  # example frames per compare job (evenly spread over the figure domain)
 

@@ -60,3 +60,15 @@ class TrainingConfig(BaseModel):
         if isinstance(workers, int) and workers < 0:
             raise ValueError(f"num_workers must be >= 0 or 'auto', got {workers}")
         return workers
+
+
+class TeacherCacheConfig(BaseModel):
+    """``distill.teacher_cache``: the teacher run once over ``views`` augmented views of each image, its outputs
+    stored (`gkd.compress.teacher_cache`) and read by every distillation step instead of a teacher pass."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    views: int = Field(4, ge=1, description="K: augmented views per image; training samples among them")
+    dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="dtype the teacher's outputs are stored in")
+    batch_size: int = Field(32, gt=0, description="views per teacher pass while the cache is built")
+    views_per_shard: int = Field(256, gt=0, description="views per shard file")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gkd.compress.losses import DistillLoss, loss_needs
+from gkd.compress.teacher_cache import cached_features, cached_outputs, feature_outputs
 from gkd.data.base import IGNORE_INDEX
 from gkd.models.backbone import Backbone
 from gkd.models.decoders import upsample_logits
@@ -72,6 +73,9 @@ class DistillObjective(_WithFrozenTeacher):
     """Stage 1 (GKD 1a/1b): ``L_distill(F_t(x), F_s(x))``; trains the student encoder and the loss's
     own heads (projectors, mask token).
 
+    A batch of `gkd.compress.teacher_cache.TeacherViews` carries the teacher's tokens of its views; the teacher
+    then does not run (`teacher_outputs` is what the cache stored).
+
     Args:
         student: the student encoder.
         loss: a loss usable in stage 1 (``loss_needs(loss).two_stage``: it compares encoder tokens).
@@ -89,10 +93,16 @@ class DistillObjective(_WithFrozenTeacher):
         self.teacher_layers = teacher.resolve_layers(loss.teacher_layers)
         self.student_layers = student.resolve_layers(loss.student_layers)
 
+    def teacher_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher's tokens of the loss's layers by name (`feature_outputs`), without gradients."""
+        with torch.no_grad():
+            return feature_outputs(self.teacher(images.to(self.teacher_dtype), layers=self.teacher_layers))
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         images = batch["image"]
-        with torch.no_grad():
-            teacher_features = self.teacher(images.to(self.teacher_dtype), layers=self.teacher_layers)
+        outputs = cached_outputs(batch) or self.teacher_outputs(images)
+        grid = self.teacher.grid_size(*images.shape[-2:])
+        teacher_features = cached_features(outputs, grid, self.teacher_layers, self.teacher_dtype)
         student_features = self.student(images, layers=self.student_layers)
         return self.loss(student_features, teacher_features, self.student, images)
 
