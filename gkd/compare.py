@@ -61,6 +61,7 @@ from gkd.rundir import (
 )
 from gkd.utils.cpu import available_cpus
 from gkd.utils.io import atomic_path, read_json, write_json, write_text
+from gkd.utils.process import die_with_parent
 
 if TYPE_CHECKING:
     import torch
@@ -324,18 +325,6 @@ def backfill_figure_frames(jobs: Sequence[Job], device: str = "cpu") -> None:
         write_figure_frames(job, resolve_device(device))
 
 
-def _die_with_parent() -> None:
-    """Pool-worker initializer: on Linux, ask the kernel to end this worker when the parent dies (even by
-    SIGKILL); ProcessPoolExecutor workers would otherwise train on as orphans. No library exposes
-    ``prctl(PR_SET_PDEATHSIG)``, hence ctypes."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 def _link(source: Path, target: Path) -> None:
     """``target`` as a hard link to ``source`` (a copy across file systems)."""
     try:
@@ -363,7 +352,7 @@ def run_jobs(jobs: list[Job], out: Path, workers: int = 2, device: str = "cpu") 
     if not pending:  # all reused: no worker processes to start
         return failures
     with (
-        ProcessPoolExecutor(workers, get_context("spawn"), initializer=_die_with_parent) as pool,
+        ProcessPoolExecutor(workers, get_context("spawn"), initializer=die_with_parent) as pool,
         tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="compare", unit="job") as progress,
     ):
         running: dict[Future, Job] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -12,6 +13,14 @@ import torch.distributed as dist
 
 from gkd.utils.cpu import available_cpus
 from gkd.utils.errors import DeviceUnavailableError
+from gkd.utils.process import die_with_parent
+
+DIST_TIMEOUT_ENV = "GKD_DIST_TIMEOUT"
+DEFAULT_DIST_TIMEOUT_S = 1800  # torch's own default: ranks wait here while rank 0 alone exports and benchmarks
+
+
+class DistributedTimeoutError(RuntimeError):
+    """A rank waited longer than ``$GKD_DIST_TIMEOUT`` for the others; the message names what it waited for."""
 
 
 @dataclass(frozen=True)
@@ -29,15 +38,65 @@ class DistInfo:
         return self.world_size > 1
 
 
+def dist_timeout() -> timedelta:
+    """How long a rank waits for the others (joining the group, a barrier, a collective): ``$GKD_DIST_TIMEOUT``
+    seconds, else `DEFAULT_DIST_TIMEOUT_S`."""
+    text = os.environ.get(DIST_TIMEOUT_ENV, str(DEFAULT_DIST_TIMEOUT_S))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise ValueError(f"{DIST_TIMEOUT_ENV}={text!r}: expected a positive number of seconds")
+    return timedelta(seconds=seconds)
+
+
+def _timeout_advice(timeout: timedelta) -> str:
+    return (
+        f"waited {timeout.total_seconds():g} s; if a rank is merely slow (rank 0 alone checks the data, exports "
+        f"and benchmarks), set {DIST_TIMEOUT_ENV}=SECONDS to wait longer, else see the other ranks' logs"
+    )
+
+
 def init_distributed(device_kind: str) -> DistInfo:
     """Join the process group torchrun describes (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``); single
-    process without them. NCCL on GPU, gloo on CPU."""
+    process without them. NCCL on GPU, gloo on CPU.
+
+    Under torchrun the process first arranges to die with its launcher (a killed ``torchrun`` would otherwise
+    leave its ranks training, unwatched, in the run directory). Joining waits at most `dist_timeout`, which
+    is also the timeout of every later collective.
+    """
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun for the processes it starts
+        die_with_parent()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+        timeout = dist_timeout()
+        try:
+            dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo", timeout=timeout)
+        except dist.DistStoreError as error:
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise DistributedTimeoutError(
+                f"rank {os.environ.get('RANK')} of {world_size}: could not join the process group at {where} "
+                f"({error}); {_timeout_advice(timeout)}"
+            ) from error
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def barrier(info: DistInfo, what: str) -> None:
+    """Wait until every rank reaches this point (no-op on one process). A rank that waits longer than the
+    group's timeout, or whose peer died, raises `DistributedTimeoutError` naming ``what`` it waited for."""
+    if not info.enabled:
+        return
+    try:
+        dist.barrier()
+    except RuntimeError as error:  # gloo and NCCL raise plain RuntimeError / DistBackendError
+        timeout = dist_timeout()
+        cause = _timeout_advice(timeout) if "timed out" in str(error).lower() else "another rank failed or died"
+        raise DistributedTimeoutError(
+            f"rank {info.rank} of {info.world_size}: waiting for every rank to {what}: {cause} ({error})"
+        ) from error
 
 
 def resolve_device(spec: str, info: DistInfo | None = None) -> torch.device:
