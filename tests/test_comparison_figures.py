@@ -125,7 +125,14 @@ def test_the_report_draws_both_figures_and_links_them(jobs, tmp_path):
     summary = write_comparison(load_recipe(CAMVID_TINY_RECIPE), jobs, out)
     for name in (PER_CLASS_PNG, MIOU_VS_STEP_PNG, "domains.png"):
         assert Image.open(out / name).format == "PNG"
-    assert summary["figures"] == {"domains.png": True, "frames.png": False, PER_CLASS_PNG: True, MIOU_VS_STEP_PNG: True}
+    assert summary["figures"] == {
+        "domains.png": True,
+        "frames.png": False,
+        PER_CLASS_PNG: True,
+        MIOU_VS_STEP_PNG: True,
+        "fidelity.png": False,  # synthetic results carry no fidelity
+        "budget_curve.png": False,
+    }
     markdown = (out / "comparison.md").read_text()
     assert f"]({PER_CLASS_PNG})" in markdown and f"]({MIOU_VS_STEP_PNG})" in markdown
     assert "`frames.png`): not drawn" in markdown  # no job saved its figure frames

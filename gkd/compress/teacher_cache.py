@@ -281,20 +281,26 @@ def open_or_build(
                 "shards": {},
             }
         shard_count = -(-total // views_per_shard)
-        todo = []
-        for shard in range(shard_count):
-            entry = manifest["shards"].get(str(shard))
-            expected = min(views_per_shard, total - shard * views_per_shard)
-            problem = _check_shard(directory, shard, entry, expected)
-            if problem is not None:
-                log.warning("teacher cache: %s; rebuilding it", problem)
-                manifest["shards"].pop(str(shard), None)
-            if str(shard) not in manifest["shards"]:
-                todo.append(shard)
+        todo = _shards_to_build(directory, manifest, shard_count, total, views_per_shard)
         if todo:
             log.info("teacher cache %s: building %d of %d shards", directory, len(todo), shard_count)
             _build(directory, manifest, todo, dataset, teacher_outputs, device, batch_size, workers)
         return TeacherCache(directory, manifest)
+
+
+def _shards_to_build(directory: Path, manifest: dict, shard_count: int, total: int, views_per_shard: int) -> list[int]:
+    """Shards missing from ``manifest`` or failing their check (each problem logged, its entry dropped)."""
+    todo = []
+    for shard in range(shard_count):
+        entry = manifest["shards"].get(str(shard))
+        expected = min(views_per_shard, total - shard * views_per_shard)
+        problem = _check_shard(directory, shard, entry, expected)
+        if problem is not None:
+            log.warning("teacher cache: %s; rebuilding it", problem)
+            manifest["shards"].pop(str(shard), None)
+        if str(shard) not in manifest["shards"]:
+            todo.append(shard)
+    return todo
 
 
 def _build(

@@ -26,7 +26,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -167,16 +167,23 @@ def quantize_int8(
         "file": out_path.name,
         "bytes": out_path.stat().st_size,
         "quantize_s": round(time.perf_counter() - start, 2),
+        **_int8_scheme(len(calibration_images), method),
+        "excluded_nodes": exclude,
+        "quantize_linear_nodes": ops["QuantizeLinear"],
+        "dequantize_linear_nodes": ops["DequantizeLinear"],
+    }
+
+
+def _int8_scheme(calibration_images: int, method: str) -> dict:
+    """How `quantize_int8` quantizes, for its summary."""
+    return {
         "format": "QDQ",
-        "calibration_images": len(calibration_images),
+        "calibration_images": calibration_images,
         "calibration_method": method,
         "activations": "int8 symmetric, per tensor",
         "weights": "int8 symmetric, per output channel",
         "quantized_ops": list(QUANTIZED_OPS),
         "attention_matmuls": "float (MatMulConstBOnly)",
-        "excluded_nodes": exclude,
-        "quantize_linear_nodes": ops["QuantizeLinear"],
-        "dequantize_linear_nodes": ops["DequantizeLinear"],
     }
 
 
@@ -195,6 +202,27 @@ def _harm(comparison: dict) -> tuple[float, float]:
     return 1.0 - comparison["argmax_agreement"], comparison["mean_abs_diff"]
 
 
+def _sensitivity(
+    candidates: list[str], reference: np.ndarray, logits_of: Callable[[Sequence[str]], np.ndarray]
+) -> dict[str, dict]:
+    """Each candidate node quantized alone (``logits_of(nodes kept float)``, every other one float), its logits
+    compared with fp32's on the held-out images; the harm (`_harm`) is the argmax disagreement, then the mean
+    |logit difference|."""
+    return {node: compare_logits(reference, logits_of([o for o in candidates if o != node])) for node in candidates}
+
+
+def _float_node_entry(node: str, sensitivity: dict, after: dict) -> dict:
+    """The fallback report's line for one node kept float."""
+    return {
+        "node": node,
+        "why": "most harmful remaining node when quantized alone "
+        f"(argmax agreement {sensitivity['argmax_agreement']:.4f}, "
+        f"mean |logit diff| {sensitivity['mean_abs_diff']:.3g} on the held-out images)",
+        "argmax_agreement_after": after["argmax_agreement"],
+        "max_abs_diff_after": after["max_abs_diff"],
+    }
+
+
 def quantize_with_fallback(
     fp32_path: str | Path,
     out_path: str | Path,
@@ -207,11 +235,8 @@ def quantize_with_fallback(
 ) -> dict:
     """`quantize_int8`, then keep the most sensitive nodes float until ``tolerance`` holds on ``holdout_images``.
 
-    Sensitivity: each quantizable node is quantized alone (every other one float) and its logits compared with
-    fp32's on the held-out images; the harm is the argmax disagreement, then the mean |logit difference|. The
-    most harmful nodes are kept float one at a time, re-quantizing after each, until the graph passes
-    ``tolerance`` or ``fallback.max_float_nodes`` are float. The graph that passes, or the last one tried,
-    is written to ``out_path``; the summary's ``fallback`` entry lists every float node and why.
+    The most harmful nodes (`_sensitivity`) are kept float one at a time until the graph passes or
+    ``fallback.max_float_nodes`` are float; the summary's ``fallback`` entry lists every float node and why.
 
     Args:
         fp32_path: the fp32 ONNX graph.
@@ -220,8 +245,7 @@ def quantize_with_fallback(
         holdout_images: source images not in the calibration set, the sensitivity is measured on.
         tolerance: the int8 parity tolerance the graph must meet on ``holdout_images``.
         fallback: the recipe's fallback settings (on / off, cap on float nodes).
-        method: ONNX Runtime's calibration method.
-        batch_size: images per run.
+        method: ONNX Runtime's calibration method; batch_size: images per run.
     """
     out_path = Path(out_path)
     with tempfile.TemporaryDirectory(prefix="gkd.int8.", dir=out_path.parent) as scratch:
@@ -231,64 +255,84 @@ def quantize_with_fallback(
             return quantize_int8(fp32_path, path, calibration_images, method, batch_size, keep_float, cache)
 
         info = quantize((), out_path)
-        if not fallback.enabled:
-            info["fallback"] = {"enabled": False}
-            return info
-        if len(holdout_images) == 0:
-            info["fallback"] = {"enabled": True, "ran": False, "reason": "no held-out source images"}
-            return info
+        if not fallback.enabled or len(holdout_images) == 0:
+            why = {"ran": False, "reason": "no held-out source images"} if fallback.enabled else {}
+            return {**info, "fallback": {"enabled": fallback.enabled, **why}}
         holdout = holdout_images.float().cpu().numpy().astype(np.float32)
         reference = _logits(Path(fp32_path), holdout, batch_size)
 
-        def judged(path: Path) -> dict:
-            return judge(compare_logits(reference, _logits(path, holdout, batch_size)), tolerance)
-
         start = time.perf_counter()
-        before = judged(out_path)
+        before = judge(compare_logits(reference, _logits(out_path, holdout, batch_size)), tolerance)
         report = {"enabled": True, "holdout_images": len(holdout), "before": before, "float_nodes": []}
         if before["passed"]:
             info["fallback"] = {**report, "ran": False, "reason": "all-int8 graph within tolerance", "after": before}
             return info
 
-        candidates = quantizable_nodes(onnx.load(str(fp32_path)))
-        trial = Path(scratch) / "trial.onnx"
-        sensitivity = {}
-        for node in candidates:
-            quantize([other for other in candidates if other != node], trial)
-            sensitivity[node] = compare_logits(reference, _logits(trial, holdout, batch_size))
-        ranked = sorted(candidates, key=lambda node: _harm(sensitivity[node]), reverse=True)
-
-        after, keep_float = before, []
-        for node in ranked[: fallback.max_float_nodes]:
-            keep_float.append(node)
-            quantize(keep_float, trial)
-            after = judged(trial)
-            report["float_nodes"].append(
-                {
-                    "node": node,
-                    "why": "most harmful remaining node when quantized alone "
-                    f"(argmax agreement {sensitivity[node]['argmax_agreement']:.4f}, "
-                    f"mean |logit diff| {sensitivity[node]['mean_abs_diff']:.3g} on the held-out images)",
-                    "argmax_agreement_after": after["argmax_agreement"],
-                    "max_abs_diff_after": after["max_abs_diff"],
-                }
-            )
-            if after["passed"]:
-                break
+        trial_logits = _trial_logits(quantize, Path(scratch) / "trial.onnx", holdout, batch_size)
+        sensitivity = _sensitivity(quantizable_nodes(onnx.load(str(fp32_path))), reference, trial_logits)
+        ranked = sorted(sensitivity, key=lambda node: _harm(sensitivity[node]), reverse=True)
+        keep_float, after = _keep_float_until_passing(
+            ranked[: fallback.max_float_nodes],
+            sensitivity,
+            trial_logits,
+            lambda logits: judge(compare_logits(reference, logits), tolerance),
+            report["float_nodes"],
+            before,
+        )
         if keep_float:
             info = quantize(keep_float, out_path)
-        info["fallback"] = {
-            **report,
-            "ran": True,
-            "after": after,
-            "passed": after["passed"],
-            "fallback_s": round(time.perf_counter() - start, 2),
-            "sensitivity": {
-                node: {k: sensitivity[node][k] for k in ("argmax_agreement", "mean_abs_diff")} for node in ranked
-            },
-        }
-        if not after["passed"]:
-            info["fallback"]["reason"] = (
-                f"still outside tolerance with {len(keep_float)} float nodes (cap export.int8_fallback.max_float_nodes)"
-            )
+        info["fallback"] = _fallback_report(report, after, sensitivity, ranked, time.perf_counter() - start)
         return info
+
+
+def _trial_logits(
+    quantize: Callable[[Sequence[str], Path], dict], trial: Path, images: np.ndarray, batch_size: int
+) -> Callable[[Sequence[str]], np.ndarray]:
+    """``logits(nodes kept float)``: the graph quantized with those nodes float, run on ``images``."""
+
+    def logits(keep_float: Sequence[str]) -> np.ndarray:
+        quantize(keep_float, trial)
+        return _logits(trial, images, batch_size)
+
+    return logits
+
+
+def _keep_float_until_passing(
+    ranked: list[str],
+    sensitivity: dict,
+    trial_logits: Callable[[Sequence[str]], np.ndarray],
+    judge_logits: Callable[[np.ndarray], dict],
+    float_nodes: list[dict],
+    before: dict,
+) -> tuple[list[str], dict]:
+    """Keep ``ranked``'s nodes float one at a time until the judged graph passes, each step appended to
+    ``float_nodes``; returns the float nodes and the last judgement (``before``, the all-int8 one, if none)."""
+    keep_float: list[str] = []
+    after = before
+    for node in ranked:
+        keep_float.append(node)
+        after = judge_logits(trial_logits(keep_float))
+        float_nodes.append(_float_node_entry(node, sensitivity[node], after))
+        if after["passed"]:
+            break
+    return keep_float, after
+
+
+def _fallback_report(report: dict, after: dict, sensitivity: dict, ranked: list[str], seconds: float) -> dict:
+    """The summary's ``fallback`` entry once the fallback ran."""
+    entry = {
+        **report,
+        "ran": True,
+        "after": after,
+        "passed": after["passed"],
+        "fallback_s": round(seconds, 2),
+        "sensitivity": {
+            node: {k: sensitivity[node][k] for k in ("argmax_agreement", "mean_abs_diff")} for node in ranked
+        },
+    }
+    if not after["passed"]:
+        entry["reason"] = (
+            f"still outside tolerance with {len(report['float_nodes'])} float nodes "
+            "(cap export.int8_fallback.max_float_nodes)"
+        )
+    return entry

@@ -244,6 +244,16 @@ def _compile_aoti_packages(
         _attempt(summary, key, package)
 
 
+def _not_checked(loaders: dict, device: torch.device) -> dict[str, str]:
+    """``{runtime key: why}`` for the ONNX Runtime rows that cannot run because it is not installed."""
+    onnxruntime_missing = onnxruntime_unavailable()
+    # ONNX Runtime's TensorRT provider needs a GPU first: on a CPU its loader says so, installed or not.
+    needs_onnxruntime = ONNXRUNTIME_RUNTIMES if device.type == "cuda" else ("onnxruntime",)
+    return {
+        key: onnxruntime_missing for key in loaders if onnxruntime_missing and key.split("/")[0] in needs_onnxruntime
+    }
+
+
 def benchmark_artifacts(
     segmentor: Segmentor,
     img_size: tuple[int, int],
@@ -272,12 +282,7 @@ def benchmark_artifacts(
     """
     out_dir, img_size = Path(out_dir), (int(img_size[0]), int(img_size[1]))
     loaders, skipped = runtime_loaders(segmentor, img_size, out_dir, export_summary, device, config.runtimes)
-    onnxruntime_missing = onnxruntime_unavailable()
-    # ONNX Runtime's TensorRT provider needs a GPU first: on a CPU its loader says so, installed or not.
-    needs_onnxruntime = ONNXRUNTIME_RUNTIMES if device.type == "cuda" else ("onnxruntime",)
-    not_checked = {
-        key: onnxruntime_missing for key in loaders if onnxruntime_missing and key.split("/")[0] in needs_onnxruntime
-    }
+    not_checked = _not_checked(loaders, device)
     loaders = {key: loader for key, loader in loaders.items() if key not in not_checked}
     parity_path = out_dir / export_summary.get("parity_images", PARITY_FILE)
     parity = np.load(parity_path) if parity_path.is_file() else None
@@ -296,6 +301,20 @@ def benchmark_artifacts(
         del runtime
         _release_memory(device)
         log.info("benchmark: %s done", key)
+    return _benchmark_summary(results, references, export_summary, config, device, img_size, skipped, not_checked)
+
+
+def _benchmark_summary(
+    results: dict,
+    references: dict,
+    export_summary: dict,
+    config: BenchmarkConfig,
+    device: torch.device,
+    img_size: tuple[int, int],
+    skipped: dict,
+    not_checked: dict,
+) -> dict:
+    """`benchmark_artifacts`' summary of the measured runtimes."""
     failed = sorted(key for key, entry in results.items() if entry["failed"])
     return {
         "ok": not failed and not export_summary.get("failed"),

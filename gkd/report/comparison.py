@@ -579,6 +579,30 @@ def wall_minutes(done: Sequence[ComparisonJob], results: list[dict]) -> float:
     return (max(finishes) - min(starts)) / 60
 
 
+def _budget_curve_summary(recipe: Recipe, summary: dict) -> dict | None:
+    """``compare.budget_curve``'s points on the target domains (`budget_curve`); ``None`` when not configured
+    or its baseline did not run."""
+    config = recipe.compare.budget_curve
+    if config is None:
+        return None
+    targets = [d for d in summary["domains"] if d not in (summary["reference_domain"], SOURCE)]
+    points = budget_curve(summary["rows"], config.baseline, config.methods, targets)
+    if not points:
+        return None
+    baseline_label = next(row["label"] for row in summary["rows"] if row["method"] == config.baseline)
+    return {"baseline_label": baseline_label, "domains": targets, "points": points}
+
+
+def _plot_diagnostics(summary: dict, title: str, out: Path) -> dict[str, bool]:
+    """The fidelity and budget-curve figures, where the summary has their numbers; which were drawn."""
+    probed = any("fidelity" in row for row in summary["rows"])
+    if probed:
+        plot_fidelity(summary["rows"], title, out / FIDELITY_PNG)
+    if "budget_curve" in summary:
+        plot_budget_curve(summary["budget_curve"], title, out / BUDGET_CURVE_PNG)
+    return {FIDELITY_PNG: probed, BUDGET_CURVE_PNG: "budget_curve" in summary}
+
+
 def write_comparison(recipe: Recipe, jobs: Sequence[ComparisonJob], out: Path) -> dict:
     """``comparison.json``, ``comparison.md`` and the figures ``domains.png``, ``per_class.png``, ``frames.png``
     (when the shown jobs saved their frames) and ``miou_vs_step.png`` (when jobs kept validation logs); returns
@@ -617,13 +641,9 @@ def write_comparison(recipe: Recipe, jobs: Sequence[ComparisonJob], out: Path) -
             "method": paired_with,
             "rows": paired_differences(students, paired_with, summary["domains"]),
         }
-    curve_config = recipe.compare.budget_curve
-    if curve_config is not None:
-        targets = [d for d in summary["domains"] if d not in (reference, SOURCE)]
-        points = budget_curve(summary["rows"], curve_config.baseline, curve_config.methods, targets)
-        if points:
-            baseline_label = next(row["label"] for row in summary["rows"] if row["method"] == curve_config.baseline)
-            summary["budget_curve"] = {"baseline_label": baseline_label, "domains": targets, "points": points}
+    curve = _budget_curve_summary(recipe, summary)
+    if curve is not None:
+        summary["budget_curve"] = curve
     write_json(out / COMPARISON_JSON, summary)
     plot_domains(summary, out / DOMAINS_PNG)
     plot_per_class(class_iou_stats(results, domain), summary["class_names"], domain, recipe.name, out / PER_CLASS_PNG)
@@ -631,18 +651,12 @@ def write_comparison(recipe: Recipe, jobs: Sequence[ComparisonJob], out: Path) -
     curves = validation_curves(done, curve_methods, list(dict.fromkeys([domain, reference])))
     if curves:
         plot_miou_vs_step(curves, recipe.name, out / MIOU_VS_STEP_PNG)
-    probed = any("fidelity" in row for row in summary["rows"])
-    if probed:
-        plot_fidelity(summary["rows"], recipe.name, out / FIDELITY_PNG)
-    if "budget_curve" in summary:
-        plot_budget_curve(summary["budget_curve"], recipe.name, out / BUDGET_CURVE_PNG)
     figures = {
         DOMAINS_PNG: True,
         FRAMES_PNG: plot_frames(recipe, jobs, out / FRAMES_PNG),
         PER_CLASS_PNG: True,
         MIOU_VS_STEP_PNG: bool(curves),
-        FIDELITY_PNG: probed,
-        BUDGET_CURVE_PNG: "budget_curve" in summary,
+        **_plot_diagnostics(summary, recipe.name, out),
     }
     for name, written in figures.items():
         if not written:
