@@ -252,14 +252,12 @@ def backfill_fidelity(jobs: Sequence[Job], out: Path, device: str = "cpu") -> No
     from gkd.utils.runtime import DistInfo, resolve_device
 
     tokens_file = out / TEACHER_JOB / FIDELITY_TEACHER_FILE
-    missing = [
-        job for job in jobs if job.student in PROBED and job.done() and "fidelity" not in read_json(job.result_file)
-    ]
+    finished = [(job, read_json(job.result_file)) for job in jobs if job.student in PROBED and job.done()]
+    missing = [(job, result) for job, result in finished if "fidelity" not in result]
     if not missing or not tokens_file.is_file():
         return
-    for job in tqdm(missing, desc="fidelity", unit="job"):
+    for job, result in tqdm(missing, desc="fidelity", unit="job"):
         run = Run(job.recipe, job.dir, resolve_device(device), DistInfo())
-        result = read_json(job.result_file)
         write_json(job.result_file, {**result, "fidelity": job_fidelity(job, run, tokens_file)})
 
 

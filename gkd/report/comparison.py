@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -275,10 +275,7 @@ def plot_budget_curve(curve: dict, title: str, path: Path) -> None:
         panel.grid(linewidth=0.3)
     axes[0][0].set_ylabel(f"Δ mIoU vs {curve['baseline_label']} (points)")
     figure.suptitle(f"{title}: distillation budget (dots: seeds; line: mean)", fontsize=9)
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=130, format="png")
-    plt.close(figure)
+    _save_figure(figure, path)
 
 
 def plot_fidelity(rows: list[dict], title: str, path: Path) -> None:
@@ -286,40 +283,44 @@ def plot_fidelity(rows: list[dict], title: str, path: Path) -> None:
     probed = [row for row in rows if "fidelity" in row]
     domains = list(probed[0]["fidelity"])
     figure, axes = plt.subplots(figsize=(2.0 + 0.8 * len(probed) * max(1, len(domains)) / 2, 3.6))
-    width = 0.8 / len(domains)
-    for i, domain in enumerate(domains):
-        xs = [r + (i - (len(domains) - 1) / 2) * width for r in range(len(probed))]
-        means = [row["fidelity"][domain]["r2"]["mean"] for row in probed]
-        errors = [row["fidelity"][domain]["r2"]["std"] for row in probed]
-        axes.bar(xs, means, width, yerr=errors, capsize=2, label=domain)
-    axes.set_xticks(range(len(probed)), [row["label"] for row in probed], rotation=30, ha="right", fontsize=8)
+    _grouped_bars(axes, probed, domains, lambda row, domain: row["fidelity"][domain]["r2"], bar_labels=False)
     axes.set_ylabel("ridge R² to the teacher's tokens")
     axes.set_title(f"{title}: feature fidelity per domain", fontsize=9)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=130, format="png")
-    plt.close(figure)
+    _save_figure(figure, path)
 
 
 def plot_domains(summary: dict, path: Path) -> None:
     """Grouped bars: each method's mIoU per domain, error bars = standard deviation over seeds."""
     rows, domains = summary["rows"], summary["domains"]
     figure, axes = plt.subplots(figsize=(2.0 + 0.9 * len(rows) * max(1, len(domains)) / 2, 4.0))
+    _grouped_bars(axes, rows, domains, lambda row, domain: row["miou"][domain], bar_labels=True)
+    axes.set_ylabel("mIoU (%)")
+    axes.set_title(f"{summary['recipe']}: mIoU per method and domain (error bars: std over seeds)", fontsize=9)
+    _save_figure(figure, path)
+
+
+def _grouped_bars(
+    axes: plt.Axes, rows: list[dict], domains: list[str], stats: Callable[[dict, str], dict], bar_labels: bool
+) -> None:
+    """One group of bars per row, one bar per domain: ``stats(row, domain)``'s mean, its std as error bar;
+    ``bar_labels`` writes each mean above its bar."""
     width = 0.8 / len(domains)
     for i, domain in enumerate(domains):
         xs = [r + (i - (len(domains) - 1) / 2) * width for r in range(len(rows))]
-        means = [row["miou"][domain]["mean"] for row in rows]
-        errors = [row["miou"][domain]["std"] for row in rows]
+        means = [stats(row, domain)["mean"] for row in rows]
+        errors = [stats(row, domain)["std"] for row in rows]
         bars = axes.bar(xs, means, width, yerr=errors, capsize=2, label=domain)
-        axes.bar_label(bars, fmt="%.1f", fontsize=6, padding=2)
+        if bar_labels:
+            axes.bar_label(bars, fmt="%.1f", fontsize=6, padding=2)
     axes.set_xticks(range(len(rows)), [row["label"] for row in rows], rotation=30, ha="right", fontsize=8)
-    axes.set_ylabel("mIoU (%)")
-    axes.set_title(f"{summary['recipe']}: mIoU per method and domain (error bars: std over seeds)", fontsize=9)
     axes.legend(fontsize=8)
+
+
+def _save_figure(figure: plt.Figure, path: Path, dpi: int = 130) -> None:
+    """Lay out, write atomically as PNG, and close ``figure``."""
     figure.tight_layout()
     with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=130, format="png")
+        figure.savefig(temporary, dpi=dpi, format="png")
     plt.close(figure)
 
 
@@ -394,10 +395,7 @@ def plot_frames(recipe: Recipe, jobs: Sequence[ComparisonJob], path: Path) -> bo
             if row == 0:
                 axes[row][column].set_title(columns[column], fontsize=8)
     figure.suptitle(f"{recipe.name}: {domain} frames (first seed of each method)", fontsize=9)
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=110, format="png")
-    plt.close(figure)
+    _save_figure(figure, path, dpi=110)
     return True
 
 
@@ -444,10 +442,7 @@ def plot_per_class(stats: list[dict], class_names: list[str], domain: str, title
     axes.set_title(f"{title}: per-class IoU on {domain} (mean over seeds, error bars: std)", fontsize=9)
     axes.legend(fontsize=7, ncol=min(count, 5), loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
     axes.grid(axis="y", linewidth=0.3)
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=130, format="png")
-    plt.close(figure)
+    _save_figure(figure, path)
 
 
 def _validation_stage(job: ComparisonJob) -> tuple[str, int]:
@@ -521,10 +516,7 @@ def plot_miou_vs_step(curves: dict[str, dict[str, dict[str, list[float]]]], titl
     axes[0][0].set_ylabel("validation mIoU (%)")
     axes[0][0].legend(fontsize=7)
     figure.suptitle(f"{title}: mIoU during training (mean over seeds, shaded: std)", fontsize=9)
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=130, format="png")
-    plt.close(figure)
+    _save_figure(figure, path)
 
 
 def render_figure_links(figures: dict[str, bool], domain: str, curve_methods: list[str]) -> str:
