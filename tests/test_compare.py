@@ -16,7 +16,7 @@ from gkd.cli import main
 from gkd.compare import TEACHER_JOB, method_recipe, plan, schedule
 from gkd.recipe import RecipeError, load_recipe, parse_recipe
 from gkd.report.comparison import read_figure_frames, spread, summarize
-from tests.helpers.paths import CAMVID_ROOT, CAMVID_TINY_RECIPE, RECIPES_DIR, REPO
+from tests.helpers.paths import CAMVID_ROOT, CAMVID_TINY_RECIPE, IMAGENETTE_ROOT, RECIPES_DIR, REPO
 
 FULL = RECIPES_DIR / "camvid_day2dusk.yaml"
 
@@ -108,7 +108,9 @@ def test_spread_and_drops():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not CAMVID_ROOT.is_dir(), reason=f"{CAMVID_ROOT} not present")
+@pytest.mark.skipif(
+    not (CAMVID_ROOT.is_dir() and IMAGENETTE_ROOT.is_dir()), reason=f"{CAMVID_ROOT} or {IMAGENETTE_ROOT} not present"
+)
 def test_compare_runs_tabulates_and_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the recipe's data roots are relative to the working directory
     out = tmp_path / "compare"
@@ -227,6 +229,10 @@ def test_real_dinov2_weights_swap_in_for_the_built_teacher(tmp_path):
     assert needs_teacher(jobs["vanilla_kd", 0])  # logit distillation needs the head the teacher job trains
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (CAMVID_ROOT.is_dir() and IMAGENETTE_ROOT.is_dir()), reason=f"{CAMVID_ROOT} or {IMAGENETTE_ROOT} not present"
+)
 def test_protocol_rows_fidelity_and_budget_curve(tmp_path, monkeypatch):
     """The paper's protocol rows: the student's own frozen encoder and the teacher's (the ceiling), each with
     the head schedule; every student probed against the teacher; GKD budgets against the frozen row."""

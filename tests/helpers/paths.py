@@ -16,3 +16,4 @@ TINY_MASK2FORMER = TEST_DATA / "tiny_mask2former.yaml"
 
 # read in place, never copied into the repository
 CAMVID_ROOT = REPO.parent / "shared" / "data" / "CamVid"
+IMAGENETTE_ROOT = REPO.parent / "shared" / "data" / "imagenette-5k"  # the CamVid recipe's stage-1a proxy
