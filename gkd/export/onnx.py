@@ -24,6 +24,7 @@ from torch import nn
 
 from gkd.export.config import ParityTolerance
 from gkd.export.parity import ParityError, compare_logits, judge
+from gkd.models.backbone import official_dinov2_pos_embed_at
 from gkd.models.segmentor import Segmentor
 from gkd.utils.io import atomic_path
 
@@ -55,7 +56,8 @@ def prepare_for_export(segmentor: Segmentor, img_size: Sequence[int]) -> Segment
     Our backbones are built with ``dynamic_img_size=True``: every forward resamples the position embedding
     (antialiased bicubic), and while exporting timm's ``resample_abs_pos_embed`` skips its same-size
     early-out, so the graph would carry a cubic, antialiased Resize that TensorRT's parser does not honour.
-    ``set_input_size`` resamples once here, in PyTorch; switching the dynamic path off then leaves the
+    ``set_input_size`` resamples once here, in PyTorch (DINOv2 models without registers: their official
+    resampling, `gkd.models.backbone.official_dinov2_pos_embed_at`); switching the dynamic path off then leaves the
     embedding (and EVA02's RoPE table) a constant of the graph. Fused SDPA attention stays on: the dynamo
     exporter decomposes it (EVA02 included), only the legacy exporter needed it off.
     """
@@ -63,8 +65,14 @@ def prepare_for_export(segmentor: Segmentor, img_size: Sequence[int]) -> Segment
     vit = model.encoder.model
     if getattr(vit, "dynamic_img_size", False):
         rope = getattr(vit, "rope", None)
-        vit.set_input_size(img_size=baked_size(model, img_size))
+        size = baked_size(model, img_size)
+        official = official_dinov2_pos_embed_at(vit, model.encoder.grid_size(*size))
+        vit.set_input_size(img_size=size)
         vit.dynamic_img_size = False
+        if official is not None:  # the official DINOv2 resampling, not timm's, and timm's fixed-size _pos_embed
+            with torch.no_grad():
+                vit.pos_embed.copy_(official)
+            del vit._pos_embed
         # timm builds a dynamic-size patch embedding as NHWC without flattening (the flatten happens after the
         # position embedding); the fixed-size path expects flattened NLC tokens, as a fixed-size model has.
         patch_embed = vit.patch_embed

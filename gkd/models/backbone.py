@@ -11,24 +11,77 @@ GKD avoids the mismatch altogether by running every backbone at patch 16 (``Mode
 Tokens are the final-normalised ones of every requested layer. timm moves the final LayerNorm of models
 with average pooling (EVA02) into ``fc_norm`` and leaves ``norm`` an identity, so for those ``fc_norm`` is
 applied here: EVA02 tokens are normalised like DINOv2's, as the GKD authors distil them.
+
+Position embeddings at other input sizes are resampled as each model's own code does. timm resamples bicubically
+with antialiasing, as the official DINOv2 models with registers do; the official DINOv2 models without
+registers (``dinov2_vit*14``, also the GKD authors' copy of that code) interpolate bicubically without
+antialiasing, with a scale factor ``(new_grid + 0.1) / old_grid`` (``interpolate_offset``, a kludge kept for
+their checkpoints' sake). timm has no option for that, so `official_dinov2_pos_embed` replaces those models'
+``_pos_embed`` (at 448 the two differ by ~10 % in the output tokens of a random ``dinov2_vits14``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
+from types import MethodType
 from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import is_exporting
 from torch import nn
 
 from gkd.models import convstem  # noqa: F401  (registers vit_convstem16 with timm)
 from gkd.models.features import ViTFeatures
 
+DINOV2_INTERPOLATE_OFFSET = 0.1
 _VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit", "timm.models.eva", "gkd.models.convstem")
+
+
+def resample_dinov2_pos_embed(
+    pos_embed: torch.Tensor, grid: tuple[int, int], old_grid: tuple[int, int], num_prefix_tokens: int
+) -> torch.Tensor:
+    """``pos_embed`` ``(1, prefix + old_h * old_w, C)`` resampled to ``grid`` as the official DINOv2 models without
+    registers do it: bicubic, no antialiasing, scale factor ``(grid + 0.1) / old_grid`` (the prefix kept)."""
+    if tuple(grid) == tuple(old_grid) and not is_exporting():
+        return pos_embed
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    dim = patches.shape[-1]
+    patches = patches.float().reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
+    scale = tuple(float(new + DINOV2_INTERPOLATE_OFFSET) / old for new, old in zip(grid, old_grid, strict=True))
+    patches = F.interpolate(patches, scale_factor=scale, mode="bicubic", antialias=False, align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, patches], dim=1)
+
+
+def official_dinov2_pos_embed(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm ``VisionTransformer._pos_embed`` for a DINOv2 model without registers (class token, position embedding
+    with a class slot, ``dynamic_img_size``), resampling by `resample_dinov2_pos_embed`."""
+    batch, height, width, dim = x.shape
+    pos_embed = resample_dinov2_pos_embed(self.pos_embed, (height, width), self.patch_embed.grid_size, 1)
+    x = torch.cat([self.cls_token.expand(batch, -1, -1), x.view(batch, -1, dim)], dim=1)
+    return self.pos_drop(x + pos_embed)
+
+
+def official_dinov2_pos_embed_at(model: nn.Module, grid: tuple[int, int]) -> torch.Tensor | None:
+    """The position embedding ``model`` adds at ``grid`` if it resamples as official DINOv2 does (see
+    `official_dinov2_pos_embed`), else ``None`` (timm's own resampling applies)."""
+    if vars(model).get("_pos_embed") is None:
+        return None
+    return resample_dinov2_pos_embed(model.pos_embed.detach(), grid, model.patch_embed.grid_size, 1)
+
+
+def _uses_official_dinov2_resampling(arch: str, model: nn.Module) -> bool:
+    """A timm DINOv2 architecture without registers, built with ``dynamic_img_size`` (the zoo's default)."""
+    return (
+        arch.split(".")[0].endswith("_dinov2")
+        and getattr(model, "reg_token", None) is None
+        and getattr(model, "dynamic_img_size", False)
+        and not getattr(model, "no_embed_class", True)
+    )
 
 
 def is_supported_vit(arch: str) -> bool:
@@ -66,6 +119,8 @@ class Backbone(nn.Module):
                 f"{name} ({arch}) is not a timm ViT: a backbone is a VisionTransformer (incl. DeiT) or Eva"
             )
         self.model = timm.create_model(arch, pretrained=False, **timm_kwargs)
+        if _uses_official_dinov2_resampling(arch, self.model):
+            self.model._pos_embed = MethodType(official_dinov2_pos_embed, self.model)
         self.name = name
         self.timm_arch = arch
         self.timm_kwargs = dict(timm_kwargs)
