@@ -25,16 +25,29 @@ def _setup_logging(run_dir: Path | None, is_main: bool = True) -> None:
     setup_logging(log_dir, level=logging.INFO if is_main else logging.WARNING)
 
 
-def _resolve_recipe(recipe_path: str | None, out: str | None):
+def _recipe_and_overrides(words: list[str]) -> tuple[str | None, list[str]]:
+    """The positional words of a pipeline command: an optional recipe path and dotted ``key=value`` overrides."""
+    from gkd.recipe import is_override
+
+    overrides = [word for word in words if is_override(word)]
+    paths = [word for word in words if not is_override(word)]
+    if len(paths) > 1:
+        raise ValueError(f"one recipe at most, got {', '.join(paths)} (overrides are dotted.key=value)")
+    return (paths[0] if paths else None), overrides
+
+
+def _resolve_recipe(words: list[str], out: str | None):
     """The recipe and run dir: an explicit recipe, else the one a run dir already holds, else the
-    embedded default. A run dir holding another recipe is an error, never silently mixed."""
+    embedded default, with the command line's ``key=value`` overrides applied. A run dir holding another
+    recipe is an error, never silently mixed."""
     from gkd.recipe import dump_recipe, load_recipe
 
+    recipe_path, overrides = _recipe_and_overrides(words)
     existing = Path(out) / RECIPE_FILE if out else None
     if recipe_path is None and existing is not None and existing.is_file():
-        recipe = load_recipe(existing)
+        recipe = load_recipe(existing, overrides)
     else:
-        recipe = load_recipe(recipe_path)
+        recipe = load_recipe(recipe_path, overrides)
     run_dir = Path(out) if out else Path("runs") / recipe.name
     check_same_recipe(run_dir, recipe)
     return recipe, run_dir, dump_recipe(recipe)
@@ -228,7 +241,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     if args.workers < 1 or (args.max_seeds is not None and args.max_seeds < 1):
         raise ValueError("--workers and --max-seeds must be at least 1")
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.overrides)
     if args.device == "auto":
         import torch
 
@@ -273,7 +286,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / f"{recipe.name}_sweep"
     out.mkdir(parents=True, exist_ok=True)
     _setup_logging(out)
@@ -353,6 +366,9 @@ def _command(commands, name: str, help_text: str, debug: argparse.ArgumentParser
     return commands.add_parser(name, help=help_text, parents=[debug], **options)
 
 
+OVERRIDES_HELP = "dotted recipe overrides, validated like the recipe (head.lr=1e-3 distill.joint.steps=200)"
+
+
 def _add_device(command: argparse.ArgumentParser) -> None:
     command.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
 
@@ -364,7 +380,11 @@ def _add_pipeline_commands(commands, debug: argparse.ArgumentParser) -> None:
     def pipeline_command(name: str, help_text: str) -> argparse.ArgumentParser:
         command = _command(commands, name, help_text, debug, description=help_text)
         command.add_argument(
-            "recipe", nargs="?", help="recipe YAML (default: the run dir's recipe, else the embedded default)"
+            "recipe",
+            nargs="*",
+            metavar="RECIPE [KEY=VALUE ...]",
+            help="recipe YAML (default: the run dir's recipe, else the embedded default), then dotted overrides "
+            "validated like the recipe (distill.task_agnostic.steps=2000 head.lr=1e-3)",
         )
         command.add_argument("--out", help="run directory (default: runs/<recipe name>)")
         _add_device(command)
@@ -406,6 +426,7 @@ def _add_compare_command(commands, debug: argparse.ArgumentParser) -> None:
     help_text = "train the recipe's compare.methods over their seeds from one shared teacher; tabulate"
     compare = _command(commands, "compare", help_text, debug)
     compare.add_argument("recipe", help="recipe YAML with compare.methods")
+    compare.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
     compare.add_argument("--out", help="output directory (default: runs/<recipe name>_compare)")
     compare.add_argument("--workers", type=int, default=2, help="jobs trained at once (CPU threads split evenly)")
     _add_device(compare)
@@ -440,6 +461,7 @@ def _add_sweep_command(commands, debug: argparse.ArgumentParser) -> None:
     help_text = "distil, export and benchmark several students; latency vs target-mIoU Pareto front"
     sweep = _command(commands, "sweep", help_text, debug)
     sweep.add_argument("recipe", help="recipe YAML (its student is replaced by each of --students)")
+    sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
     sweep.add_argument(
         "--students", nargs="+", required=True, help="NAME[,key=value...]: zoo/timm name, timm kwargs, weights=PATH"
     )

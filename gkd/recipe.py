@@ -6,7 +6,10 @@ default recipe (``gkd/recipes/default.yaml``) runs every stage on generated data
 
 from __future__ import annotations
 
+import copy
 import logging
+import re
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -314,13 +317,56 @@ def _read_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     return merge(merged, data)
 
 
-def load_recipe(path: str | Path | None = None) -> Recipe:
+def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Recipe:
     """Load a recipe file (``base:`` names files it extends, merged like mmseg/DINOv2 configs), or the
-    embedded default when ``path`` is None."""
+    embedded default when ``path`` is None, then apply dotted ``key=value`` ``overrides`` (`apply_overrides`)."""
     if path is None:
         with resources.as_file(resources.files("gkd").joinpath("recipes/default.yaml")) as default:
-            return parse_recipe(_read_mapping(default))
-    return parse_recipe(_read_mapping(Path(path)))
+            data = _read_mapping(default)
+    else:
+        data = _read_mapping(Path(path))
+    return parse_recipe(apply_overrides(data, overrides))
+
+
+OVERRIDE_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
+
+
+def is_override(text: str) -> bool:
+    """Whether a command-line word is a dotted ``key=value`` recipe override (``head.lr=1e-3``)."""
+    return bool(OVERRIDE_PATTERN.match(text))
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """``data`` with each ``a.b.c=value`` set (mmengine's ``--cfg-options``): the value is parsed as YAML
+    (``1e-3``, ``[144, 192]``, ``{name: mse}``, ``null``), missing mappings on the way are created, and the
+    result is validated by the recipe schema like any recipe, so an unknown key or a bad value is an error."""
+    data = copy.deepcopy(data)
+    for override in overrides:
+        if not is_override(override):
+            raise RecipeError(f"override {override!r}: expected dotted.key=value (e.g. head.lr=1e-3)")
+        key, text = override.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or error
+            raise RecipeError(f"override {override!r}: the value is not valid YAML ({problem})") from None
+        if isinstance(value, str) and _FLOAT.match(value):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        node = data
+        *parents, leaf = key.split(".")
+        for depth, part in enumerate(parents):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(parents[: depth + 1])
+                raise RecipeError(f"override {override!r}: {where} is {child!r}, not a mapping of keys")
+            node = child
+        node[leaf] = value
+    return data
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -100,3 +100,30 @@ def test_evaluate_validate_every_written_before_it_moved_is_read_as_head_validat
     headless = _with(_with(default_data, "evaluate.validate_every", 7), "head", None)
     with pytest.raises(RecipeError, match="has no head"):
         parse_recipe(headless)
+
+
+def test_command_line_overrides_set_typed_values_validated_by_the_schema(tmp_path):
+    overrides = ["head.lr=1e-3", "distill.task_agnostic.steps=7", "seed=3", "distill.loss={name: mse}"]
+    recipe = load_recipe(None, overrides)
+    assert (recipe.head.lr, recipe.distill.task_agnostic.steps, recipe.seed) == (1e-3, 7, 3)
+    assert recipe.distill.loss.name == "mse"
+    assert load_recipe() != recipe and load_recipe(None, []) == load_recipe()
+    for bad, message in [
+        ("head.lrr=1", r"head\.lrr: Extra inputs are not permitted"),
+        ("head.lr=fast", r"head\.lr: Input should be a valid number"),
+        ("seed.x=1", r"seed is 0, not a mapping"),
+        ("head.lr", r"expected dotted\.key=value"),
+        ("head.lr=[1", r"not valid YAML"),
+    ]:
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(None, [bad])
+
+
+def test_cli_overrides_reach_the_resolved_recipe_and_a_bad_one_exits_with_its_key(tmp_path, capsys):
+    from gkd.cli import _resolve_recipe
+
+    recipe, _, resolved = _resolve_recipe(["head.lr=0.25"], str(tmp_path / "run"))
+    assert recipe.head.lr == 0.25 and yaml.safe_load(resolved)["head"]["lr"] == 0.25
+    assert main(["run", "--dry-run", "--out", str(tmp_path / "run"), "head.stepz=3"]) == 2
+    assert "head.stepz: Extra inputs are not permitted" in capsys.readouterr().err
+    assert main(["compare", "recipe_that_is_not_there.yaml", "head.lr=1"]) == 2
