@@ -18,17 +18,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
 from gkd.export.aoti import load_aoti
+from gkd.export.config import RuntimeName
 from gkd.export.onnx import INPUT_NAME, OUTPUT_NAME, onnx_session, prepare_for_export
 from gkd.models.segmentor import Segmentor
 
-RUNTIME_NAMES = ("torch", "torch-cudagraph", "onnxruntime", "onnxruntime-trt", "tensorrt", "aoti", "aoti-cudagraph")
+RUNTIME_NAMES: tuple[str, ...] = get_args(RuntimeName)  # the one list: `gkd.export.config.RuntimeName`
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -9,6 +9,8 @@ linear-probe head (BN + 1x1 conv over concatenated layers), cheap enough for CPU
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -17,13 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 from torch import nn
 
+DecoderName = Literal["uper", "linear", "mask2former"]  # the keys of `DECODERS`
+
 
 class DecoderConfig(BaseModel):
     """Recipe block `decoder:`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["uper", "linear", "mask2former"] = "uper"
+    name: DecoderName = "uper"
     channels: int = Field(256, gt=0, description="decoder width (uper, mask2former)")
     layers: tuple[int, ...] | None = Field(
         None,
@@ -38,14 +42,19 @@ class DecoderConfig(BaseModel):
 
 
 def default_layers(depth: int, name: str) -> tuple[int, ...]:
-    """Four evenly spaced blocks ending at the last one (uper), the last block only (linear), or the GKD
-    authors' Mask2Former taps, blocks [3, 5, 7, 11] of 12 scaled to ``depth`` ([7, 11, 15, 23] of 24)."""
-    if name == "linear":
-        return (depth - 1,)
-    if name == "mask2former":
-        return tuple(round(depth * k / 12) - 1 for k in (4, 6, 8, 12))
+    """The encoder blocks decoder ``name`` reads unless the recipe says (`DecoderSpec.default_layers`)."""
+    return DECODERS[name].default_layers(depth)
+
+
+def _four_evenly_spaced(depth: int) -> tuple[int, ...]:
+    """Four evenly spaced blocks ending at the last one (fewer when ``depth`` < 4)."""
     step = depth / 4
     return tuple(sorted({max(0, round(step * (i + 1)) - 1) for i in range(4)}))
+
+
+def _authors_mask2former_taps(depth: int) -> tuple[int, ...]:
+    """The GKD authors' Mask2Former taps, blocks [3, 5, 7, 11] of 12, scaled to ``depth`` ([7, 11, 15, 23] of 24)."""
+    return tuple(round(depth * k / 12) - 1 for k in (4, 6, 8, 12))
 
 
 class SimpleFeaturePyramid(nn.Module):
@@ -103,6 +112,35 @@ class LinearHead(nn.Module):
         return self.classifier(self.dropout(self.norm(torch.cat(maps, dim=1))))
 
 
+def _mask2former(config: DecoderConfig, embed_dim: int, layers: tuple[int, ...], num_classes: int) -> nn.Module:
+    # Imported here: it needs the optional `transformers` dependency.
+    from gkd.models.mask2former import Mask2FormerHead, mask2former_config
+
+    head_config = mask2former_config(
+        num_classes, config.channels, config.queries, config.pixel_decoder_layers, config.decoder_layers, config.points
+    )
+    return Mask2FormerHead(embed_dim, head_config)
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """A decoder of the registry: how it is built from its recipe block, the encoder width, its taps and the
+    class count; the blocks it reads by default for an encoder of a given depth; how many taps it takes."""
+
+    build: Callable[[DecoderConfig, int, tuple[int, ...], int], nn.Module]
+    default_layers: Callable[[int], tuple[int, ...]]
+    num_layers: int | None = None  # None: any number
+
+
+# The registry (as smp's MODEL_ARCHITECTURES_MAPPING): a new decoder is a class, a line here and a name in
+# `DecoderName`; tests/test_decoders.py checks every entry (any input size, export parity).
+DECODERS: dict[str, DecoderSpec] = {
+    "uper": DecoderSpec(lambda c, dim, _, k: UPerHead(dim, k, c.channels, c.dropout), _four_evenly_spaced, 4),
+    "linear": DecoderSpec(lambda c, dim, taps, k: LinearHead(dim, len(taps), k, c.dropout), lambda d: (d - 1,)),
+    "mask2former": DecoderSpec(_mask2former, _authors_mask2former_taps, 4),
+}
+
+
 def build_decoder(
     config: DecoderConfig, embed_dim: int, depth: int, num_classes: int
 ) -> tuple[nn.Module, tuple[int, ...]]:
@@ -114,25 +152,11 @@ def build_decoder(
         depth: the encoder's number of blocks (for the default taps).
         num_classes: output classes.
     """
-    layers = tuple(config.layers) if config.layers else default_layers(depth, config.name)
-    if config.name in ("uper", "mask2former") and len(layers) != 4:
-        raise ValueError(f"decoder.layers: {config.name} takes 4 layers, got {layers}")
-    if config.name == "uper":
-        return UPerHead(embed_dim, num_classes, config.channels, config.dropout), layers
-    if config.name == "mask2former":
-        # Imported here: it needs the optional `transformers` dependency.
-        from gkd.models.mask2former import Mask2FormerHead, mask2former_config
-
-        head_config = mask2former_config(
-            num_classes,
-            config.channels,
-            config.queries,
-            config.pixel_decoder_layers,
-            config.decoder_layers,
-            config.points,
-        )
-        return Mask2FormerHead(embed_dim, head_config), layers
-    return LinearHead(embed_dim, len(layers), num_classes, config.dropout), layers
+    spec = DECODERS[config.name]
+    layers = tuple(config.layers) if config.layers else spec.default_layers(depth)
+    if spec.num_layers is not None and len(layers) != spec.num_layers:
+        raise ValueError(f"decoder.layers: {config.name} takes {spec.num_layers} layers, got {layers}")
+    return spec.build(config, embed_dim, layers, num_classes), layers
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
