@@ -23,6 +23,10 @@ Modes:
   (`gkd.compress.trainer.build_loader`, ``--workers`` per rank, pinned memory, non-blocking copies) over
   ``--data`` (``synthetic`` scenes or CamVid frames from ``--data-root``, the recipe-style training transform
   at ``--img-size``) instead of one fixed batch on the device: ``fed / tuned`` says whether the loader keeps up.
+* ``cached``: the fed step reading the teacher's outputs from a teacher-output cache (``distill.teacher_cache``:
+  `gkd.compress.teacher_cache`, ``--views`` views per image stored in ``--cache-dtype``) instead of running the
+  teacher: ``cached / fed`` is what the cache buys a stage-1 step. The cache is built once before the timed steps
+  (``cache_build_s``, paid once for every job that reads it) in a temporary folder.
 
 FLOPs per step (forward + backward of the student and the loss heads, the teacher's forward) are counted once
 with ``torch.utils.flop_counter`` on the eager step; MFU = achieved FLOP/s over the device's measured
@@ -43,6 +47,9 @@ Examples::
         --img-size 512 --batch-size 8 --steps 20 --warmup 5 --device cuda --out results.json
     # CPU smoke version with small widths:
     python benchmarks/distill_throughput.py --tiny --device cpu --img-size 112 --batch-size 4 --steps 10 --warmup 3
+    # The CamVid benchmark's pair on CPU, online teacher against the teacher-output cache:
+    python benchmarks/distill_throughput.py --recipe recipes/camvid_day2dusk.yaml --device cpu --batch-size 8 \
+        --modes fed cached --data camvid --data-root ../shared/data/CamVid --workers 0 --steps 10 --repeats 3
     # A recipe's teacher / student / loss / image size:
     python benchmarks/distill_throughput.py --recipe recipes/gtav2real/f2l_dinov2l_deitb_gkd.yaml --device cuda
 """
@@ -58,6 +65,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 # Small widths for --tiny (CPU smoke runs): architecture families and patch sizes are kept.
@@ -72,7 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--student", default="deit_base", help="zoo spec or timm ViT name")
     parser.add_argument("--loss", default="qsd", help="distillation loss (feature kind): qsd, mse, cwd, vitkd, ...")
     parser.add_argument("--loss-options", default="{}", help="loss options as JSON")
-    parser.add_argument("--img-size", type=int, default=512)
+    parser.add_argument("--teacher-kwargs", default="{}", help="timm kwargs of the teacher, JSON")
+    parser.add_argument("--student-kwargs", default="{}", help="timm kwargs of the student, JSON")
+    parser.add_argument("--img-size", type=int, nargs="+", default=[512], help="N, or H W")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per window")
     parser.add_argument("--repeats", type=int, default=1, help="timed windows; the median window is reported")
@@ -80,8 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tiny", action="store_true", help="small widths (CPU smoke runs)")
     parser.add_argument(
-        "--modes", nargs="+", choices=("eager", "eager-amp", "tuned", "fed"), default=["eager", "eager-amp", "tuned"]
+        "--modes",
+        nargs="+",
+        choices=("eager", "eager-amp", "tuned", "fed", "cached"),
+        default=["eager", "eager-amp", "tuned"],
     )
+    parser.add_argument("--views", type=int, default=4, help="cached mode: augmented views per image in the cache")
+    parser.add_argument("--cache-dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="cached mode")
     parser.add_argument("--data", choices=("synthetic", "camvid"), default="synthetic", help="images of the fed mode")
     parser.add_argument("--data-root", help="dataset folder for --data camvid")
     parser.add_argument("--workers", default="auto", help="loader workers of the fed mode: auto or a number")
@@ -105,13 +120,15 @@ def resolve_setup(args: argparse.Namespace) -> dict[str, Any]:
     """Teacher / student / loss / image size, from the command line or a recipe."""
     setup = {
         "teacher": args.teacher,
-        "teacher_kwargs": {},
+        "teacher_kwargs": json.loads(args.teacher_kwargs),
         "student": args.student,
-        "student_kwargs": {},
+        "student_kwargs": json.loads(args.student_kwargs),
         "loss": args.loss,
         "loss_options": json.loads(args.loss_options),
-        "img_size": args.img_size,
+        "img_size": list(args.img_size) * (3 - len(args.img_size)),
     }
+    if len(setup["img_size"]) != 2:
+        raise SystemExit(f"--img-size: N or H W, got {args.img_size}")
     if args.recipe:
         from gkd.recipe import load_recipe
 
@@ -123,10 +140,8 @@ def resolve_setup(args: argparse.Namespace) -> dict[str, Any]:
             student_kwargs=dict(recipe.models.student.kwargs),
             loss=recipe.distill.loss.name,
             loss_options=dict(recipe.distill.loss.options),
-            img_size=recipe.data.img_size[0],
+            img_size=list(recipe.data.img_size),
         )
-        if recipe.data.img_size[0] != recipe.data.img_size[1]:
-            raise SystemExit(f"--recipe: this benchmark uses square images, the recipe has {recipe.data.img_size}")
     from gkd.compress.losses import loss_needs
 
     if not loss_needs(setup["loss"]).two_stage:
@@ -153,7 +168,7 @@ def run_mode(mode: str, args: argparse.Namespace, setup: dict[str, Any]) -> dict
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
-    tuned = mode in ("tuned", "fed")
+    tuned = mode in ("tuned", "fed", "cached")
     precision = args.tuned_precision if tuned else ("bf16" if mode == "eager-amp" else "fp32")
     if precision == "auto":
         precision = "bf16" if cuda else "fp32"
@@ -166,8 +181,12 @@ def run_mode(mode: str, args: argparse.Namespace, setup: dict[str, Any]) -> dict
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, **({"fused": True} if tuned else {}))
     step_fn = torch.compile(objective) if tuned else objective
-    fixed_batch = {"image": torch.rand(args.batch_size, 3, size, size, device=device)}
-    next_batch = fed_batches(args, size, device) if mode == "fed" else lambda: fixed_batch
+    fixed_batch = {"image": torch.rand(args.batch_size, 3, *size, device=device)}
+    extra: dict[str, Any] = {}
+    if mode == "cached":
+        next_batch = cached_batches(args, size, objective, device, extra)
+    else:
+        next_batch = fed_batches(args, size, device) if mode == "fed" else lambda: fixed_batch
 
     def step() -> torch.Tensor:
         batch = next_batch()
@@ -207,7 +226,8 @@ def run_mode(mode: str, args: argparse.Namespace, setup: dict[str, Any]) -> dict
         "teacher_dtype": str(teacher_dtype).removeprefix("torch."),
         "compiled": tuned,
         "fused_adamw": tuned,
-        "data": f"loader over {args.data}, workers {args.workers}" if mode == "fed" else "a fixed batch on the device",
+        "data": f"loader over {args.data}, workers {args.workers}" if mode in ("fed", "cached") else "a fixed batch",
+        **extra,
         "steps": args.steps,
         "repeats": args.repeats,
         "seconds": elapsed,
@@ -238,8 +258,8 @@ def build_objective(args: argparse.Namespace, setup: dict[str, Any], device, tea
 
     torch.manual_seed(args.seed)
     size = setup["img_size"]
-    teacher = create_backbone(setup["teacher"], **{"img_size": size, **setup["teacher_kwargs"]})
-    student = create_backbone(setup["student"], **{"img_size": size, **setup["student_kwargs"]})
+    teacher = create_backbone(setup["teacher"], **{**setup["teacher_kwargs"], "img_size": tuple(size)})
+    student = create_backbone(setup["student"], **{**setup["student_kwargs"], "img_size": tuple(size)})
     loss = build_loss(setup["loss"], setup["loss_options"], student.embed_dim, teacher.embed_dim)
     return DistillObjective(student, loss, teacher.to(device), teacher_dtype).to(device).train()
 
@@ -253,21 +273,48 @@ def count_step_flops(args: argparse.Namespace, setup: dict[str, Any]) -> int:
     device = torch.device(args.device)
     objective = build_objective(args, setup, device, torch.float32)
     size = setup["img_size"]
-    batch = {"image": torch.rand(args.batch_size, 3, size, size, device=device)}
+    batch = {"image": torch.rand(args.batch_size, 3, *size, device=device)}
     counter = FlopCounterMode(display=False)
     with counter:
         objective(batch)["loss"].backward()
     return int(counter.get_total_flops())
 
 
-def fed_batches(args: argparse.Namespace, size: int, device):
-    """A function returning the next batch of the trainer's loader over ``--data``, copied to ``device``."""
+def cached_batches(args: argparse.Namespace, size: list[int], objective, device, extra: dict[str, Any]):
+    """`fed_batches` over the views of a teacher-output cache built here first (its build time, views and bytes
+    per view go into ``extra``); each batch carries the teacher's outputs, so the objective skips the teacher."""
+    import tempfile
+
+    from loader_throughput import benchmark_dataset  # beside this script
+
+    from gkd.compress.teacher_cache import TeacherViews, open_or_build
+
+    dataset = benchmark_dataset(args.data, tuple(size), args.data_root, cache=True)
+    folder = Path(tempfile.mkdtemp(prefix="teacher_cache_"))
+    start = time.perf_counter()
+    spec = {"benchmark": "distill_throughput", "seed": args.seed}
+    cache = open_or_build(
+        folder, spec, dataset, objective.teacher_outputs, args.views, args.cache_dtype, device, args.batch_size
+    )
+    extra.update(
+        cache_build_s=time.perf_counter() - start,
+        cache_views=len(dataset) * args.views,
+        cache_bytes_per_view=cache.bytes_per_view,
+        cache_dtype=args.cache_dtype,
+    )
+    return fed_batches(args, size, device, TeacherViews(dataset, args.views, cache))
+
+
+def fed_batches(args: argparse.Namespace, size: list[int], device, dataset=None):
+    """A function returning the next batch of the trainer's loader over ``--data`` (or ``dataset``), copied to
+    ``device``; every tensor of the batch but the label travels (cached teacher outputs included)."""
+    import torch
     from loader_throughput import benchmark_dataset  # beside this script
 
     from gkd.compress.trainer import ResumableSampler, build_loader
     from gkd.utils.runtime import DistInfo, resolve_num_workers
 
-    dataset = benchmark_dataset(args.data, size, args.data_root)
+    dataset = dataset if dataset is not None else benchmark_dataset(args.data, tuple(size), args.data_root, cache=True)
     workers = resolve_num_workers(args.workers if args.workers == "auto" else int(args.workers), device)
     sampler = ResumableSampler(len(dataset), seed=args.seed, info=DistInfo())
     loader = build_loader(dataset, args.batch_size, sampler, workers, device, args.seed)
@@ -280,7 +327,8 @@ def fed_batches(args: argparse.Namespace, size: int, device):
             sampler.epoch += 1
             state["iterator"] = iter(loader)
             batch = next(state["iterator"])
-        return {"image": batch["image"].to(device, non_blocking=True)}
+        tensors = {key: value for key, value in batch.items() if isinstance(value, torch.Tensor) and key != "label"}
+        return {key: value.to(device, non_blocking=True) for key, value in tensors.items()}
 
     print(f"fed: {len(dataset)} {args.data} samples, {workers} loader workers", file=sys.stderr)
     return next_batch
@@ -380,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = args.peak_tflops or _child(argv, "peak")["peak_tflops"]
     report.update(flops_per_step=flops, peak_bf16_matmul_tflops=peak)
     for mode, result in results.items():
+        if mode == "cached":  # it skips the teacher's share of the step's FLOPs: no MFU
+            continue
         result["tflops_per_s"] = flops * result["steps"] / result["seconds"] / 1e12
         result["mfu"] = result["tflops_per_s"] / peak
         print(f"{mode:>9}: {result['tflops_per_s']:.3g} TFLOP/s = {100 * result['mfu']:.1f}% of {peak:.3g} (bf16 mm)")
@@ -387,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         "tuned/eager": ("tuned", "eager"),
         "tuned/eager-amp": ("tuned", "eager-amp"),
         "fed/tuned": ("fed", "tuned"),
+        "cached/fed": ("cached", "fed"),
     }
     report["ratios"] = {
         name: results[a]["images_per_s"] / results[b]["images_per_s"]

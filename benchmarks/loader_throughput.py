@@ -28,11 +28,12 @@ from gkd.data.transforms import TrainTransformConfig, build_train_transform
 from gkd.utils.runtime import DistInfo, available_cpus
 
 
-def benchmark_dataset(kind: str, crop: int, root: Path | None = None, cache: bool = False):
-    """A labeled training dataset with the recipe-style transform at ``crop`` x ``crop``."""
-    transform = build_train_transform(TrainTransformConfig(crop_size=(crop, crop), scale_range=(0.5, 2.0)))
+def benchmark_dataset(kind: str, crop: int | tuple[int, int], root: Path | None = None, cache: bool = False):
+    """A labeled training dataset with the recipe-style transform at ``crop`` (``N`` or ``(H, W)``)."""
+    crop = (crop, crop) if isinstance(crop, int) else tuple(crop)
+    transform = build_train_transform(TrainTransformConfig(crop_size=crop, scale_range=(0.5, 2.0)))
     if kind == "synthetic":
-        options = {"domain": "day", "num_samples": 256, "size": [crop, crop]}
+        options = {"domain": "day", "num_samples": 256, "size": list(crop)}
         config = DatasetConfig(name="synthetic", split="train", options=options, cache=cache)
     elif kind == "camvid":
         if root is None or not Path(root).is_dir():
