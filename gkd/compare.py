@@ -67,6 +67,8 @@ from gkd.utils.process import die_with_parent
 if TYPE_CHECKING:
     import torch
 
+    from gkd.tracking import Trackers
+
 log = logging.getLogger("gkd")
 
 
@@ -435,17 +437,28 @@ def run_comparison(
     methods: list[str] | None = None,
     max_seeds: int | None = None,
 ) -> dict:
-    """Run every job not yet complete (``workers`` at a time), then write the comparison report."""
-    from gkd.report.comparison import write_comparison
+    """Run every job not yet complete (``workers`` at a time), then write the comparison report; with trackers
+    in the recipe's ``logging``, one parent run with a child run per finished job (`gkd.tracking`)."""
+    from gkd.report.comparison import COMPARISON_JSON, COMPARISON_MD, write_comparison
+    from gkd.tracking import trackers
 
     jobs = plan(recipe, out, methods, max_seeds)
     check_same_recipe(out, recipe, "a comparison")
+    backends = trackers(recipe, out)  # connected now: a tracker that is not installed fails before any training
     write_text(out / RECIPE_FILE, dump_recipe(recipe))
     failures = run_jobs(jobs, out, workers, device)
     backfill_figure_frames(jobs, device)
     backfill_fidelity(jobs, out, device)
-    if failures:
-        if any(job.done() for job in jobs):  # what did finish is still tabulated
-            write_comparison(recipe, jobs, out)
+    summary = write_comparison(recipe, jobs, out) if not failures or any(job.done() for job in jobs) else None
+    track_jobs(backends, recipe, "compare", jobs, [out / name for name in (COMPARISON_JSON, COMPARISON_MD)])
+    if failures:  # what did finish is still tabulated
         raise ComparisonError("compare: " + "; ".join(failures))
-    return write_comparison(recipe, jobs, out)
+    return summary
+
+
+def track_jobs(backends: Trackers | None, recipe: Recipe, kind: str, jobs: list[Job], artifacts: list[Path]) -> None:
+    """The command's parent run and a child run per finished job (`gkd.tracking.track_group`)."""
+    from gkd.tracking import TrackedJob, track_group
+
+    finished = [TrackedJob(job_name(job), job.recipe, job.dir, job.student) for job in jobs if job.done()]
+    track_group(backends, recipe, kind, finished, artifacts)
