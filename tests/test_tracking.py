@@ -54,7 +54,7 @@ def test_a_recipe_without_logging_is_byte_for_byte_unchanged(tmp_path):
         assert records[0] == records[1], stage.name
     (tmp_path / "recipe.resolved.yaml").write_text(dump_recipe(untracked))
     check_same_recipe(tmp_path, tracked)  # a run dir accepts a new tracker
-    with pytest.raises(RecipeError, match="logging.wandb.mode"):
+    with pytest.raises(RecipeError, match=r"logging\.wandb\.mode"):
         load_recipe(_recipe(tmp_path / "bad.yaml", {"wandb": {"mode": "offlin"}}))
 
 
