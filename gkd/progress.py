@@ -104,10 +104,14 @@ class LiveView:
         self.started = time.time()
         self.first_done_steps: int | None = None
         self.last: list[dict] | None = None
-        self.bar = tqdm(
-            total=len(jobs), desc=command, dynamic_ncols=True, bar_format="{desc} {n}/{total} jobs done {postfix}"
-        )
         terminal = sys.stderr.isatty()
+        self.bar = tqdm(
+            total=len(jobs),
+            desc=command,
+            dynamic_ncols=True,
+            mininterval=0.5 if terminal else 30.0,  # a log file gets a line every 30 s, not every poll
+            bar_format="{desc} {n}/{total} jobs done {postfix}",
+        )
         self.lines = [tqdm(bar_format="{desc}", position=i + 1, leave=False) for i in range(lines if terminal else 0)]
 
     def update(self, states: dict[str, str]) -> dict:
@@ -121,11 +125,12 @@ class LiveView:
             write_json(self.status_file, current)
             self.last = entries
         counts = current["counts"]
-        self.bar.n = counts["done"]
         self.bar.set_postfix_str(
             f"{counts['running']} running, {counts['queued']} queued, {counts['failed']} failed | "
-            f"elapsed {_format_duration(current['elapsed_s'])}, ETA {_format_duration(current['eta_s'])}"
+            f"elapsed {_format_duration(current['elapsed_s'])}, ETA {_format_duration(current['eta_s'])}",
+            refresh=False,
         )
+        self.bar.update(counts["done"] - self.bar.n)  # redraws at most every mininterval
         running = [e for e in entries if e["state"] == "running"]
         for index, line in enumerate(self.lines):
             entry = running[index] if index < len(running) else None
