@@ -972,9 +972,7 @@ def run_one(run: Run, stage: Stage) -> None:
     run_stage(run, stage, decision.scratch, hashes)
 
 
-def run_all(
-    run: Run, force: tuple[str, ...] = (), on_stage_end: Callable[[Stage], None] | None = None
-) -> list[str]:
+def run_all(run: Run, force: tuple[str, ...] = (), on_stage_end: Callable[[Stage], None] | None = None) -> list[str]:
     """Every needed stage in order, skipping those that are up to date; ``force`` names stages to redo from
     scratch with everything downstream of them; ``on_stage_end(stage)`` runs after each stage that ran (e.g.
     `gkd.tracking`). Returns the names of the stages that ran."""
