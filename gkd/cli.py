@@ -155,6 +155,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     import torch
 
     from gkd.pipeline import RECORDS_DIR, Run, check_run_inputs, run_all, run_one
+    from gkd.tracking import tracked_run
     from gkd.utils.cpu import choose_threads
     from gkd.utils.install import onnxruntime_install_problem
     from gkd.utils.io import remove_temporary_files, write_text
@@ -192,10 +193,12 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
                 check_run_inputs(run, stages, full=args.check_data == "full").raise_if_problems()
                 write_text(run_dir / RECIPE_FILE, resolved)
             seed_everything(recipe.seed + info.rank)
-            if args.command == "run":
-                run_all(run, force=tuple(args.force or ()))
-            else:
-                run_one(run, stages[0])
+            with tracked_run(recipe, run_dir) if info.is_main else nullcontext() as tracking:
+                synced = None if tracking is None else lambda stage: tracking.sync_metrics(run_dir)
+                if args.command == "run":
+                    run_all(run, force=tuple(args.force or ()), on_stage_end=synced)
+                else:
+                    run_one(run, stages[0])
     except BaseException:
         if created and not (run_dir / RECORDS_DIR).exists():  # nothing ran: leave no half-made run dir behind
             shutil.rmtree(run_dir, ignore_errors=True)

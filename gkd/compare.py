@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from gkd.progress import STATUS_FILE, JobSteps, LiveView, write_progress
 from gkd.recipe import Recipe, RecipeError, dump_recipe, merge, parse_recipe
 from gkd.rundir import (
     CEILING_FILE,
@@ -65,6 +66,8 @@ from gkd.utils.process import die_with_parent
 
 if TYPE_CHECKING:
     import torch
+
+    from gkd.tracking import Trackers
 
 log = logging.getLogger("gkd")
 
@@ -200,6 +203,7 @@ def run_job(job: Job, teacher_file: Path, device: str, threads: int, teacher_cac
     setup_logging(job.dir / LOGS_DIR, console=False)
     sys.stderr = (job.dir / LOGS_DIR / "progress.log").open("a")  # progress bars of parallel jobs, kept apart
     write_text(job.dir / RECIPE_FILE, dump_recipe(job.recipe))
+    write_progress(job.dir, "starting")
     start = time.perf_counter()
     seed_everything(job.recipe.seed)
     run = Run(job.recipe, job.dir, resolve_device(device), DistInfo(), teacher_caches=teacher_caches)
@@ -211,6 +215,7 @@ def run_job(job: Job, teacher_file: Path, device: str, threads: int, teacher_cac
             run_stage(run, stage)
     if job.student in ("frozen", "ceiling") and not run.file(model_file(job)).is_file():
         train_frozen_encoder_head(run, "teacher" if job.student == "ceiling" else "student")
+    write_progress(job.dir, "evaluate")
     metrics = evaluate_segmentors(run, {"model": model_file(job)})["model"]
     tokens_file = teacher_file.parent / FIDELITY_TEACHER_FILE
     if job.student == "teacher" or job.recipe.teacher_training is None:
@@ -331,9 +336,57 @@ def _link(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def run_jobs(jobs: list[Job], out: Path, workers: int = 2, device: str = "cpu") -> list[str]:
-    """Run every job of ``jobs`` not yet complete, ``workers`` at a time, the teacher first; returns the
-    failures (each naming its job and log folder)."""
+def job_name(job: Job) -> str:
+    """A job's name in the live view, ``status.json`` and trackers: ``teacher``, ``<method>/seed<k>``."""
+    return job.method if job.method == TEACHER_JOB else f"{job.method}/seed{job.seed}"
+
+
+def job_steps(job: Job) -> JobSteps:
+    """A job's training phases in order with their steps (the live view's progress and ETA)."""
+    recipe, distill = job.recipe, job.recipe.distill
+    if job.student == "teacher":
+        phases = [(TEACHER_JOB, recipe.teacher_training.steps)]
+    elif job.student == "no_kd":
+        phases = [("no_kd", recipe.compare.no_kd.steps)]
+    elif job.student in ("frozen", "ceiling"):
+        phases = [(job.student, recipe.head.steps)]
+    elif distill.schedule == "one_stage":
+        phases = [("distill_joint", distill.joint.steps)]
+    else:
+        stage1 = {"distill_task_agnostic": distill.task_agnostic, "distill_domain_agnostic": distill.domain_agnostic}
+        phases = [(name, config.steps) for name, config in stage1.items() if config is not None]
+        phases.append(("head", recipe.head.steps))
+    return JobSteps(job_name(job), job.dir, tuple(phases))
+
+
+def _collect(finished: set[Future], running: dict[Future, Job], states: dict[str, str], view: LiveView) -> list[str]:
+    """Record the finished jobs (done or failed) in ``states``; returns the failures."""
+    failures = []
+    for future in finished:
+        job = running.pop(future)
+        if future.exception() is not None:
+            states[job_name(job)] = "failed"
+            failures.append(f"{job.method} seed {job.seed}: {future.exception()} (log: {job.dir / 'logs'})")
+            log.error("compare: %s", failures[-1])
+            continue
+        states[job_name(job)] = "done"
+        result = future.result()
+        domains = ", ".join(f"{d} {m['miou']:.1f}" for d, m in result["domains"].items())
+        view.write(f"{job.method} seed {job.seed}: {domains} ({result['seconds'] / 60:.1f} min)")
+    return failures
+
+
+def run_jobs(
+    jobs: list[Job],
+    out: Path,
+    workers: int = 2,
+    device: str = "cpu",
+    status_file: Path | None = None,
+    command: str = "compare",
+) -> list[str]:
+    """Run every job of ``jobs`` not yet complete, ``workers`` at a time, the teacher first, under one live view
+    that also writes ``status_file`` (default ``out/status.json``); returns the failures (each naming its job and
+    log folder)."""
     threads = max(1, available_cpus() // workers) if device == "cpu" else 1
     teacher = next((job for job in jobs if job.method == TEACHER_JOB), None)
     teacher_file = out / TEACHER_JOB / TEACHER_FILE
@@ -347,37 +400,30 @@ def run_jobs(jobs: list[Job], out: Path, workers: int = 2, device: str = "cpu") 
         "compare: %d jobs, %d to run, %d workers x %d threads, in %s", len(jobs), len(pending), workers, threads, out
     )
     failures: list[str] = []
-    if not pending:  # all reused: no worker processes to start
-        return failures
-    with (
-        ProcessPoolExecutor(workers, get_context("spawn"), initializer=die_with_parent) as pool,
-        tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="compare", unit="job") as progress,
-    ):
-        running: dict[Future, Job] = {}
+    states = {job_name(job): "done" for job in jobs if job.done()}
+    view = LiveView(command, [job_steps(job) for job in jobs], status_file or out / STATUS_FILE, workers)
+    try:
+        if not pending:  # all reused: no worker processes to start
+            return failures
+        with ProcessPoolExecutor(workers, get_context("spawn"), initializer=die_with_parent) as pool:
+            running: dict[Future, Job] = {}
 
-        def ready(job: Job) -> bool:
-            return job is teacher or not needs_teacher(job) or teacher_done()
+            def submit_ready() -> None:
+                for job in [job for job in pending if job is teacher or not needs_teacher(job) or teacher_done()]:
+                    pending.remove(job)
+                    states[job_name(job)] = "running"  # the view shows it queued until its worker starts it
+                    running[pool.submit(run_job, job, teacher_file, device, threads, out / TEACHER_CACHE_DIR)] = job
 
-        def submit_ready() -> None:
-            for job in [job for job in pending if ready(job)]:
-                pending.remove(job)
-                running[pool.submit(run_job, job, teacher_file, device, threads, out / TEACHER_CACHE_DIR)] = job
-
-        submit_ready()
-        while running:
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                job = running.pop(future)
-                progress.update()
-                if future.exception() is not None:
-                    failures.append(f"{job.method} seed {job.seed}: {future.exception()} (log: {job.dir / 'logs'})")
-                    log.error("compare: %s", failures[-1])
-                    continue
-                result = future.result()
-                domains = ", ".join(f"{d} {m['miou']:.1f}" for d, m in result["domains"].items())
-                progress.write(f"{job.method} seed {job.seed}: {domains} ({result['seconds'] / 60:.1f} min)")
-            if teacher_done() or not any(needs_teacher(job) for job in pending):
-                submit_ready()
+            submit_ready()
+            while running:
+                view.update(states)
+                finished, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+                failures += _collect(finished, running, states, view)
+                if teacher_done() or not any(needs_teacher(job) for job in pending):
+                    submit_ready()
+    finally:
+        view.update(states)
+        view.close()
     if pending and not teacher_done():
         failures.append(f"{len(pending)} jobs not run: the teacher did not finish")
     return failures
@@ -391,17 +437,28 @@ def run_comparison(
     methods: list[str] | None = None,
     max_seeds: int | None = None,
 ) -> dict:
-    """Run every job not yet complete (``workers`` at a time), then write the comparison report."""
-    from gkd.report.comparison import write_comparison
+    """Run every job not yet complete (``workers`` at a time), then write the comparison report; with trackers
+    in the recipe's ``logging``, one parent run with a child run per finished job (`gkd.tracking`)."""
+    from gkd.report.comparison import COMPARISON_JSON, COMPARISON_MD, write_comparison
+    from gkd.tracking import trackers
 
     jobs = plan(recipe, out, methods, max_seeds)
     check_same_recipe(out, recipe, "a comparison")
+    backends = trackers(recipe, out)  # connected now: a tracker that is not installed fails before any training
     write_text(out / RECIPE_FILE, dump_recipe(recipe))
     failures = run_jobs(jobs, out, workers, device)
     backfill_figure_frames(jobs, device)
     backfill_fidelity(jobs, out, device)
-    if failures:
-        if any(job.done() for job in jobs):  # what did finish is still tabulated
-            write_comparison(recipe, jobs, out)
+    summary = write_comparison(recipe, jobs, out) if not failures or any(job.done() for job in jobs) else None
+    track_jobs(backends, recipe, "compare", jobs, [out / name for name in (COMPARISON_JSON, COMPARISON_MD)])
+    if failures:  # what did finish is still tabulated
         raise ComparisonError("compare: " + "; ".join(failures))
-    return write_comparison(recipe, jobs, out)
+    return summary
+
+
+def track_jobs(backends: Trackers | None, recipe: Recipe, kind: str, jobs: list[Job], artifacts: list[Path]) -> None:
+    """The command's parent run and a child run per finished job (`gkd.tracking.track_group`)."""
+    from gkd.tracking import TrackedJob, track_group
+
+    finished = [TrackedJob(job_name(job), job.recipe, job.dir, job.student) for job in jobs if job.done()]
+    track_group(backends, recipe, kind, finished, artifacts)

@@ -47,7 +47,7 @@ from gkd.models.segmentor import Segmentor
 from gkd.models.weights import check_fit
 from gkd.models.zoo import create_backbone_from_config, with_patch_size
 from gkd.preflight import CHECKS_DIR, CheckResult, DataUse, TrainingUse, preflight
-from gkd.recipe import OptimConfig, Recipe
+from gkd.recipe import OptimConfig, Recipe, results_settings
 from gkd.rundir import (
     BENCHMARK_FILE,
     BEST_SEGMENTOR_FILE,
@@ -853,7 +853,7 @@ def consumed(run: Run, stage: Stage, hashes: FileHashes) -> dict:
     """What ``stage`` consumes now: hashes of its recipe sections, its run-directory inputs, the recipe's
     weight files it loads, and the fingerprints of the splits it reads (from the pre-flight check)."""
     recipe = run.recipe
-    dumped = recipe.model_dump(mode="json")
+    dumped = results_settings(recipe)  # no tracker settings: a new tracking URI reruns nothing
     weights = {role: getattr(recipe.models, role).weights for role in stage.weights}
     record = {
         "recipe": {section or "(all)": _hash_json(_section(dumped, section)) for section in stage.sections},
@@ -972,9 +972,10 @@ def run_one(run: Run, stage: Stage) -> None:
     run_stage(run, stage, decision.scratch, hashes)
 
 
-def run_all(run: Run, force: tuple[str, ...] = ()) -> list[str]:
+def run_all(run: Run, force: tuple[str, ...] = (), on_stage_end: Callable[[Stage], None] | None = None) -> list[str]:
     """Every needed stage in order, skipping those that are up to date; ``force`` names stages to redo from
-    scratch with everything downstream of them. Returns the names of the stages that ran."""
+    scratch with everything downstream of them; ``on_stage_end(stage)`` runs after each stage that ran (e.g.
+    `gkd.tracking`). Returns the names of the stages that ran."""
     forced = downstream(run.recipe, force) if force else set()
     hashes = FileHashes(run.file(RECORDS_DIR) / HASHES_FILE)
     ran = []
@@ -993,6 +994,8 @@ def run_all(run: Run, force: tuple[str, ...] = ()) -> list[str]:
         )
         run_stage(run, stage, decision.scratch, hashes)
         ran.append(stage.name)
+        if on_stage_end is not None:
+            on_stage_end(stage)
     if run.info.is_main:
         hashes.save()
     return ran

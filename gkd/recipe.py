@@ -180,6 +180,41 @@ class CompareConfig(_Strict):
     )
 
 
+class MlflowConfig(_Strict):
+    """An MLflow tracking store (no server needed)."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="e.g. sqlite:///runs/mlflow.db; a plain directory (or file: URI) means DIR/mlflow.db in it; "
+        "null: MLFLOW_TRACKING_URI, else mlflow.db in the command's output directory",
+    )
+    experiment: str | None = Field(None, description="experiment name; default: the recipe's name")
+    artifact_location: str | None = Field(
+        None, description="where a new experiment keeps artifacts; default: mlartifacts/ beside a sqlite file"
+    )
+
+
+class WandbConfig(_Strict):
+    """A Weights & Biases run; offline by default (``wandb sync`` uploads it later)."""
+
+    project: str | None = Field(None, description="default: the recipe's name")
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    dir: str | None = Field(None, description="where wandb/ is written; default: the command's output directory")
+    entity: str | None = None
+
+
+class LoggingConfig(_Strict):
+    """Experiment trackers a run also reports to (`gkd.tracking`); none by default. Never part of a stage's
+    record: changing a tracker reruns nothing."""
+
+    mlflow: MlflowConfig | None = None
+    wandb: WandbConfig | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.mlflow is not None or self.wandb is not None
+
+
 class Recipe(_Strict):
     name: str = "recipe"
     seed: int = 0
@@ -195,6 +230,16 @@ class Recipe(_Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="experiment trackers (gkd.tracking)")
+
+    @model_serializer(mode="wrap")
+    def _without_unset_logging(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """No ``logging`` key while no tracker is set: resolved recipes and report files of recipes without
+        one stay byte for byte what they were before trackers existed."""
+        dumped = handler(self)
+        if not self.logging.enabled:
+            dumped.pop("logging", None)
+        return dumped
 
     @model_validator(mode="before")
     @classmethod
@@ -367,6 +412,13 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
 
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def results_settings(recipe: Recipe) -> dict:
+    """The recipe as a JSON-ready dict less ``logging``: what results depend on (trackers change none)."""
+    dumped = recipe.model_dump(mode="json")
+    dumped.pop("logging", None)
+    return dumped
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -33,6 +33,7 @@ PARETO_FILE = "pareto.png"
 MODEL_CARD_FILE = "MODEL_CARD.md"
 LOGS_DIR = "logs"
 LOG_FILE = "gkd.log"
+PROGRESS_FILE = f"{LOGS_DIR}/progress.json"  # a job's current phase and step (gkd.progress), rewritten as it trains
 SOURCE_DOMAIN = "source"  # the held-out source split among the evaluated domains
 RESULT_FILE = "result.json"  # a compare job's metrics, written last: the job is complete when it exists
 TEACHER_JOB = "teacher"  # the compare job (and output sub-folder) that trains the shared teacher
@@ -72,8 +73,10 @@ REPORT_ONLY_COMPARE_KEYS = ("reference_domain", "figure_methods", "paired_with")
 
 
 def _what_results_depend_on(recipe: Recipe) -> dict:
-    """The recipe as a dict, less the comparison report's presentation keys."""
-    settings = recipe.model_dump(mode="json")
+    """The recipe as a dict, less its trackers and the comparison report's presentation keys."""
+    from gkd.recipe import results_settings
+
+    settings = results_settings(recipe)  # trackers (``logging``) change no result
     for key in REPORT_ONLY_COMPARE_KEYS:
         settings["compare"].pop(key)
     return settings

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 import yaml
 
-from gkd.compare import ComparisonError, plan, run_jobs
-from gkd.recipe import MethodConfig, Recipe, RecipeError, dump_recipe, load_recipe, parse_recipe
+from gkd.compare import ComparisonError, plan, run_jobs, track_jobs
+from gkd.progress import STATUS_FILE
+from gkd.recipe import MethodConfig, Recipe, RecipeError, dump_recipe, load_recipe, parse_recipe, results_settings
 from gkd.report.pareto import pareto_front, pareto_plot
 from gkd.utils.io import write_json, write_text
 
@@ -224,7 +225,7 @@ def _claim_folder(recipe: Recipe, out: Path) -> Recipe:
     out.mkdir(parents=True, exist_ok=True)
     saved = out / SWEEP_RECIPE_FILE
     base = recipe.model_copy(update={"compare": recipe.compare.model_copy(update={"methods": {}})})
-    if saved.is_file() and load_recipe(saved) != base:
+    if saved.is_file() and results_settings(load_recipe(saved)) != results_settings(base):  # trackers may change
         raise RecipeError(f"{out} holds a sweep of another recipe ({saved}); use a new --out directory")
     write_text(saved, dump_recipe(base))
     return base
@@ -264,20 +265,25 @@ def run_sweep(
         device: ``cpu`` or ``cuda``.
         max_latency_ms: also report the best student x runtime at or under this latency.
     """
+    from gkd.tracking import trackers
+
     specs = [parse_student(text) for text in students]
     if len({spec.key for spec in specs}) != len(specs):
         raise ValueError("--students lists a student twice")
     sizes = [parse_img_size(text) for text in img_sizes] if img_sizes else [tuple(recipe.data.img_size)]
     base = _claim_folder(recipe, out)
+    backends = trackers(recipe, out)  # connected now: a tracker that is not installed fails before any training
     points: list[dict] = []
+    every_job: list = []
     failures: list[str] = []
     for size in sizes:
         sized = base if not img_sizes else sized_recipe(base, size)
         folder = out if not img_sizes else out / f"{size[0]}x{size[1]}"
         jobs = plan(sweep_recipe(sized, specs), folder)
-        failures += run_jobs(jobs, folder, workers, device)
+        failures += run_jobs(jobs, folder, workers, device, out / STATUS_FILE, "sweep")
         failures += _benchmark_jobs(jobs, device)
         points += _points(jobs, size)
+        every_job += jobs
     if not points:
         raise ComparisonError("sweep: no student was benchmarked; " + "; ".join(failures))
     front = pareto_front(points)
@@ -296,4 +302,5 @@ def run_sweep(
         summary["best_under_max_latency"] = best_under(points, max_latency_ms)
     write_json(out / "sweep.json", summary)
     write_text(out / "sweep.md", render_sweep(recipe.name, points, front, failures))
+    track_jobs(backends, base, "sweep", every_job, [out / name for name in ("sweep.json", "sweep.md", "pareto.png")])
     return summary

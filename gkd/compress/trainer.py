@@ -35,6 +35,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from gkd.compress.config import OptimConfig, TrainingConfig
+from gkd.progress import write_progress
 from gkd.utils.errors import TrainingInterrupted
 from gkd.utils.io import torch_load, torch_save
 from gkd.utils.runtime import DistInfo, resolve_num_workers, rng_state, set_rng_state
@@ -297,6 +298,7 @@ class Trainer:
         self.forward_module = torch.compile(self.model) if training.compile else self.model
         self.step = 0
         self.batches_in_epoch = 0
+        self.progress_written = 0.0  # when logs/progress.json was last written (time.monotonic)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def finished(self) -> bool:
@@ -439,6 +441,15 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         window.steps += 1
+        self._note_progress()
+
+    def _note_progress(self) -> None:
+        """Rank 0 records its phase and step in ``logs/progress.json`` (`gkd.progress`: the live view of compare
+        and sweep) at most once a second, and at the last step."""
+        now = time.monotonic()
+        if self.info.is_main and (now - self.progress_written >= 1.0 or self.step == self.config.steps):
+            write_progress(self.run_dir, self.name, self.step, self.config.steps)
+            self.progress_written = now
 
     def _raise_if_non_finite(self, window: _Window) -> None:
         """Stop every rank together when any rank saw a non-finite loss (all-reduced, so none hangs)."""
