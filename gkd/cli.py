@@ -13,7 +13,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from gkd import __version__
-from gkd.rundir import LOGS_DIR, RECIPE_FILE, check_same_recipe, setup_logging
+from gkd.rundir import (
+    BENCHMARK_FILE,
+    EXPORT_FILE,
+    LOGS_DIR,
+    RECIPE_FILE,
+    REPORT_JSON_FILE,
+    setup_logging,
+)
 from gkd.utils.errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, EXIT_INTERRUPTED
 
 log = logging.getLogger("gkd")
@@ -40,7 +47,7 @@ def _resolve_recipe(words: list[str], out: str | None):
     """The recipe and run dir: an explicit recipe, else the one a run dir already holds, else the
     embedded default, with the command line's ``key=value`` overrides applied. A run dir holding another
     recipe is an error, never silently mixed."""
-    from gkd.recipe import dump_recipe, load_recipe
+    from gkd.recipe import check_same_recipe, dump_recipe, load_recipe
 
     recipe_path, overrides = _recipe_and_overrides(words)
     existing = Path(out) / RECIPE_FILE if out else None
@@ -123,7 +130,7 @@ def _summary(run_dir: Path) -> str:
     from gkd.utils.io import read_json
 
     lines = [f"done: {run_dir}"]
-    report_file = run_dir / "report.json"
+    report_file = run_dir / REPORT_JSON_FILE
     if not report_file.is_file():
         return lines[0]
     report = read_json(report_file)
@@ -211,7 +218,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 def _failed_checks(run_dir: Path, command: str) -> bool:
     """Log and report whether an artifact missed parity, did not build, or failed the benchmark's checks."""
-    export, benchmark = run_dir / "export.json", run_dir / "benchmark.json"
+    export, benchmark = run_dir / EXPORT_FILE, run_dir / BENCHMARK_FILE
     failed = False
     if command in ("run", "export", "benchmark", "report") and export.is_file():
         for key, reason in json.loads(export.read_text()).get("failed", {}).items():

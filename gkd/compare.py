@@ -41,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gkd.progress import STATUS_FILE, JobSteps, LiveView, write_progress
-from gkd.recipe import Recipe, RecipeError, dump_recipe, merge, parse_recipe
+from gkd.recipe import Recipe, RecipeError, check_same_recipe, dump_recipe, merge, parse_recipe
 from gkd.rundir import (
     CEILING_FILE,
     FIDELITY_TEACHER_FILE,
@@ -57,7 +57,6 @@ from gkd.rundir import (
     TEACHER_CACHE_DIR,
     TEACHER_FILE,
     TEACHER_JOB,
-    check_same_recipe,
     setup_logging,
 )
 from gkd.utils.cpu import available_cpus

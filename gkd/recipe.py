@@ -33,6 +33,7 @@ from gkd.data.transforms import EvalTransformConfig, ImageNetTransformConfig, Tr
 from gkd.export.config import BenchmarkConfig, ExportConfig
 from gkd.models.decoders import DecoderConfig
 from gkd.models.zoo import ModelConfig
+from gkd.rundir import RECIPE_FILE
 
 log = logging.getLogger("gkd")
 
@@ -424,3 +425,30 @@ def results_settings(recipe: Recipe) -> dict:
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe (defaults filled in) as YAML."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def check_same_recipe(folder: Path, recipe: Recipe, what: str = "the results") -> None:
+    """Refuse a folder whose saved resolved recipe is another one: results of two recipes are never mixed.
+    Recipes that differ only in how a comparison is reported (`REPORT_ONLY_COMPARE_KEYS`) are the same one.
+
+    Args:
+        folder: a run directory or a comparison's output directory.
+        recipe: the recipe about to write there.
+        what: what the folder holds, for the message (``the results``, ``a comparison``).
+    """
+    saved = Path(folder) / RECIPE_FILE
+    if saved.is_file() and _what_results_depend_on(load_recipe(saved)) != _what_results_depend_on(recipe):
+        raise RecipeError(f"{folder} holds {what} of another recipe ({saved}); use a new --out directory")
+
+
+# Keys of the comparison report alone: changing them re-tabulates a finished comparison, never retrains it.
+# (figure_domain is not one: each job saves its predictions on that domain's example frames.)
+REPORT_ONLY_COMPARE_KEYS = ("reference_domain", "figure_methods", "paired_with")
+
+
+def _what_results_depend_on(recipe: Recipe) -> dict:
+    """The recipe as a dict, less its trackers and the comparison report's presentation keys."""
+    settings = results_settings(recipe)  # trackers (``logging``) change no result
+    for key in REPORT_ONLY_COMPARE_KEYS:
+        settings["compare"].pop(key)
+    return settings

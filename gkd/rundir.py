@@ -1,6 +1,6 @@
-"""The run directory: the name of every file a run writes, the "same recipe in this folder" guard, and the
-logging set-up of a run or job. At the bottom of the house (it imports nothing of gkd at module level), so the
-pipeline, compare, the reports and the CLI all name run files from here and never from each other.
+"""The run directory: the name of every file a run writes, and the logging set-up of a run or job. At the
+bottom of the house (it imports nothing of gkd), so every layer, the trainer and export included, names run
+files from here and never from each other. (The "same recipe in this folder" guard is `gkd.recipe`'s.)
 """
 
 from __future__ import annotations
@@ -8,10 +8,6 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from gkd.recipe import Recipe
 
 RECIPE_FILE = "recipe.resolved.yaml"
 TEACHER_FILE = "teacher_segmentor.safetensors"
@@ -49,37 +45,6 @@ def validation_log(stage: str) -> str:
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def check_same_recipe(folder: Path, recipe: Recipe, what: str = "the results") -> None:
-    """Refuse a folder whose saved resolved recipe is another one: results of two recipes are never mixed.
-    Recipes that differ only in how a comparison is reported (`REPORT_ONLY_COMPARE_KEYS`) are the same one.
-
-    Args:
-        folder: a run directory or a comparison's output directory.
-        recipe: the recipe about to write there.
-        what: what the folder holds, for the message (``the results``, ``a comparison``).
-    """
-    from gkd.recipe import RecipeError, load_recipe
-
-    saved = Path(folder) / RECIPE_FILE
-    if saved.is_file() and _what_results_depend_on(load_recipe(saved)) != _what_results_depend_on(recipe):
-        raise RecipeError(f"{folder} holds {what} of another recipe ({saved}); use a new --out directory")
-
-
-# Keys of the comparison report alone: changing them re-tabulates a finished comparison, never retrains it.
-# (figure_domain is not one: each job saves its predictions on that domain's example frames.)
-REPORT_ONLY_COMPARE_KEYS = ("reference_domain", "figure_methods", "paired_with")
-
-
-def _what_results_depend_on(recipe: Recipe) -> dict:
-    """The recipe as a dict, less its trackers and the comparison report's presentation keys."""
-    from gkd.recipe import results_settings
-
-    settings = results_settings(recipe)  # trackers (``logging``) change no result
-    for key in REPORT_ONLY_COMPARE_KEYS:
-        settings["compare"].pop(key)
-    return settings
 
 
 def setup_logging(log_dir: Path | None, console: bool = True, level: int = logging.INFO) -> None:

@@ -135,7 +135,7 @@ def _benchmark_jobs(jobs: list, device: str) -> list[str]:
 
 
 def _points(jobs: list, size: tuple[int, int]) -> list[dict]:
-    from gkd.pipeline import BENCHMARK_FILE
+    from gkd.rundir import BENCHMARK_FILE
     from gkd.utils.io import read_json
 
     points = []

@@ -9,7 +9,6 @@ from pydantic import ValidationError
 
 from gkd.data import base
 from gkd.data.base import IGNORE_INDEX, DataError, LabelMapper
-from gkd.data.benchmarks import BENCHMARKS
 from gkd.data.config import DATASET_NAMES, DatasetConfig, build_dataset, dataset_info, describe_dataset
 from gkd.data.fractions import fraction_indices
 from gkd.data.transforms import (
@@ -18,6 +17,7 @@ from gkd.data.transforms import (
     build_eval_transform,
     build_train_transform,
 )
+from tests.helpers.benchmarks import BENCHMARKS
 from tests.helpers.data_layouts import cityscapes
 
 

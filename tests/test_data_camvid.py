@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from gkd.data.base import DataError
-from gkd.data.benchmarks import BENCHMARKS
 from gkd.data.config import DatasetConfig, build_dataset, inspect_dataset
+from tests.helpers.benchmarks import BENCHMARKS
 from tests.helpers.paths import CAMVID_ROOT
 
 pytestmark = pytest.mark.skipif(not CAMVID_ROOT.is_dir(), reason=f"{CAMVID_ROOT} not present")

@@ -13,8 +13,7 @@ import yaml
 
 from gkd.cli import main
 from gkd.pipeline import STAGES, FileHashes, Run, consumed
-from gkd.recipe import RecipeError, dump_recipe, load_recipe
-from gkd.rundir import check_same_recipe
+from gkd.recipe import RecipeError, check_same_recipe, dump_recipe, load_recipe
 from gkd.tracking import flatten, mlflow_store, recipe_params, trackers
 from gkd.utils.runtime import DistInfo
 from tests.helpers.paths import TINY_RECIPE, TINY_SWEEP

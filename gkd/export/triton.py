@@ -28,6 +28,7 @@ from pathlib import Path
 
 import onnx
 
+from gkd.rundir import EXPORT_FILE
 from gkd.utils.io import read_json
 
 log = logging.getLogger("gkd")
@@ -131,7 +132,7 @@ def write_triton_repository(run_dir: str | Path, repository: str | Path, name: s
     Returns ``{model: {"platform", "file", "artifact", "max_batch_size"}}``.
     """
     run_dir, repository = Path(run_dir), Path(repository)
-    export_file = run_dir / "export.json"
+    export_file = run_dir / EXPORT_FILE
     if not export_file.is_file():
         raise FileNotFoundError(f"{export_file} not found: run `gkd-compress export --out {run_dir}` first")
     if version < 1:
