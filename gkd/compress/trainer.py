@@ -37,7 +37,7 @@ from tqdm import tqdm
 from gkd.compress.config import OptimConfig, TrainingConfig
 from gkd.utils.errors import TrainingInterrupted
 from gkd.utils.io import torch_load, torch_save
-from gkd.utils.runtime import DistInfo, resolve_num_workers, rng_state, set_rng_state
+from gkd.utils.runtime import DistInfo, barrier, resolve_num_workers, rng_state, set_rng_state
 
 log = logging.getLogger("gkd.train")
 
@@ -332,8 +332,7 @@ class Trainer:
                     "rng": rng_state(),
                 },
             )
-        if self.info.enabled:
-            dist.barrier()
+        barrier(self.info, f"have {self.name}'s checkpoint of step {self.step} written by rank 0")
 
     def _resume(self) -> None:
         state = self._load_checkpoint_file()

@@ -1,0 +1,139 @@
+"""torchrun beyond one launcher: multi-node rendezvous, restarts after a killed worker, a killed launcher.
+
+Every run is ``tests.helpers.toy_training`` (8 steps, 2 ranks, gloo on loopback) compared bit for bit with one
+uninterrupted single-launcher run; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gkd.utils.lock import RunDirLock
+from tests.helpers.paths import REPO
+from tests.helpers.toy_training import read_losses
+
+STEPS = 8
+TIMEOUT_S = 240
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "GKD_DIST_TIMEOUT": "60"}
+
+
+def _command(run_dir: Path, launcher: list[str], *options: str) -> list[str]:
+    toy = ["-m", "tests.helpers.toy_training", str(run_dir), str(STEPS), *options]
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, *toy]
+
+
+def _run(run_dir: Path, launcher: list[str], *options: str) -> subprocess.CompletedProcess:
+    command = _command(run_dir, launcher, *options)
+    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _weights(run_dir: Path) -> dict:
+    state = torch.load(run_dir / "checkpoints/toy/last.pt", weights_only=False)
+    assert state["finished"] and state["step"] == STEPS
+    return state["objective"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """One launcher, 2 processes, never interrupted."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    _run(run_dir, ["--standalone", "--nproc-per-node", "2"])
+    return run_dir
+
+
+def test_two_single_process_launchers_match_one_launcher_of_two(straight, tmp_path):
+    """Two ``--nnodes 2 --nproc-per-node 1`` launchers meeting at a c10d rendezvous train the same weights."""
+    port = _free_port()
+    launcher = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d"]
+    launcher += ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two_nodes"]
+    nodes = [
+        subprocess.Popen(_command(tmp_path, launcher), cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        errors = [node.communicate(timeout=TIMEOUT_S)[1] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
+    torch.testing.assert_close(_weights(tmp_path), _weights(straight), rtol=0, atol=0)
+
+
+def test_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(straight, tmp_path):
+    """kill -9 of rank 1 in step 6 (objective call 11) under ``--max-restarts 1``: torchrun restarts both ranks
+    (rank 1 joins 5 s late, so rank 0 looks up its address first), which resume at step 3's checkpoint."""
+    launcher = ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1"]
+    result = _run(tmp_path, launcher, "--sigkill-rank", "1", "--sigkill-at", "11")
+    assert "exitcode: -9" in result.stderr  # the first attempt did die
+    torch.testing.assert_close(_weights(tmp_path), _weights(straight), rtol=0, atol=0)
+    losses, expected = read_losses(tmp_path), read_losses(straight)
+    assert losses == expected[:5] + expected[3:]  # steps 1..5, then 4..8 after the restart
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped by its new parent, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {seconds:g} s for {what}")
+        time.sleep(0.2)
+
+
+def test_killed_launcher_takes_its_workers_and_the_lock_with_it(straight, tmp_path):
+    """kill -9 of torchrun while rank 0 is stuck in step 6: both ranks exit within seconds, the run directory's
+    lock is free, and a re-run resumes at step 3's checkpoint and ends with the uninterrupted weights."""
+    launcher = ["--standalone", "--nproc-per-node", "2"]
+    command = _command(tmp_path, launcher, "--hang-at", "11")
+    agent = subprocess.Popen(command, cwd=REPO, env=_env(), stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        log = tmp_path / "logs/toy.jsonl"
+        _wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) == 5, TIMEOUT_S, "step 5's log line")
+        workers = _children(agent.pid)
+        assert len(workers) == 2
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(timeout=10)
+        _wait_for(lambda: not any(_alive(pid) for pid in workers), 10, "both ranks to exit")
+    finally:  # nothing may outlive the test (torchrun starts each rank in a session of its own)
+        for pid in [agent.pid, *workers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    with RunDirLock(tmp_path, timeout=0):
+        pass
+    _run(tmp_path, launcher)
+    torch.testing.assert_close(_weights(tmp_path), _weights(straight), rtol=0, atol=0)
+    losses, expected = read_losses(tmp_path), read_losses(straight)
+    assert losses == expected[:5] + expected[3:]
