@@ -97,11 +97,17 @@ def _children(pid: int) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
-    """Running (a zombie, dead but not yet reaped by its new parent, is not)."""
+    """Some thread of ``pid`` still runs: a thread-group leader turns zombie before its other threads (gloo's,
+    TensorBoard's) have exited, and only the last one's exit closes the process's files (releasing its locks)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except FileNotFoundError:
         return False
+    states = []
+    for task in tasks:
+        with contextlib.suppress(FileNotFoundError):
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+    return any(state != "Z" for state in states)
 
 
 def _wait_for(condition, seconds: float, what: str) -> None:
