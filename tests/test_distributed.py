@@ -1,4 +1,5 @@
-"""torchrun beyond one launcher: multi-node rendezvous, restarts after a killed worker, a killed launcher.
+"""torchrun beyond one launcher: multi-node rendezvous, restarts after a killed worker, a killed launcher, a
+checkpoint resumed at another world size.
 
 Every run is ``tests.helpers.toy_training`` (8 steps, 2 ranks, gloo on loopback) compared bit for bit with one
 uninterrupted single-launcher run; every wait is bounded.
@@ -20,7 +21,7 @@ import torch
 
 from gkd.utils.lock import RunDirLock
 from tests.helpers.paths import REPO
-from tests.helpers.toy_training import read_losses
+from tests.helpers.toy_training import make_trainer, read_losses
 
 STEPS = 8
 TIMEOUT_S = 240
@@ -143,3 +144,22 @@ def test_killed_launcher_takes_its_workers_and_the_lock_with_it(straight, tmp_pa
     torch.testing.assert_close(_weights(tmp_path), _weights(straight), rtol=0, atol=0)
     losses, expected = read_losses(tmp_path), read_losses(straight)
     assert losses == expected[:5] + expected[3:]
+
+
+def test_checkpoint_of_two_ranks_is_refused_on_one_naming_both(tmp_path):
+    command = _command(tmp_path, ["--standalone", "--nproc-per-node", "2"], "--crash-at", "11")
+    killed = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, timeout=TIMEOUT_S)
+    assert killed.returncode != 0 and (tmp_path / "checkpoints/toy/last.pt").is_file()
+    with pytest.raises(RuntimeError, match=r"written by 2 rank\(s\), this run has 1: resume with the same number"):
+        make_trainer(tmp_path, steps=STEPS, dropout=0.0, accumulate=2).fit()
+
+
+def test_checkpoint_of_one_rank_is_refused_on_two_naming_both(tmp_path):
+    killed = make_trainer(tmp_path, steps=STEPS, dropout=0.0, accumulate=2)
+    killed.objective.crash_at_step = 11  # in step 6, after step 3's checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    command = _command(tmp_path, ["--standalone", "--nproc-per-node", "2"])
+    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode != 0
+    assert "written by 1 rank(s), this run has 2" in result.stderr, result.stderr[-3000:]

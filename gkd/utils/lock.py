@@ -9,8 +9,9 @@ ranks of a killed launcher are still exiting). A rank that torchrun restarted (`
 `RESTART_LOCK_WAIT_S` by default: the killed attempt's processes (and the loader workers they forked, which
 share the lock) may still be exiting. On a shared file system the lock holds across nodes where
 ``flock`` does (Linux NFS clients emulate it with NFS byte-range locks, which need a lock manager: NFSv4 or
-``lockd``); where the file system has no locks (NFS mounted ``nolock``, Lustre without ``-o flock``) taking
-it fails with an error saying so.
+``lockd``); where the file system has no locks (NFSv3 without ``lockd``, Lustre without ``-o flock``) taking
+it fails with an error saying so. NFS mounted ``nolock`` and Lustre mounted ``-o localflock`` lock within one
+node only: runs started on different nodes are then not kept apart.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class RunDirLock:
             if error.errno in _NO_LOCKS_ERRNOS:
                 raise NotWritableError(
                     f"{self.run_dir / LOCK_FILE}: this file system does not support file locks ({error.strerror}; "
-                    "NFS mounted nolock, Lustre without -o flock): use a run directory on a file system with locks"
+                    "NFSv3 without lockd, Lustre without -o flock): use a run directory on a file system with locks"
                 ) from error
             raise user_error_for_write(error, self.run_dir / LOCK_FILE) or error from error
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": sys.argv}
