@@ -19,13 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from gkd.utils.lock import RunDirLock
+from gkd.utils.lock import RESTART_LOCK_WAIT_S, RunDirLock, lock_timeout
 from tests.helpers.paths import REPO
 from tests.helpers.toy_training import make_trainer, read_losses
 
 STEPS = 8
 TIMEOUT_S = 240
-pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:
@@ -64,6 +63,7 @@ def straight(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_two_single_process_launchers_match_one_launcher_of_two(straight, tmp_path):
     """Two ``--nnodes 2 --nproc-per-node 1`` launchers meeting at a c10d rendezvous train the same weights."""
     port = _free_port()
@@ -82,6 +82,7 @@ def test_two_single_process_launchers_match_one_launcher_of_two(straight, tmp_pa
     torch.testing.assert_close(_weights(tmp_path), _weights(straight), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(straight, tmp_path):
     """kill -9 of rank 1 in step 6 (objective call 11) under ``--max-restarts 1``: torchrun restarts both ranks
     (rank 1 joins 5 s late, so rank 0 looks up its address first), which resume at step 3's checkpoint."""
@@ -119,6 +120,7 @@ def _wait_for(condition, seconds: float, what: str) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_killed_launcher_takes_its_workers_and_the_lock_with_it(straight, tmp_path):
     """kill -9 of torchrun while rank 0 is stuck in step 6: both ranks exit within seconds, the run directory's
     lock is free, and a re-run resumes at step 3's checkpoint and ends with the uninterrupted weights."""
@@ -146,6 +148,7 @@ def test_killed_launcher_takes_its_workers_and_the_lock_with_it(straight, tmp_pa
     assert losses == expected[:5] + expected[3:]
 
 
+@pytest.mark.slow
 def test_checkpoint_of_two_ranks_is_refused_on_one_naming_both(tmp_path):
     command = _command(tmp_path, ["--standalone", "--nproc-per-node", "2"], "--crash-at", "11")
     killed = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, timeout=TIMEOUT_S)
@@ -154,6 +157,7 @@ def test_checkpoint_of_two_ranks_is_refused_on_one_naming_both(tmp_path):
         make_trainer(tmp_path, steps=STEPS, dropout=0.0, accumulate=2).fit()
 
 
+@pytest.mark.slow
 def test_checkpoint_of_one_rank_is_refused_on_two_naming_both(tmp_path):
     killed = make_trainer(tmp_path, steps=STEPS, dropout=0.0, accumulate=2)
     killed.objective.crash_at_step = 11  # in step 6, after step 3's checkpoint
@@ -163,3 +167,26 @@ def test_checkpoint_of_one_rank_is_refused_on_two_naming_both(tmp_path):
     result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode != 0
     assert "written by 1 rank(s), this run has 2" in result.stderr, result.stderr[-3000:]
+
+
+def test_a_restarted_rank_waits_for_the_lock_and_says_whose_it_is(tmp_path, monkeypatch, caplog):
+    """The killed attempt's rank 0 may still be exiting: a restarted rank waits (bounded) instead of refusing."""
+    monkeypatch.delenv("GKD_LOCK_TIMEOUT", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert lock_timeout() == 0
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert lock_timeout() == RESTART_LOCK_WAIT_S
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from gkd.utils.lock import RunDirLock\n"
+         f"with RunDirLock({str(tmp_path)!r}):\n    print('locked', flush=True); time.sleep(3)"],
+        cwd=REPO, env={**_env(), "TORCHELASTIC_RUN_ID": "job7", "TORCHELASTIC_RESTART_COUNT": "0"},
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with RunDirLock(tmp_path, timeout=30):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"PID {holder.pid}" in caplog.text and "torchrun job job7 attempt 0" in caplog.text
