@@ -68,7 +68,7 @@ from gkd.rundir import (
     validation_log,
 )
 from gkd.utils.io import atomic_path, file_sha256, read_json, read_jsonl, require_free_space, write_json
-from gkd.utils.runtime import DistInfo, resolve_num_workers
+from gkd.utils.runtime import DistInfo, barrier, resolve_num_workers
 
 log = logging.getLogger("gkd")
 
@@ -358,8 +358,7 @@ def teacher_views(run: Run, phase: str, objective: DistillObjective, dataset) ->
         )
 
     cache = open_cache() if run.info.is_main else None
-    if run.info.enabled:
-        dist.barrier()
+    barrier(run.info, f"have rank 0 build or check the teacher cache of {phase} in {directory}")
     cache = cache or open_cache()
     log.info("%s: teacher outputs of %d views per image read from %s", phase, settings.views, directory)
     return TeacherViews(dataset, settings.views, cache)
@@ -941,13 +940,11 @@ def run_stage(run: Run, stage: Stage, scratch: bool = False, hashes: FileHashes 
             _drop_training_state(run, stage)
         record = {"stage": stage.name, "status": "running", "consumed": consumed(run, stage, hashes)}
         write_json(_record_file(run, stage), record)
-    if run.info.enabled:
-        dist.barrier()
+    barrier(run.info, f"start stage {stage.name}")
     if stage.distributed or run.info.is_main:
         log.info("stage %s", stage.name)
         stage.run(run)
-    if run.info.enabled:
-        dist.barrier()
+    barrier(run.info, f"finish stage {stage.name} (rank 0 may run it alone)")
     if run.info.is_main:
         outputs = {name: hashes(run.file(name)) for name in stage.outputs(run.recipe)}
         write_json(_record_file(run, stage), {**record, "status": "complete", "outputs": outputs})

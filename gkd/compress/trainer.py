@@ -38,7 +38,7 @@ from gkd.compress.config import OptimConfig, TrainingConfig
 from gkd.progress import write_progress
 from gkd.utils.errors import TrainingInterrupted
 from gkd.utils.io import torch_load, torch_save
-from gkd.utils.runtime import DistInfo, resolve_num_workers, rng_state, set_rng_state
+from gkd.utils.runtime import DistInfo, barrier, resolve_num_workers, rng_state, set_rng_state
 
 log = logging.getLogger("gkd.train")
 
@@ -310,6 +310,14 @@ class Trainer:
         if not self.checkpoint_path.is_file():
             return None
         state = torch_load(self.checkpoint_path)
+        written_by = state.get("world_size", self.info.world_size)  # absent in checkpoints older than the key
+        if written_by != self.info.world_size:
+            raise RuntimeError(
+                f"{self.checkpoint_path} was written by {written_by} rank(s), this run has {self.info.world_size}: "
+                "resume with the same number of ranks (--nnodes x --nproc-per-node), or use a new --out. The global "
+                "batch and sample order would carry over, but not the per-rank random streams (dropout, drop-path) "
+                "nor BatchNorm statistics over per-rank batches, so the run would not match an uninterrupted one"
+            )
         if state.get("fingerprint") != self.fingerprint:
             raise RuntimeError(
                 f"{self.checkpoint_path} belongs to other settings than this recipe's stage {self.name}; "
@@ -323,6 +331,7 @@ class Trainer:
                 self.checkpoint_path,
                 {
                     "fingerprint": self.fingerprint,
+                    "world_size": self.info.world_size,
                     "finished": finished,
                     "step": self.step,
                     "epoch": self.sampler.epoch,
@@ -334,8 +343,7 @@ class Trainer:
                     "rng": rng_state(),
                 },
             )
-        if self.info.enabled:
-            dist.barrier()
+        barrier(self.info, f"have {self.name}'s checkpoint of step {self.step} written by rank 0")
 
     def _resume(self) -> None:
         state = self._load_checkpoint_file()

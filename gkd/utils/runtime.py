@@ -58,13 +58,33 @@ def _timeout_advice(timeout: timedelta) -> str:
     )
 
 
+def restart_attempt() -> int:
+    """Which attempt of the job this process belongs to: torchrun's ``TORCHELASTIC_RESTART_COUNT`` (0 at first
+    and without torchrun; ``--max-restarts N`` counts up to N)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def _join_process_group(backend: str, timeout: timedelta) -> None:
+    """``init_process_group`` through torchrun's store with this attempt's keys only.
+
+    torchrun's agent keeps one TCPStore for the whole job (the workers connect to it as clients) and torch's
+    ``env://`` rendezvous (2.14, tested) does not prefix the workers' keys per restart: after ``--max-restarts``
+    restarted them, a rank read the gloo address the killed attempt's rank had published and failed connecting
+    to its dead port ("Gloo connectFullMesh failed ... Connection refused"), or waited for it. The store is
+    therefore wrapped in a `PrefixStore` named after the attempt.
+    """
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"gkd/attempt_{restart_attempt()}/", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
 def init_distributed(device_kind: str) -> DistInfo:
     """Join the process group torchrun describes (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``); single
     process without them. NCCL on GPU, gloo on CPU.
 
     Under torchrun the process first arranges to die with its launcher (a killed ``torchrun`` would otherwise
     leave its ranks training, unwatched, in the run directory). Joining waits at most `dist_timeout`, which
-    is also the timeout of every later collective.
+    is also the timeout of every later collective; each restart attempt joins with keys of its own.
     """
     if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun for the processes it starts
         die_with_parent()
@@ -74,12 +94,12 @@ def init_distributed(device_kind: str) -> DistInfo:
     if not dist.is_initialized():
         timeout = dist_timeout()
         try:
-            dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo", timeout=timeout)
-        except dist.DistStoreError as error:
+            _join_process_group("nccl" if device_kind == "cuda" else "gloo", timeout)
+        except (dist.DistStoreError, dist.DistNetworkError) as error:
             where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
             raise DistributedTimeoutError(
-                f"rank {os.environ.get('RANK')} of {world_size}: could not join the process group at {where} "
-                f"({error}); {_timeout_advice(timeout)}"
+                f"rank {os.environ.get('RANK')} of {world_size} (attempt {restart_attempt()}): could not join the "
+                f"process group at {where} ({error}); {_timeout_advice(timeout)}"
             ) from error
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 

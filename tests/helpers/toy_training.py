@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -13,6 +17,7 @@ from torch.utils.data import Dataset
 
 from gkd.compress.config import OptimConfig, TrainingConfig
 from gkd.compress.trainer import Trainer
+from gkd.utils.lock import RunDirLock
 from gkd.utils.runtime import DistInfo, init_distributed
 
 
@@ -38,12 +43,18 @@ class ToyObjective(nn.Module):
         self.net = nn.Sequential(nn.Linear(4, 16), nn.GELU(), nn.Dropout(dropout), nn.Linear(16, 1))
         self.nan_at_step: int | None = None
         self.crash_at_step: int | None = None
+        self.sigkill_at_step: int | None = None
+        self.hang_at_step: int | None = None
         self.calls = 0
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         self.calls += 1
         if self.crash_at_step is not None and self.calls >= self.crash_at_step:
             raise KeyboardInterrupt("simulated kill")
+        if self.sigkill_at_step is not None and self.calls >= self.sigkill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.hang_at_step is not None and self.calls >= self.hang_at_step:
+            time.sleep(120)  # until the test kills the launcher (bounded: the step then goes on)
         loss = (self.net(batch["image"]) - batch["target"]).pow(2).mean()
         if self.nan_at_step is not None and self.calls >= self.nan_at_step:
             loss = loss * float("nan")
@@ -75,24 +86,36 @@ def read_losses(run_dir: Path) -> list[float]:
 
 
 def main(argv: list[str]) -> None:
-    """torchrun entry: RUN_DIR STEPS [--nan-rank R --nan-at N] [--crash-at N]; 2 accumulation micro-steps."""
+    """torchrun entry: RUN_DIR STEPS [--nan-rank R --nan-at N] [--crash-at N] [--sigkill-rank R --sigkill-at N]
+    [--hang-at N]; 2 accumulation micro-steps; rank 0 holds the run directory's lock, as the CLI does."""
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("steps", type=int)
     parser.add_argument("--nan-rank", type=int, help="the rank whose loss turns NaN")
     parser.add_argument("--nan-at", type=int, help="from this objective call on")
     parser.add_argument("--crash-at", type=int, help="raise KeyboardInterrupt at this objective call (every rank)")
+    parser.add_argument("--sigkill-rank", type=int, help="the rank that kills itself (SIGKILL), first attempt only")
+    parser.add_argument("--sigkill-at", type=int, help="at this objective call")
+    parser.add_argument("--hang-at", type=int, help="rank 0 sleeps 120 s at this objective call, first attempt only")
     parser.add_argument("--log-every", type=int, default=1)
     args = parser.parse_args(argv)
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if not first_attempt and args.sigkill_rank == int(os.environ["RANK"]):
+        time.sleep(5)  # the restarted ranks look its address up first: stale if the store kept the killed attempt's
     info = init_distributed("cpu")
     trainer = make_trainer(args.run_dir, args.steps, info, dropout=0.0, accumulate=2, log_every=args.log_every)
     if args.nan_rank == info.rank:
         trainer.objective.nan_at_step = args.nan_at
+    if first_attempt:
+        trainer.objective.sigkill_at_step = args.sigkill_at if args.sigkill_rank == info.rank else None
+        trainer.objective.hang_at_step = args.hang_at if info.is_main else None
     trainer.objective.crash_at_step = args.crash_at
     try:
-        trainer.fit()
+        with RunDirLock(args.run_dir) if info.is_main else nullcontext():  # as the CLI holds it
+            trainer.fit()
     finally:
-        torch.distributed.destroy_process_group()
+        if info.enabled:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
