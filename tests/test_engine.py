@@ -61,4 +61,5 @@ def test_distill_phases_are_declared_once():
     trainings = [use.name for use in distill.trainings(recipe)]
     assert trainings == [phase.name for phase in PHASES] == ["distill_task_agnostic", "distill_domain_agnostic"]
     assert [use.role for use in distill.data(recipe)] == ["proxy", "source"]
+    assert distill.sections[-4:] == ("data.proxy", "data.proxy_transform", "data.distill_transform", "distill")
     assert [use.name for use in distill.trainings(_recipe("one_stage"))] == ["distill_joint"]

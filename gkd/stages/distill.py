@@ -227,6 +227,13 @@ def _trainings(recipe: Recipe) -> list[TrainingUse]:
     return [TrainingUse(phase.name, config, phase.images) for phase, config in phases if config is not None]
 
 
+_PHASE_SECTIONS = tuple(  # the data fields of the phases (images, transforms) that TRAIN_DATA does not name
+    section
+    for phase in PHASES
+    for section in (f"data.{phase.images}", f"data.{phase.transform}")
+    if section not in TRAIN_DATA
+)
+
 STAGE = Stage(
     "distill",
     stage_distill,
@@ -235,7 +242,7 @@ STAGE = Stage(
     inputs=distill_inputs,
     data=_data,
     trainings=_trainings,
-    sections=(*TRAIN_DATA, "models", "data.proxy", "data.proxy_transform", "data.distill_transform", "distill"),
+    sections=(*TRAIN_DATA, "models", *_PHASE_SECTIONS, "distill"),
     weights=("teacher", "student"),
     side_outputs=(validation_log(JOINT),),
     caches=teacher_cache_keys,
