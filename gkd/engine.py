@@ -101,11 +101,10 @@ def order(graph: Sequence[Stage], recipe: Recipe) -> list[Stage]:
     """``graph`` in build order: each stage after every stage writing a file it consumes, ties broken by the
     order of ``graph``; a ``ValueError`` when stages consume each other's files."""
     writes = {stage.name: {*stage.outputs(recipe), *stage.side_outputs} for stage in graph}
-    after = {
-        stage.name: {other.name for other in graph if other is not stage and writes[other.name] & set(reads)}
-        for stage in graph
-        for reads in (stage.consumed_files(recipe),)
-    }
+    after: dict[str, set[str]] = {}  # stage -> the stages writing a file it consumes
+    for stage in graph:
+        reads = set(stage.consumed_files(recipe))
+        after[stage.name] = {other.name for other in graph if other is not stage and writes[other.name] & reads}
     ordered: list[Stage] = []
     while len(ordered) < len(graph):
         placed = {stage.name for stage in ordered}
