@@ -25,8 +25,9 @@ from gkd.export.onnx import export_onnx, prepare_for_export
 from gkd.export.quantize import quantize_int8, quantize_with_fallback, split_calibration
 from gkd.export.runtimes import OnnxRuntime
 from gkd.models.checkpoint import load_segmentor
-from gkd.pipeline import Run, _images, make_domain_evaluator
 from gkd.recipe import load_recipe
+from gkd.stages.context import Run, make_domain_evaluator
+from gkd.stages.export import _images
 from gkd.utils.io import write_json, write_text
 from gkd.utils.runtime import DistInfo
 

@@ -62,7 +62,7 @@ def _resolve_recipe(words: list[str], out: str | None):
 
 def _stages_of(recipe, command: str) -> list:
     """The stages a pipeline command runs: all needed ones for ``run``, else the one named."""
-    from gkd.pipeline import STAGES
+    from gkd.stages import STAGES
 
     if command == "run":
         return [stage for stage in STAGES if stage.needed(recipe)]
@@ -74,7 +74,10 @@ def _stages_of(recipe, command: str) -> list:
 
 def _dry_run(recipe, run_dir: Path, full_check: bool) -> int:
     from gkd.data.config import describe_dataset
-    from gkd.pipeline import HASHES_FILE, RECORDS_DIR, STAGES, FileHashes, Run, check_run_inputs, decide
+    from gkd.engine import HASHES_FILE, RECORDS_DIR, FileHashes, decide
+    from gkd.stages import STAGES
+    from gkd.stages.checks import check_run_inputs
+    from gkd.stages.context import Run
     from gkd.utils.runtime import DistInfo
 
     print(f"recipe: {recipe.name}\nrun directory: {run_dir}")
@@ -161,7 +164,10 @@ def _summary(run_dir: Path) -> str:
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     import torch
 
-    from gkd.pipeline import RECORDS_DIR, Run, check_run_inputs, run_all, run_one
+    from gkd.engine import RECORDS_DIR, run_all, run_one
+    from gkd.stages import STAGES
+    from gkd.stages.checks import check_run_inputs
+    from gkd.stages.context import Run
     from gkd.tracking import tracked_run
     from gkd.utils.cpu import choose_threads
     from gkd.utils.install import onnxruntime_install_problem
@@ -175,7 +181,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         _setup_logging(None)
         return _dry_run(recipe, run_dir, args.check_data == "full")
     for stage in stages if args.command != "run" else []:  # before anything is created in the run dir
-        stage.check_inputs(Run(recipe, run_dir, device=None, info=None))  # type: ignore[arg-type]
+        stage.check_inputs(Run(recipe, run_dir, device=None, info=None), STAGES)  # type: ignore[arg-type]
     device_kind = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     info = init_distributed(device_kind)
     device = resolve_device(args.device, info)
@@ -203,9 +209,9 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
             with tracked_run(recipe, run_dir) if info.is_main else nullcontext() as tracking:
                 synced = None if tracking is None else lambda stage: tracking.sync_metrics(run_dir)
                 if args.command == "run":
-                    run_all(run, force=tuple(args.force or ()), on_stage_end=synced)
+                    run_all(STAGES, run, force=tuple(args.force or ()), on_stage_end=synced)
                 else:
-                    run_one(run, stages[0])
+                    run_one(STAGES, run, stages[0])
     except BaseException:
         if created and not (run_dir / RECORDS_DIR).exists():  # nothing ran: leave no half-made run dir behind
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -385,7 +391,7 @@ def _add_device(command: argparse.ArgumentParser) -> None:
 
 def _add_pipeline_commands(commands, debug: argparse.ArgumentParser) -> None:
     """``run`` and one sub-command per stage, all on a recipe and a run directory."""
-    from gkd.pipeline import STAGES
+    from gkd.stages import STAGES
 
     def pipeline_command(name: str, help_text: str) -> argparse.ArgumentParser:
         command = _command(commands, name, help_text, debug, description=help_text)

@@ -154,7 +154,7 @@ def plan(recipe: Recipe, out: Path, methods: list[str] | None = None, max_seeds:
 
 
 def needs_teacher(job: Job) -> bool:
-    from gkd.pipeline import distill_inputs
+    from gkd.stages.distill import distill_inputs
 
     if job.student == "ceiling":
         return job.recipe.models.teacher.train_encoder
@@ -188,14 +188,12 @@ def run_job(job: Job, teacher_file: Path, device: str, threads: int, teacher_cac
     (``distill.teacher_cache``) live in ``teacher_caches``, shared by every job (default: the job's own folder)."""
     import torch
 
-    from gkd.pipeline import (
-        STAGES,
-        Run,
-        evaluate_segmentors,
-        run_stage,
-        teacher_fidelity_tokens,
-        train_frozen_encoder_head,
-    )
+    from gkd.engine import run_stage
+    from gkd.stages import STAGES
+    from gkd.stages.context import Run
+    from gkd.stages.evaluate import evaluate_segmentors
+    from gkd.stages.fidelity import teacher_fidelity_tokens
+    from gkd.stages.head import train_frozen_encoder_head
     from gkd.utils.runtime import DistInfo, resolve_device, seed_everything
 
     torch.set_num_threads(threads)
@@ -211,7 +209,7 @@ def run_job(job: Job, teacher_file: Path, device: str, threads: int, teacher_cac
     names = {"teacher": ("train-teacher",), "no_kd": ("train-no-kd",), "distilled": ("distill", "train-head")}
     for stage in STAGES:
         if stage.name in names.get(job.student, ()) and stage.needed(job.recipe) and not stage.complete(run):
-            run_stage(run, stage)
+            run_stage(STAGES, run, stage)
     if job.student in ("frozen", "ceiling") and not run.file(model_file(job)).is_file():
         train_frozen_encoder_head(run, "teacher" if job.student == "ceiling" else "student")
     write_progress(job.dir, "evaluate")
@@ -240,11 +238,11 @@ PROBED = ("distilled", "no_kd", "frozen")  # students whose features are probed 
 
 
 def job_fidelity(job: Job, run: object, tokens_file: Path) -> dict:
-    """Feature fidelity (`gkd.pipeline.encoder_fidelity`) of the encoder a job trained."""
+    """Feature fidelity (`gkd.stages.fidelity.encoder_fidelity`) of the encoder a job trained."""
     import torch
 
     from gkd.models.checkpoint import load_segmentor
-    from gkd.pipeline import encoder_fidelity
+    from gkd.stages.fidelity import encoder_fidelity
 
     encoder = load_segmentor(run.file(model_file(job)))[0].encoder.to(run.device)
     return encoder_fidelity(run, encoder, torch.load(tokens_file, weights_only=False))
@@ -252,7 +250,7 @@ def job_fidelity(job: Job, run: object, tokens_file: Path) -> dict:
 
 def backfill_fidelity(jobs: Sequence[Job], out: Path, device: str = "cpu") -> None:
     """Probe the finished student jobs that ran before the teacher's tokens existed, and rewrite their results."""
-    from gkd.pipeline import Run
+    from gkd.stages.context import Run
     from gkd.utils.runtime import DistInfo, resolve_device
 
     tokens_file = out / TEACHER_JOB / FIDELITY_TEACHER_FILE
@@ -278,8 +276,8 @@ def write_figure_frames(job: Job, device: torch.device) -> Path:
     import torch.nn.functional as F
 
     from gkd.models.checkpoint import load_segmentor
-    from gkd.pipeline import Run, evaluation_domains
     from gkd.report.comparison import figure_domain
+    from gkd.stages.context import Run, evaluation_domains
     from gkd.utils.runtime import DistInfo
 
     run = Run(job.recipe, job.dir, device, DistInfo())

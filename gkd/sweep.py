@@ -115,7 +115,9 @@ def sweep_recipe(recipe: Recipe, students: list[StudentSpec]) -> Recipe:
 
 def _benchmark_jobs(jobs: list, device: str) -> list[str]:
     """Export and benchmark every trained student (skipping complete stages), one at a time."""
-    from gkd.pipeline import STAGES, Run, run_stage
+    from gkd.engine import run_stage
+    from gkd.stages import STAGES
+    from gkd.stages.context import Run
     from gkd.utils.runtime import DistInfo
 
     failures = []
@@ -126,7 +128,7 @@ def _benchmark_jobs(jobs: list, device: str) -> list[str]:
         for stage in STAGES:
             if stage.name in ("export", "benchmark") and not stage.complete(run):
                 try:
-                    run_stage(run, stage)
+                    run_stage(STAGES, run, stage)
                 except Exception as error:  # one student failing to export leaves the others' results
                     failures.append(f"{job.method}: {stage.name} failed: {type(error).__name__}: {error}")
                     log.error("sweep: %s", failures[-1])

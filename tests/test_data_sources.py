@@ -8,8 +8,8 @@ import torch
 from gkd.data.base import IGNORE_INDEX, DataError
 from gkd.data.config import DatasetConfig, build_dataset
 from gkd.data.mapillary import MAPILLARY_TO_CITYSCAPES
-from gkd.pipeline import Run
 from gkd.recipe import RecipeError, load_recipe, merge, parse_recipe
+from gkd.stages.context import Run
 from gkd.utils.runtime import DistInfo
 from tests.helpers.data_layouts import image, save_ids, save_rgb
 from tests.helpers.paths import TINY_RECIPE

@@ -17,8 +17,9 @@ import torch
 import yaml
 
 from gkd.cli import main
-from gkd.pipeline import downstream
+from gkd.engine import downstream
 from gkd.recipe import load_recipe
+from gkd.stages import STAGES
 from gkd.utils.errors import (
     EXIT_BAD_INPUT,
     EXIT_BUSY,
@@ -111,9 +112,10 @@ def test_sigint_checkpoints_the_current_step_and_the_rerun_resumes_there(tmp_pat
 
 def test_force_reaches_every_stage_downstream():
     recipe = load_recipe(TINY_RECIPE)
-    assert downstream(recipe, ("benchmark",)) == {"benchmark", "report"}
-    assert downstream(recipe, ("distill",)) == {"distill", "train-head", "evaluate", "export", "benchmark", "report"}
-    assert "distill" in downstream(recipe, ("train-teacher",))  # the tiny teacher's encoder is distilled
+    assert downstream(STAGES, recipe, ("benchmark",)) == {"benchmark", "report"}
+    after_distill = {"distill", "train-head", "evaluate", "export", "benchmark", "report"}
+    assert downstream(STAGES, recipe, ("distill",)) == after_distill
+    assert "distill" in downstream(STAGES, recipe, ("train-teacher",))  # the tiny teacher's encoder is distilled
 
 
 def test_disk_full_at_a_checkpoint_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
@@ -256,7 +258,8 @@ def test_export_without_room_for_its_files_stops_before_writing(tmp_path, monkey
 
 def test_a_stage_redone_from_scratch_trains_every_step_again(tmp_path, monkeypatch):
     from gkd.compress.objectives import TaskObjective
-    from gkd.pipeline import STAGES, Run, run_stage
+    from gkd.engine import run_stage
+    from gkd.stages.context import Run
     from gkd.utils.runtime import DistInfo
 
     out = tmp_path / "run"
@@ -269,9 +272,9 @@ def test_a_stage_redone_from_scratch_trains_every_step_again(tmp_path, monkeypat
 
     monkeypatch.setattr(TaskObjective, "forward", counting)
     run = Run(load_recipe(TINY_RECIPE), out, torch.device("cpu"), DistInfo())
-    run_stage(run, STAGES[0])  # the finished checkpoint: nothing to train
+    run_stage(STAGES, run, STAGES[0])  # the finished checkpoint: nothing to train
     assert calls["n"] == 0
-    run_stage(run, STAGES[0], scratch=True)  # as --force does: not "resumed at step 6"
+    run_stage(STAGES, run, STAGES[0], scratch=True)  # as --force does: not "resumed at step 6"
     assert calls["n"] == 6
 
     record = out / "stages" / "train-teacher.json"

@@ -21,9 +21,12 @@ from gkd.compress.teacher_cache import (
     shard_name,
 )
 from gkd.compress.trainer import SeededDataset, Trainer
+from gkd.engine import FileHashes, consumed
 from gkd.models.backbone import Backbone
-from gkd.pipeline import STAGES, FileHashes, Run, consumed, teacher_cache_keys
 from gkd.recipe import dump_recipe, load_recipe, merge, parse_recipe
+from gkd.stages import STAGES
+from gkd.stages.context import Run
+from gkd.stages.distill import teacher_cache_keys
 from gkd.utils.io import read_json, read_jsonl, save_state_dict
 from gkd.utils.runtime import DistInfo
 

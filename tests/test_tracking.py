@@ -12,8 +12,10 @@ import pytest
 import yaml
 
 from gkd.cli import main
-from gkd.pipeline import STAGES, FileHashes, Run, consumed
+from gkd.engine import FileHashes, consumed
 from gkd.recipe import RecipeError, check_same_recipe, dump_recipe, load_recipe
+from gkd.stages import STAGES
+from gkd.stages.context import Run
 from gkd.tracking import flatten, mlflow_store, recipe_params, trackers
 from gkd.utils.runtime import DistInfo
 from tests.helpers.paths import TINY_RECIPE, TINY_SWEEP

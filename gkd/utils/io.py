@@ -13,13 +13,14 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from gkd.utils.errors import CorruptFileError, DiskFullError, user_error_for_write
+
+if TYPE_CHECKING:
+    import torch
 
 TEMP_SUFFIX = ".tmp"
 
@@ -111,6 +112,8 @@ def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
 
 def torch_save(path: str | Path, obj: Any) -> None:
     # Through a Python file object: torch's own C++ writer reports a full disk as an opaque stream error.
+    import torch  # here, not above: the JSON and hash helpers (the build engine's) import no torch
+
     with atomic_path(path) as temp, temp.open("wb") as handle:
         torch.save(obj, handle)
 
@@ -118,6 +121,8 @@ def torch_save(path: str | Path, obj: Any) -> None:
 def torch_load(path: str | Path) -> Any:
     """A file written by `torch_save` (full pickle: only for the run's own checkpoints); a truncated or
     corrupt file is a `CorruptFileError` naming it."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
@@ -131,6 +136,8 @@ def torch_load(path: str | Path) -> Any:
 
 def save_state_dict(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
     """safetensors file with JSON-encoded metadata values (safetensors metadata is str -> str)."""
+    from safetensors.torch import save_file
+
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
     meta = {key: json.dumps(value) for key, value in (metadata or {}).items()}
     with atomic_path(path) as temp:
@@ -139,6 +146,8 @@ def save_state_dict(path: str | Path, state: dict[str, torch.Tensor], metadata: 
 
 def load_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and decoded metadata of a file written by `save_state_dict`."""
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")

@@ -1,0 +1,79 @@
+"""Stage ``train-head``, GKD's stage 2: a decoder on the frozen distilled encoder; and the same schedule on
+other frozen encoders (`train_frozen_encoder_head`, the comparison's no-KD and ceiling rows)."""
+
+from __future__ import annotations
+
+import torch
+
+from gkd.compress.objectives import TaskObjective
+from gkd.engine import Stage
+from gkd.models.checkpoint import save_segmentor
+from gkd.models.decoders import build_decoder
+from gkd.models.segmentor import Segmentor
+from gkd.preflight import TrainingUse
+from gkd.rundir import BEST_SEGMENTOR_FILE, CEILING_FILE, ENCODER_FILE, FROZEN_FILE, SEGMENTOR_FILE, validation_log
+from gkd.stages.context import (
+    TRAIN_DATA,
+    Run,
+    files,
+    student_segmentor,
+    teacher_backbone,
+    two_stage,
+    validated_data,
+    validator,
+)
+
+TRAINING = "head"  # the training phase: its checkpoint, logs and validation log
+
+
+def stage_train_head(run: Run) -> None:
+    """GKD stage 2: the student encoder frozen, a decoder trained with cross-entropy on source."""
+    recipe = run.recipe
+    segmentor = student_segmentor(run, encoder_file=run.file(ENCODER_FILE))
+    objective = TaskObjective(segmentor, freeze_encoder=True)
+    trainer = run.trainer(TRAINING, objective, run.dataset(recipe.data.source, train=True), recipe.head)
+    trainer.fit(validator(run, segmentor, objective, TRAINING, recipe.head, keep_best=True))
+    if run.info.is_main:
+        save_segmentor(
+            run.file(SEGMENTOR_FILE), segmentor, recipe.models.student, recipe.models.decoder, run.num_classes
+        )
+
+
+STAGE = Stage(
+    "train-head",
+    stage_train_head,
+    files(SEGMENTOR_FILE),
+    needed=two_stage,
+    distributed=True,
+    inputs=files(ENCODER_FILE),
+    data=lambda r: validated_data(r, r.head),
+    trainings=lambda r: [TrainingUse(TRAINING, r.head, "source")],
+    sections=(*TRAIN_DATA, "models.student", "models.decoder", "head"),
+    weights=("student",),
+    side_outputs=(BEST_SEGMENTOR_FILE, validation_log(TRAINING)),
+)
+
+
+def train_frozen_encoder_head(run: Run, encoder_from: str) -> None:
+    """A fresh decoder on a frozen encoder, trained exactly like GKD's stage 2 (the ``head`` schedule).
+
+    ``encoder_from="student"``: the student's own initial encoder (its recipe weights): the authors' no-KD row,
+    a frozen ImageNet DeiT with the same head schedule as GKD. ``"teacher"``: the teacher's encoder, the
+    ceiling GKD would reach if distillation were perfect.
+    """
+    recipe = run.recipe
+    if encoder_from == "teacher":
+        model, file = recipe.models.teacher, CEILING_FILE
+        encoder = teacher_backbone(run)
+        torch.manual_seed(recipe.seed + 2)
+        decoder, layers = build_decoder(recipe.models.decoder, encoder.embed_dim, encoder.depth, run.num_classes)
+        segmentor = Segmentor(encoder, decoder, layers).to(run.device)
+    else:
+        model, file = recipe.models.student, FROZEN_FILE
+        segmentor = student_segmentor(run)
+    objective = TaskObjective(segmentor, freeze_encoder=True)
+    name = "ceiling" if encoder_from == "teacher" else "frozen"
+    trainer = run.trainer(name, objective, run.dataset(recipe.data.source, train=True), recipe.head)
+    trainer.fit(validator(run, segmentor, objective, name, recipe.head))
+    if run.info.is_main:
+        save_segmentor(run.file(file), segmentor, model, recipe.models.decoder, run.num_classes)
