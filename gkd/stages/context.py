@@ -279,22 +279,6 @@ def make_domain_evaluator(run: Run) -> Callable[[Callable], dict[str, dict]]:
     return evaluate
 
 
-def evaluate_segmentors(run: Run, files: dict[str, str]) -> dict[str, dict]:
-    """``{name: {params_m, encoder_params_m, domains: {domain: metrics}}}`` for each segmentor file of the
-    run dir that exists (``files`` maps a model name to its file name)."""
-    evaluate = make_domain_evaluator(run)
-    results = {}
-    for name, file in files.items():
-        if run.file(file).is_file():
-            segmentor = load_segmentor(run.file(file))[0].to(run.device)
-            results[name] = {
-                "params_m": sum(p.numel() for p in segmentor.parameters()) / 1e6,
-                "encoder_params_m": sum(p.numel() for p in segmentor.encoder.parameters()) / 1e6,
-                "domains": evaluate(torch_predictor(segmentor, run.device), name),
-            }
-    return results
-
-
 # -- what the stages read, for their declarations -------------------------------------------------------
 TRAIN_DATA = ("seed", "data.img_size", "data.source", "data.extra_sources", "data.train_transform", "training")
 EVAL_DATA = ("data.img_size", "data.source_val", "data.targets", "data.eval_transform")
