@@ -206,9 +206,8 @@ def run_job(job: Job, teacher_file: Path, device: str, threads: int, teacher_cac
     run = Run(job.recipe, job.dir, resolve_device(device), DistInfo(), teacher_caches=teacher_caches)
     if needs_teacher(job) and not run.file(TEACHER_FILE).is_file():
         _link(teacher_file, run.file(TEACHER_FILE))
-    names = {"teacher": ("train-teacher",), "no_kd": ("train-no-kd",), "distilled": ("distill", "train-head")}
-    for stage in STAGES:
-        if stage.name in names.get(job.student, ()) and stage.needed(job.recipe) and not stage.complete(run):
+    for stage in job_stages(job):
+        if not stage.complete(run):
             run_stage(STAGES, run, stage)
     if job.student in ("frozen", "ceiling") and not run.file(model_file(job)).is_file():
         train_frozen_encoder_head(run, "teacher" if job.student == "ceiling" else "student")
@@ -338,21 +337,25 @@ def job_name(job: Job) -> str:
     return job.method if job.method == TEACHER_JOB else f"{job.method}/seed{job.seed}"
 
 
+# The pipeline stages each kind of job runs (frozen and ceiling jobs train a head outside the stage graph).
+JOB_STAGES = {"teacher": ("train-teacher",), "no_kd": ("train-no-kd",), "distilled": ("distill", "train-head")}
+
+
+def job_stages(job: Job) -> list:
+    """The stages of the pipeline's graph that ``job`` runs, in graph order."""
+    from gkd.stages import STAGES
+
+    names = JOB_STAGES.get(job.student, ())
+    return [stage for stage in STAGES if stage.name in names and stage.needed(job.recipe)]
+
+
 def job_steps(job: Job) -> JobSteps:
-    """A job's training phases in order with their steps (the live view's progress and ETA)."""
-    recipe, distill = job.recipe, job.recipe.distill
-    if job.student == "teacher":
-        phases = [(TEACHER_JOB, recipe.teacher_training.steps)]
-    elif job.student == "no_kd":
-        phases = [("no_kd", recipe.compare.no_kd.steps)]
-    elif job.student in ("frozen", "ceiling"):
-        phases = [(job.student, recipe.head.steps)]
-    elif distill.schedule == "one_stage":
-        phases = [("distill_joint", distill.joint.steps)]
+    """A job's training phases in order with their steps (the live view's progress and ETA): those its stages
+    declare, or the head a frozen / ceiling job trains."""
+    if job.student in ("frozen", "ceiling"):
+        phases = [(job.student, job.recipe.head.steps)]
     else:
-        stage1 = {"distill_task_agnostic": distill.task_agnostic, "distill_domain_agnostic": distill.domain_agnostic}
-        phases = [(name, config.steps) for name, config in stage1.items() if config is not None]
-        phases.append(("head", recipe.head.steps))
+        phases = [(use.name, use.config.steps) for stage in job_stages(job) for use in stage.trainings(job.recipe)]
     return JobSteps(job_name(job), job.dir, tuple(phases))
 
 
