@@ -17,7 +17,7 @@ with antialiasing, as the official DINOv2 models with registers do; the official
 registers (``dinov2_vit*14``, also the GKD authors' copy of that code) interpolate bicubically without
 antialiasing, with a scale factor ``(new_grid + 0.1) / old_grid`` (``interpolate_offset``, a kludge kept for
 their checkpoints' sake). timm has no option for that, so `official_dinov2_pos_embed` replaces those models'
-``_pos_embed`` (at 448 the two differ by ~10 % in the output tokens of a random ``dinov2_vits14``).
+``_pos_embed`` (the two give different embeddings at every resampled size: ``tests/test_pos_embed.py``).
 """
 
 from __future__ import annotations
