@@ -5,22 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import sys
 import traceback
-from contextlib import nullcontext
 from pathlib import Path
 
 from gkd import __version__
-from gkd.rundir import (
-    BENCHMARK_FILE,
-    EXPORT_FILE,
-    LOGS_DIR,
-    RECIPE_FILE,
-    REPORT_JSON_FILE,
-    setup_logging,
-)
+from gkd.rundir import LOGS_DIR, setup_logging
 from gkd.utils.errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, EXIT_INTERRUPTED
 
 log = logging.getLogger("gkd")
@@ -43,231 +33,57 @@ def _recipe_and_overrides(words: list[str]) -> tuple[str | None, list[str]]:
     return (paths[0] if paths else None), overrides
 
 
-def _resolve_recipe(words: list[str], out: str | None):
-    """The recipe and run dir: an explicit recipe, else the one a run dir already holds, else the
-    embedded default, with the command line's ``key=value`` overrides applied. A run dir holding another
-    recipe is an error, never silently mixed."""
-    from gkd.recipe import check_same_recipe, dump_recipe, load_recipe
+def _pipeline(args: argparse.Namespace):
+    from gkd.pipeline import Pipeline
 
-    recipe_path, overrides = _recipe_and_overrides(words)
-    existing = Path(out) / RECIPE_FILE if out else None
-    if recipe_path is None and existing is not None and existing.is_file():
-        recipe = load_recipe(existing, overrides)
-    else:
-        recipe = load_recipe(recipe_path, overrides)
-    run_dir = Path(out) if out else Path("runs") / recipe.name
-    check_same_recipe(run_dir, recipe)
-    return recipe, run_dir, dump_recipe(recipe)
-
-
-def _stages_of(recipe, command: str) -> list:
-    """The stages a pipeline command runs: all needed ones for ``run``, else the one named."""
-    from gkd.stages import STAGES
-
-    if command == "run":
-        return [stage for stage in STAGES if stage.needed(recipe)]
-    stage = next(s for s in STAGES if s.name == command)
-    if not stage.needed(recipe):
-        raise ValueError(f"stage {stage.name} is not part of this recipe")
-    return [stage]
-
-
-def _dry_run(recipe, run_dir: Path, full_check: bool) -> int:
-    from gkd.data.config import describe_dataset
-    from gkd.engine import HASHES_FILE, RECORDS_DIR, FileHashes, decide
-    from gkd.stages import STAGES
-    from gkd.stages.checks import check_run_inputs
-    from gkd.stages.context import Run
-    from gkd.utils.runtime import DistInfo
-
-    print(f"recipe: {recipe.name}\nrun directory: {run_dir}")
-    plan = Run(recipe, run_dir, device=None, info=DistInfo())  # type: ignore[arg-type]
-    checked = check_run_inputs(plan, [s for s in STAGES if s.needed(recipe)], full=full_check, use_cache=False)
-    hashes = FileHashes(run_dir / RECORDS_DIR / HASHES_FILE)
-    print("stages:")
-    for stage in STAGES:
-        decision = decide(plan, stage, hashes) if stage.needed(recipe) else None
-        status = "not in this recipe" if decision is None else decision.reason
-        status = f"to run: {status}" if decision is not None and decision.run else status
-        print(f"  {stage.name:<14} {status:<48} -> {', '.join(stage.outputs(recipe))}")
-    missing: list[str] = []
-    print("models:")
-    for role, model in (("teacher", recipe.models.teacher), ("student", recipe.models.student)):
-        weights = model.weights
-        state = "random init" if weights is None else (str(weights) if Path(weights).exists() else f"{weights} MISSING")
-        if weights is not None and not Path(weights).exists():
-            missing.append(str(weights))
-        print(f"  {role}: {model.name} {model.kwargs or ''} weights: {state}")
-    print(
-        f"  decoder: {recipe.models.decoder.name}; distillation: {recipe.distill.schedule} / {recipe.distill.loss.name}"
+    recipe, overrides = _recipe_and_overrides(args.recipe)
+    return Pipeline(
+        recipe, args.out, overrides=overrides, device=args.device, threads=args.threads, check_data=args.check_data
     )
-    data = recipe.data
-    sets = {
-        "source": data.source,
-        **{f"extra source {i}": extra for i, extra in enumerate(data.extra_sources)},
-        "source_val": data.source_val,
-        **({"proxy": data.proxy} if data.proxy else {}),
-        **{f"target {k}": v for k, v in data.targets.items()},
-    }
-    print("data:")
-    for role, config in sets.items():
-        described = describe_dataset(config)
-        missing += [path for path in described.get("missing", []) if path not in missing]
-        where = "generated" if config.name == "synthetic" else f"root {config.root}"
-        samples = checked.num_samples.get(role)
-        print(f"  {role}: {config.name}, split {config.split}, {where}" + (f", {samples} samples" if samples else ""))
-    problems = [problem for problem in checked.problems if not any(path in problem for path in missing)]
-    if problems:
-        print("problems:\n" + "\n".join(f"  {problem}" for problem in problems))
-    if missing:  # last, one path a line
-        print(f"missing: (relative paths are relative to the current directory, {Path.cwd()})")
-        print("\n".join(f"  {path}" for path in missing))
-    if missing or problems:
-        return EXIT_BAD_INPUT
-    print("everything the recipe names is present and readable")
-    return 0
-
-
-def _summary(run_dir: Path) -> str:
-    """The last lines of a run: the distilled student's mIoU, the fastest runtime, where the report is."""
-    from gkd.utils.io import read_json
-
-    lines = [f"done: {run_dir}"]
-    report_file = run_dir / REPORT_JSON_FILE
-    if not report_file.is_file():
-        return lines[0]
-    report = read_json(report_file)
-    student = report["models"].get("student")
-    if student:
-        domains = ", ".join(f"{domain} {miou:.1f}" for domain, miou in student["miou"].items())
-        lines.append(f"  distilled student mIoU (%): {domains}")
-    timings = [
-        (latency["p50_ms"], key, batch)
-        for key, entry in ((report.get("benchmark") or {}).get("runtimes") or {}).items()
-        if not entry.get("failed")
-        for batch, latency in entry["latency"].items()
-        if "p50_ms" in latency and batch == min(entry["latency"], key=int)
-    ]
-    if timings:
-        p50, key, batch = min(timings)
-        lines.append(f"  fastest runtime: {key}, {p50:.2f} ms p50 at batch {batch}")
-    not_checked: dict[str, list[str]] = {}  # reason -> what (e.g. ONNX parity and latency without ONNX Runtime)
-    for section in ("export", "benchmark"):
-        for key, reason in ((report.get(section) or {}).get("not_checked") or {}).items():
-            not_checked.setdefault(reason, []).append(f"{key} {'parity' if section == 'export' else 'latency'}")
-    for reason, what in not_checked.items():
-        lines.append(f"  not checked: {', '.join(what)} ({reason})")
-    lines.append(f"  report: {run_dir / 'report.md'}")
-    return "\n".join(lines)
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    import torch
-
-    from gkd.engine import RECORDS_DIR, run_all, run_one
-    from gkd.stages import STAGES
-    from gkd.stages.checks import check_run_inputs
-    from gkd.stages.context import Run
-    from gkd.tracking import tracked_run
-    from gkd.utils.cpu import choose_threads
-    from gkd.utils.install import onnxruntime_install_problem
-    from gkd.utils.io import remove_temporary_files, write_text
-    from gkd.utils.lock import RunDirLock
-    from gkd.utils.runtime import init_distributed, resolve_device, resolve_num_workers, seed_everything
-
-    recipe, run_dir, resolved = _resolve_recipe(args.recipe, args.out)
-    stages = _stages_of(recipe, args.command)
+    """``run`` (every needed stage, or ``--dry-run``: the plan) or one stage's command."""
+    pipeline = _pipeline(args)
     if getattr(args, "dry_run", False):
         _setup_logging(None)
-        return _dry_run(recipe, run_dir, args.check_data == "full")
-    for stage in stages if args.command != "run" else []:  # before anything is created in the run dir
-        stage.check_inputs(Run(recipe, run_dir, device=None, info=None), STAGES)  # type: ignore[arg-type]
-    device_kind = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    info = init_distributed(device_kind)
-    device = resolve_device(args.device, info)
-    created = info.is_main and not run_dir.exists()
-    try:
-        with RunDirLock(run_dir) if info.is_main else nullcontext():
-            _setup_logging(run_dir, info.is_main)
-            install_problem = onnxruntime_install_problem(gpu=device.type == "cuda")
-            if install_problem and info.is_main:
-                log.warning(install_problem)
-            if info.is_main:
-                for temp in remove_temporary_files(run_dir):
-                    log.info("removed %s (left by a killed run)", temp)
-            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-            workers = resolve_num_workers(recipe.training.num_workers, device, local_ranks)
-            threads, why = choose_threads(args.threads, workers, local_ranks)
-            torch.set_num_threads(threads)
-            log.info("run directory %s (device %s, world size %d)", run_dir, device, info.world_size)
-            log.info("%d CPU threads (%s)", threads, why)
-            run = Run(recipe, run_dir, device, info)
-            if info.is_main:
-                check_run_inputs(run, stages, full=args.check_data == "full").raise_if_problems()
-                write_text(run_dir / RECIPE_FILE, resolved)
-            seed_everything(recipe.seed + info.rank)
-            with tracked_run(recipe, run_dir) if info.is_main else nullcontext() as tracking:
-                synced = None if tracking is None else lambda stage: tracking.sync_metrics(run_dir)
-                if args.command == "run":
-                    run_all(STAGES, run, force=tuple(args.force or ()), on_stage_end=synced)
-                else:
-                    run_one(STAGES, run, stages[0])
-    except BaseException:
-        if created and not (run_dir / RECORDS_DIR).exists():  # nothing ran: leave no half-made run dir behind
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    if not info.is_main:
+        plan = pipeline.plan()
+        print(plan)
+        return 0 if plan.ok else EXIT_BAD_INPUT
+    result = pipeline.run(force=args.force or ()) if args.command == "run" else pipeline.run_stage(args.command)
+    if not result.main_rank:
         return 0
-    print(_summary(run_dir) if args.command in ("run", "report") else f"done: {run_dir}")
-    return EXIT_FAILED_CHECK if _failed_checks(run_dir, args.command) else 0
-
-
-def _failed_checks(run_dir: Path, command: str) -> bool:
-    """Log and report whether an artifact missed parity, did not build, or failed the benchmark's checks."""
-    export, benchmark = run_dir / EXPORT_FILE, run_dir / BENCHMARK_FILE
-    failed = False
-    if command in ("run", "export", "benchmark", "report") and export.is_file():
-        for key, reason in json.loads(export.read_text()).get("failed", {}).items():
-            log.error("export: %s failed: %s (see %s)", key, reason, export)
-            failed = True
-    if command in ("run", "benchmark", "report") and benchmark.is_file():
-        for key in json.loads(benchmark.read_text()).get("failed", []):
-            log.error("benchmark: %s failed its checks (see %s)", key, benchmark)
-            failed = True
-    return failed
+    for failure in result.failed:
+        log.error(failure)
+    print(pipeline.summary() if args.command in ("run", "report") else f"done: {pipeline.run_dir}")
+    return EXIT_FAILED_CHECK if result.failed else 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    """The export stage, then (``--triton DIR``) a Triton model repository of its artifacts."""
+    """The export stage, then (``--triton DIR``) a Triton Inference Server model repository of its artifacts."""
     status = _cmd_pipeline(args)
     if status != 0 or not args.triton:
         return status
-    from gkd.export.triton import write_triton_repository
-
-    recipe, run_dir, _ = _resolve_recipe(args.recipe, args.out)
-    models = write_triton_repository(run_dir, args.triton, args.triton_name or recipe.name)
+    models = _pipeline(args).export_triton(args.triton, args.triton_name)
     log.info("triton: %s in %s (tritonserver --model-repository %s)", ", ".join(models), args.triton, args.triton)
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from gkd.compare import run_comparison
-    from gkd.recipe import load_recipe
-    from gkd.utils.lock import RunDirLock
+    from gkd.compare import compare_methods
 
-    if args.workers < 1 or (args.max_seeds is not None and args.max_seeds < 1):
-        raise ValueError("--workers and --max-seeds must be at least 1")
-    recipe = load_recipe(args.recipe, args.overrides)
-    if args.device == "auto":
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(args.out) if args.out else Path("runs") / f"{recipe.name}_compare"
-    with RunDirLock(out):
-        _setup_logging(out)
-        summary = run_comparison(recipe, out, args.workers, args.device, args.methods, args.max_seeds)
+    summary = compare_methods(
+        args.recipe,
+        args.out,
+        overrides=args.overrides,
+        workers=args.workers,
+        device=args.device,
+        methods=args.methods,
+        max_seeds=args.max_seeds,
+    )
     minutes = f"{summary['wall_minutes']:.1f} min wall, {summary['job_minutes']:.1f} job-minutes"
-    log.info("done: %s (%d jobs, %s); table: %s", out, summary["jobs"], minutes, out / "comparison.md")
+    folder = Path(summary["out"])
+    log.info("done: %s (%d jobs, %s); table: %s", folder, summary["jobs"], minutes, folder / "comparison.md")
     return 0
 
 
@@ -297,17 +113,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from gkd.recipe import load_recipe
-    from gkd.sweep import run_sweep
+    from gkd.sweep import sweep_students
 
-    if args.workers < 1:
-        raise ValueError("--workers must be at least 1")
-    recipe = load_recipe(args.recipe, args.overrides)
-    out = Path(args.out) if args.out else Path("runs") / f"{recipe.name}_sweep"
-    out.mkdir(parents=True, exist_ok=True)
-    _setup_logging(out)
-    summary = run_sweep(recipe, args.students, out, args.img_sizes, args.workers, args.device, args.max_latency_ms)
-    log.info("done: %s; table: %s", out, out / "sweep.md")
+    summary = sweep_students(
+        args.recipe,
+        args.students,
+        args.out,
+        overrides=args.overrides,
+        img_sizes=args.img_sizes,
+        workers=args.workers,
+        device=args.device,
+        max_latency_ms=args.max_latency_ms,
+    )
+    log.info("done: %s; table: %s", summary["out"], Path(summary["out"]) / "sweep.md")
     if args.max_latency_ms is not None:
         best = summary["best_under_max_latency"]
         print(
@@ -484,7 +302,7 @@ def _add_sweep_command(commands, debug: argparse.ArgumentParser) -> None:
     sweep.add_argument("--img-sizes", nargs="+", help="input sizes, N or HxW (default: the recipe's)")
     sweep.add_argument("--out", help="output directory (default: runs/<recipe name>_sweep)")
     sweep.add_argument("--workers", type=int, default=2, help="students trained at once")
-    sweep.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    _add_device(sweep)
     sweep.add_argument("--max-latency-ms", type=float, help="print the best student x runtime within this latency")
     sweep.set_defaults(handler=_cmd_sweep)
 

@@ -188,12 +188,11 @@ def run_job(job: Job, teacher_file: Path, device: str, threads: int, teacher_cac
     (``distill.teacher_cache``) live in ``teacher_caches``, shared by every job (default: the job's own folder)."""
     import torch
 
-    from gkd.engine import run_stage
+    from gkd.engine import run_all
     from gkd.stages import STAGES
     from gkd.stages.context import Run
     from gkd.stages.evaluate import evaluate_segmentors
     from gkd.stages.fidelity import teacher_fidelity_tokens
-    from gkd.stages.head import train_frozen_encoder_head
     from gkd.utils.runtime import DistInfo, resolve_device, seed_everything
 
     torch.set_num_threads(threads)
@@ -206,11 +205,7 @@ def run_job(job: Job, teacher_file: Path, device: str, threads: int, teacher_cac
     run = Run(job.recipe, job.dir, resolve_device(device), DistInfo(), teacher_caches=teacher_caches)
     if needs_teacher(job) and not run.file(TEACHER_FILE).is_file():
         _link(teacher_file, run.file(TEACHER_FILE))
-    for stage in job_stages(job):
-        if not stage.complete(run):
-            run_stage(STAGES, run, stage)
-    if job.student in ("frozen", "ceiling") and not run.file(model_file(job)).is_file():
-        train_frozen_encoder_head(run, "teacher" if job.student == "ceiling" else "student")
+    run_all(STAGES, run, only=[stage.name for stage in job_stages(job)])
     write_progress(job.dir, "evaluate")
     metrics = evaluate_segmentors(run, {"model": model_file(job)})["model"]
     tokens_file = teacher_file.parent / FIDELITY_TEACHER_FILE
@@ -337,8 +332,14 @@ def job_name(job: Job) -> str:
     return job.method if job.method == TEACHER_JOB else f"{job.method}/seed{job.seed}"
 
 
-# The pipeline stages each kind of job runs (frozen and ceiling jobs train a head outside the stage graph).
-JOB_STAGES = {"teacher": ("train-teacher",), "no_kd": ("train-no-kd",), "distilled": ("distill", "train-head")}
+# The pipeline stages each kind of job runs.
+JOB_STAGES = {
+    "teacher": ("train-teacher",),
+    "no_kd": ("train-no-kd",),
+    "distilled": ("distill", "train-head"),
+    "frozen": ("train-frozen-head",),
+    "ceiling": ("train-ceiling-head",),
+}
 
 
 def job_stages(job: Job) -> list:
@@ -350,12 +351,9 @@ def job_stages(job: Job) -> list:
 
 
 def job_steps(job: Job) -> JobSteps:
-    """A job's training phases in order with their steps (the live view's progress and ETA): those its stages
-    declare, or the head a frozen / ceiling job trains."""
-    if job.student in ("frozen", "ceiling"):
-        phases = [(job.student, job.recipe.head.steps)]
-    else:
-        phases = [(use.name, use.config.steps) for stage in job_stages(job) for use in stage.trainings(job.recipe)]
+    """A job's training phases in order with their steps (the live view's progress and ETA), as its stages
+    declare them."""
+    phases = [(use.name, use.config.steps) for stage in job_stages(job) for use in stage.trainings(job.recipe)]
     return JobSteps(job_name(job), job.dir, tuple(phases))
 
 
@@ -454,6 +452,43 @@ def run_comparison(
     if failures:  # what did finish is still tabulated
         raise ComparisonError("compare: " + "; ".join(failures))
     return summary
+
+
+def compare_methods(
+    recipe: Recipe | str | Path,
+    out: str | Path | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    workers: int = 2,
+    device: str = "auto",
+    methods: list[str] | None = None,
+    max_seeds: int | None = None,
+) -> dict:
+    """``gkd-compress compare``: every method of ``compare.methods`` over its seeds, from one shared teacher,
+    finished jobs reused; writes ``comparison.md`` / ``.json`` and figures into ``out``; returns what
+    ``comparison.json`` holds, with ``out``.
+
+    Args:
+        recipe: a `Recipe` or a recipe YAML with ``compare.methods``.
+        out: the comparison's folder (default ``runs/<recipe name>_compare``), locked while it runs.
+        overrides: dotted ``key=value`` overrides of the recipe.
+        workers: jobs trained at once (CPU threads split evenly).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        methods: only these methods; max_seeds: only the first seeds of each.
+    """
+    from gkd.pipeline import with_overrides
+    from gkd.recipe import load_recipe
+    from gkd.utils.lock import RunDirLock
+    from gkd.utils.runtime import resolve_device
+
+    if workers < 1 or (max_seeds is not None and max_seeds < 1):
+        raise ValueError("--workers and --max-seeds must be at least 1")
+    recipe = with_overrides(recipe, overrides) if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    out = Path(out) if out else Path("runs") / f"{recipe.name}_compare"
+    with RunDirLock(out):
+        setup_logging(out / LOGS_DIR)
+        summary = run_comparison(recipe, out, workers, resolve_device(device).type, methods, max_seeds)
+    return {**summary, "out": str(out)}
 
 
 def track_jobs(backends: Trackers | None, recipe: Recipe, kind: str, jobs: list[Job], artifacts: list[Path]) -> None:

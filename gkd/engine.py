@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -77,6 +77,7 @@ class Stage:
     weights: tuple[str, ...] = ()  # model roles whose recipe weights it loads
     side_outputs: tuple[str, ...] = ()  # files it may also write (not needed for completeness); cleared on a redo
     caches: Callable[[Any, FileHashes], dict[str, str]] = lambda run, hashes: {}  # keys of the caches it reads
+    on_request: bool = False  # not part of a whole run: runs when named (its command, a comparison's job)
 
     def consumed_files(self, recipe: Recipe) -> tuple[str, ...]:
         """Every run-directory file it reads when present."""
@@ -285,15 +286,18 @@ def run_all(
     run: Context,
     force: tuple[str, ...] = (),
     on_stage_end: Callable[[Stage], None] | None = None,
+    only: Collection[str] | None = None,
 ) -> list[str]:
     """Every needed stage of ``graph`` in build order, skipping those that are up to date; ``force`` names stages
     to redo from scratch with everything downstream of them; ``on_stage_end(stage)`` runs after each stage that
-    ran (e.g. `gkd.tracking`). Returns the names of the stages that ran."""
+    ran (e.g. `gkd.tracking`); ``only`` restricts the stages to those named (a stage `Stage.on_request` runs only
+    so), under the same rule. Returns the names of the stages that ran."""
     forced = downstream(graph, run.recipe, force) if force else set()
     hashes = FileHashes(run.file(RECORDS_DIR) / HASHES_FILE)
     ran = []
     for stage in order(graph, run.recipe):
-        if not stage.needed(run.recipe):
+        wanted = stage.name in only if only is not None else stage.needed(run.recipe) and not stage.on_request
+        if not wanted:
             continue
         decision = _decide_on_main(run, stage, hashes, stage.name in forced)
         if not decision.run:

@@ -25,18 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from gkd.data.base import IMAGE_SUFFIXES, DataError, read_image
 from gkd.data.config import dataset_info
-from gkd.evaluate.inference import slide_logits
-from gkd.export.runtimes import RUNTIME_NAMES, Runtime, TorchRuntime, load_runtime, runtime_loaders
-from gkd.models.checkpoint import load_segmentor
-from gkd.recipe import Recipe, load_recipe
-from gkd.rundir import EXPORT_FILE, NO_KD_FILE, RECIPE_FILE, SEGMENTOR_FILE, TEACHER_FILE
-from gkd.utils.io import atomic_path, read_json, write_json
+from gkd.predictor import PredictError, Predictor
+from gkd.utils.io import atomic_path, write_json
 
 log = logging.getLogger("gkd")
 
@@ -47,10 +42,6 @@ SHEET_FRAMES = 16
 SHEET_WIDTH = 240  # pixels of one thumbnail
 SHEET_PAIRS_PER_ROW = 2
 OVERLAY_ALPHA = 0.5
-
-
-class PredictError(ValueError):
-    """An input that stops `predict` (with ``strict``), or a runtime the run directory cannot provide."""
 
 
 @dataclass
@@ -149,84 +140,6 @@ def iter_frames(
             log.error("predict: skipped %s", error)
             if skipped is not None:
                 skipped.append({"input": str(path), "error": str(error)})
-
-
-def load_run_runtime(
-    run_dir: Path, runtime: str, precision: str, device: torch.device, model: str = "student"
-) -> tuple[Runtime, Recipe]:
-    """A segmentor of the run in ``runtime`` at ``precision``: PyTorch from its safetensors file, any other
-    runtime from the artifacts in ``export.json`` (the distilled student's only).
-
-    Args:
-        run_dir: the run directory.
-        runtime: ``torch`` or the runtime of an exported artifact.
-        precision: the artifact's precision.
-        device: where to run.
-        model: ``student`` (the deployed model), ``no_kd`` or ``teacher`` (the run's references, PyTorch only).
-    """
-
-    files = {"student": SEGMENTOR_FILE, "no_kd": NO_KD_FILE, "teacher": TEACHER_FILE}
-    if model not in files:
-        raise PredictError(f"unknown model {model!r}; a run holds {', '.join(files)}")
-    if model != "student" and runtime != "torch":
-        raise PredictError(f"only the student is exported; run the {model} with --runtime torch")
-    run_dir = Path(run_dir)
-    for name in (RECIPE_FILE, files[model]):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a finished gkd-compress run?")
-    recipe = load_recipe(run_dir / RECIPE_FILE)
-    segmentor = load_segmentor(run_dir / files[model])[0].to(device).eval()
-    img_size = recipe.data.img_size
-    if runtime == "torch":
-        return TorchRuntime(segmentor, img_size, precision, device), recipe
-    if runtime not in RUNTIME_NAMES:
-        raise PredictError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIME_NAMES)}")
-    if not (run_dir / EXPORT_FILE).is_file():
-        raise FileNotFoundError(f"{run_dir / EXPORT_FILE} not found: run `gkd-compress export --out {run_dir}` first")
-    export_summary = read_json(run_dir / EXPORT_FILE)
-    loaders, skipped = runtime_loaders(segmentor, img_size, run_dir, export_summary, device, [runtime])
-    key = f"{runtime}/{precision}"
-    if key not in loaders:
-        why = skipped.get(key, f"the run has {', '.join(sorted(loaders)) or 'no artifact'} for {runtime}")
-        raise PredictError(f"{key} is not available in {run_dir}: {why}")
-    loaded, why = load_runtime(loaders[key])
-    if loaded is None:
-        raise PredictError(f"{key} does not load here: {why}")
-    return loaded, recipe
-
-
-class Segmenter:
-    """Labels at native resolution from a `Runtime`, with the recipe's evaluation mode."""
-
-    def __init__(self, runtime: Runtime, recipe: Recipe, batch_size: int) -> None:
-        self.runtime = runtime
-        self.size = tuple(recipe.data.img_size)
-        self.mode = recipe.evaluate.mode
-        self.stride = recipe.evaluate.stride or (max(1, self.size[0] * 2 // 3), max(1, self.size[1] * 2 // 3))
-        self.batch_size = batch_size
-
-    def _predict(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.runtime.predict(images.numpy().astype(np.float32)))
-
-    @torch.no_grad()
-    def labels(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """uint8 ``(H, W)`` class ids of each RGB uint8 image, at its own size."""
-        tensors = [torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0) for image in images]
-        if self.mode == "slide":
-            logits = [slide_logits(self._predict, t, self.size, self.stride, self.batch_size) for t in tensors]
-        else:
-            resized = torch.stack(
-                [F.interpolate(t[None], size=self.size, mode="bilinear", align_corners=False)[0] for t in tensors]
-            )
-            logits = list(self._predict(resized))
-        labels = []
-        for tensor, frame_logits in zip(tensors, logits, strict=True):
-            if frame_logits.shape[-2:] != tensor.shape[-2:]:
-                frame_logits = F.interpolate(
-                    frame_logits[None], size=tensor.shape[-2:], mode="bilinear", align_corners=False
-                )[0]
-            labels.append(frame_logits.argmax(0).to(torch.uint8).numpy())
-        return labels
 
 
 def _palette_bytes(palette: Sequence[Sequence[int]]) -> list[int]:
@@ -398,15 +311,15 @@ def predict(
     if batch_size < 1 or frame_step < 1:
         raise ValueError("--batch-size and --frame-step must be at least 1")
     out, paths = Path(out), collect_inputs(inputs)
-    loaded, recipe = load_run_runtime(Path(run_dir), runtime, precision, torch.device(device), model)
-    segmenter = Segmenter(loaded, recipe, batch_size)
+    predictor = Predictor.from_run(run_dir, runtime, precision, device, model, batch_size)
+    loaded, recipe = predictor.runtime, predictor.recipe
     writer = _FrameWriter(out, recipe.data.source.name)
     skipped: list[dict] = []
     total = _frame_count(paths, frame_step)
     progress = tqdm(total=total, desc=f"predict ({runtime}/{precision})", unit="frame", disable=not show_progress)
     with progress:
         for batch in _batches(iter_frames(paths, frame_step, strict, skipped), batch_size):
-            for frame, label in zip(batch, segmenter.labels([f.image for f in batch]), strict=True):
+            for frame, label in zip(batch, predictor.predict([f.image for f in batch]), strict=True):
                 writer.write(frame, label)
                 progress.update()
     summary = {

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,8 +115,8 @@ def sweep_recipe(recipe: Recipe, students: list[StudentSpec]) -> Recipe:
 
 
 def _benchmark_jobs(jobs: list, device: str) -> list[str]:
-    """Export and benchmark every trained student (skipping complete stages), one at a time."""
-    from gkd.engine import run_stage
+    """Export and benchmark every trained student (skipping up-to-date stages), one at a time."""
+    from gkd.engine import run_all
     from gkd.stages import STAGES
     from gkd.stages.context import Run
     from gkd.utils.runtime import DistInfo
@@ -125,14 +126,11 @@ def _benchmark_jobs(jobs: list, device: str) -> list[str]:
         if job.student != "distilled" or not job.done():
             continue
         run = Run(job.recipe, job.dir, torch.device(device), DistInfo())
-        for stage in STAGES:
-            if stage.name in ("export", "benchmark") and not stage.complete(run):
-                try:
-                    run_stage(STAGES, run, stage)
-                except Exception as error:  # one student failing to export leaves the others' results
-                    failures.append(f"{job.method}: {stage.name} failed: {type(error).__name__}: {error}")
-                    log.error("sweep: %s", failures[-1])
-                    break
+        try:
+            run_all(STAGES, run, only=("export", "benchmark"))
+        except Exception as error:  # one student failing to export leaves the others' results
+            failures.append(f"{job.method}: export / benchmark failed: {type(error).__name__}: {error}")
+            log.error("sweep: %s", failures[-1])
     return failures
 
 
@@ -306,3 +304,33 @@ def run_sweep(
     write_text(out / "sweep.md", render_sweep(recipe.name, points, front, failures))
     track_jobs(backends, base, "sweep", every_job, [out / name for name in ("sweep.json", "sweep.md", "pareto.png")])
     return summary
+
+
+def sweep_students(
+    recipe: Recipe | str | Path,
+    students: list[str],
+    out: str | Path | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    img_sizes: list[str] | None = None,
+    workers: int = 2,
+    device: str = "auto",
+    max_latency_ms: float | None = None,
+) -> dict:
+    """``gkd-compress sweep``: `run_sweep` with the recipe loaded (a `Recipe` or a YAML path, with dotted
+    overrides), ``device`` resolved (``auto``: CUDA when a GPU is visible) and ``out`` (default
+    ``runs/<recipe name>_sweep``) locked while it runs; returns what ``sweep.json`` holds, with ``out``."""
+    from gkd.pipeline import with_overrides
+    from gkd.rundir import LOGS_DIR, setup_logging
+    from gkd.utils.lock import RunDirLock
+    from gkd.utils.runtime import resolve_device
+
+    if workers < 1:
+        raise ValueError("--workers must be at least 1")
+    recipe = with_overrides(recipe, overrides) if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    out = Path(out) if out else Path("runs") / f"{recipe.name}_sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    with RunDirLock(out):
+        setup_logging(out / LOGS_DIR)
+        summary = run_sweep(recipe, students, out, img_sizes, workers, resolve_device(device).type, max_latency_ms)
+    return {**summary, "out": str(out)}

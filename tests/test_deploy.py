@@ -22,7 +22,8 @@ from gkd.export.config import ExportConfig
 from gkd.export.stage import export_artifacts
 from gkd.export.triton import onnx_io, write_triton_repository
 from gkd.models.checkpoint import build_segmentor, save_segmentor
-from gkd.predict import PredictError, Segmenter, load_run_runtime, predict
+from gkd.predict import PredictError, predict
+from gkd.predictor import Predictor, load_run_runtime
 from gkd.recipe import dump_recipe, load_recipe
 from gkd.utils.io import write_json, write_text
 from tests.helpers.paths import CAMVID_ROOT, CAMVID_TINY_RECIPE
@@ -158,7 +159,7 @@ def test_slide_mode_returns_labels_at_native_size(run_dir):
     runtime, recipe = load_run_runtime(run_dir, "torch", "fp32", torch.device("cpu"))
     slide = recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(update={"mode": "slide"})})
     images = [np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in ((100, 90), (300, 410))]
-    labels = Segmenter(runtime, slide, batch_size=4).labels(images)
+    labels = Predictor(runtime, slide, batch_size=4).predict(images)
     assert [label.shape for label in labels] == [(100, 90), (300, 410)]
 
 

@@ -12,7 +12,18 @@ from gkd.stages import STAGES
 from gkd.stages.distill import PHASES
 from tests.helpers.paths import REPO, TINY_RECIPE
 
-ORDER = ["train-teacher", "distill", "train-head", "train-no-kd", "evaluate", "export", "benchmark", "report"]
+ORDER = [
+    "train-teacher",
+    "distill",
+    "train-head",
+    "train-frozen-head",
+    "train-ceiling-head",
+    "train-no-kd",
+    "evaluate",
+    "export",
+    "benchmark",
+    "report",
+]
 
 
 def test_the_engine_imports_no_torch():

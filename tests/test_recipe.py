@@ -120,10 +120,11 @@ def test_command_line_overrides_set_typed_values_validated_by_the_schema(tmp_pat
 
 
 def test_cli_overrides_reach_the_resolved_recipe_and_a_bad_one_exits_with_its_key(tmp_path, capsys):
-    from gkd.cli import _resolve_recipe
+    from gkd.pipeline import Pipeline
+    from gkd.recipe import dump_recipe
 
-    recipe, _, resolved = _resolve_recipe(["head.lr=0.25"], str(tmp_path / "run"))
-    assert recipe.head.lr == 0.25 and yaml.safe_load(resolved)["head"]["lr"] == 0.25
+    recipe = Pipeline(None, tmp_path / "run", overrides=["head.lr=0.25"]).recipe
+    assert recipe.head.lr == 0.25 and yaml.safe_load(dump_recipe(recipe))["head"]["lr"] == 0.25
     assert main(["run", "--dry-run", "--out", str(tmp_path / "run"), "head.stepz=3"]) == 2
     assert "head.stepz: Extra inputs are not permitted" in capsys.readouterr().err
     assert main(["compare", "recipe_that_is_not_there.yaml", "head.lr=1"]) == 2

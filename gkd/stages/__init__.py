@@ -11,6 +11,8 @@ STAGES: tuple[Stage, ...] = (
     teacher.STAGE,
     distill.STAGE,
     head.STAGE,
+    head.FROZEN_STAGE,
+    head.CEILING_STAGE,
     no_kd.STAGE,
     evaluate.STAGE,
     export.STAGE,

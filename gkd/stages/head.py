@@ -1,5 +1,6 @@
 """Stage ``train-head``, GKD's stage 2: a decoder on the frozen distilled encoder; and the same schedule on
-other frozen encoders (`train_frozen_encoder_head`, the comparison's no-KD and ceiling rows)."""
+other frozen encoders, the on-request stages ``train-frozen-head`` (the student's own encoder: the authors'
+no-KD row) and ``train-ceiling-head`` (the teacher's encoder: what perfect distillation reaches)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ from gkd.models.checkpoint import save_segmentor
 from gkd.models.decoders import build_decoder
 from gkd.models.segmentor import Segmentor
 from gkd.preflight import TrainingUse
-from gkd.rundir import BEST_SEGMENTOR_FILE, CEILING_FILE, ENCODER_FILE, FROZEN_FILE, SEGMENTOR_FILE, validation_log
+from gkd.rundir import (
+    BEST_SEGMENTOR_FILE,
+    CEILING_FILE,
+    ENCODER_FILE,
+    FROZEN_FILE,
+    SEGMENTOR_FILE,
+    TEACHER_FILE,
+    validation_log,
+)
 from gkd.stages.context import (
     TRAIN_DATA,
     Run,
@@ -54,7 +63,7 @@ STAGE = Stage(
 )
 
 
-def train_frozen_encoder_head(run: Run, encoder_from: str) -> None:
+def _train_frozen_encoder_head(run: Run, encoder_from: str) -> None:
     """A fresh decoder on a frozen encoder, trained exactly like GKD's stage 2 (the ``head`` schedule).
 
     ``encoder_from="student"``: the student's own initial encoder (its recipe weights): the authors' no-KD row,
@@ -77,3 +86,47 @@ def train_frozen_encoder_head(run: Run, encoder_from: str) -> None:
     trainer.fit(validator(run, segmentor, objective, name, recipe.head))
     if run.info.is_main:
         save_segmentor(run.file(file), segmentor, model, recipe.models.decoder, run.num_classes)
+
+
+def stage_train_frozen_head(run: Run) -> None:
+    """The student's own initial encoder frozen, a decoder trained with GKD's stage-2 schedule (no-KD row)."""
+    _train_frozen_encoder_head(run, "student")
+
+
+def stage_train_ceiling_head(run: Run) -> None:
+    """The teacher's encoder frozen, a student decoder trained with GKD's stage-2 schedule (the ceiling)."""
+    _train_frozen_encoder_head(run, "teacher")
+
+
+def _teacher_input(recipe) -> tuple[str, ...]:
+    return (TEACHER_FILE,) if recipe.models.teacher.train_encoder else ()
+
+
+_HEAD_SECTIONS = (*TRAIN_DATA, "models.decoder", "head")
+FROZEN_STAGE = Stage(
+    "train-frozen-head",
+    stage_train_frozen_head,
+    files(FROZEN_FILE),
+    needed=lambda r: r.head is not None,
+    distributed=True,
+    data=lambda r: validated_data(r, r.head),
+    trainings=lambda r: [TrainingUse("frozen", r.head, "source")],
+    sections=(*_HEAD_SECTIONS, "models.student"),
+    weights=("student",),
+    side_outputs=(validation_log("frozen"),),
+    on_request=True,
+)
+CEILING_STAGE = Stage(
+    "train-ceiling-head",
+    stage_train_ceiling_head,
+    files(CEILING_FILE),
+    needed=lambda r: r.head is not None,
+    distributed=True,
+    inputs=_teacher_input,
+    data=lambda r: validated_data(r, r.head),
+    trainings=lambda r: [TrainingUse("ceiling", r.head, "source")],
+    sections=(*_HEAD_SECTIONS, "models.teacher"),
+    weights=("teacher",),
+    side_outputs=(validation_log("ceiling"),),
+    on_request=True,
+)

@@ -1,0 +1,135 @@
+"""What a run would do, without training: each stage up to date or why it would run, the models and their
+weights, the data, and every problem the pre-flight check found (`gkd.Pipeline.plan`, ``run --dry-run``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gkd.engine import HASHES_FILE, RECORDS_DIR, FileHashes, decide
+from gkd.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage of the plan: whether the recipe has it, whether it would run and why, what it writes."""
+
+    name: str
+    needed: bool
+    runs: bool
+    reason: str
+    outputs: tuple[str, ...]
+
+    def line(self) -> str:
+        status = "not in this recipe" if not self.needed else self.reason
+        status = f"to run: {status}" if self.runs else status or "on request: its own command, or a comparison"
+        return f"  {self.name:<18} {status:<48} -> {', '.join(self.outputs)}"
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """One split the recipe reads."""
+
+    role: str
+    dataset: str
+    split: str
+    where: str
+    samples: int | None = None
+
+    def line(self) -> str:
+        count = f", {self.samples} samples" if self.samples else ""
+        return f"  {self.role}: {self.dataset}, split {self.split}, {self.where}{count}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run's plan; ``ok`` when everything the recipe names is present and readable."""
+
+    recipe: str
+    run_dir: Path
+    stages: list[StagePlan]
+    models: list[str]
+    data: list[DataPlan]
+    problems: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.problems or self.missing)
+
+    @property
+    def to_run(self) -> list[str]:
+        """The stages that would run, in build order."""
+        return [stage.name for stage in self.stages if stage.runs]
+
+    def __str__(self) -> str:
+        lines = [f"recipe: {self.recipe}", f"run directory: {self.run_dir}", "stages:"]
+        lines += [stage.line() for stage in self.stages]
+        lines += ["models:", *(f"  {model}" for model in self.models)]
+        lines += ["data:", *(split.line() for split in self.data)]
+        if self.problems:
+            lines += ["problems:", *(f"  {problem}" for problem in self.problems)]
+        if self.missing:  # last, one path a line
+            lines.append(f"missing: (relative paths are relative to the current directory, {Path.cwd()})")
+            lines += [f"  {path}" for path in self.missing]
+        if self.ok:
+            lines.append("everything the recipe names is present and readable")
+        return "\n".join(lines)
+
+
+def _model_lines(recipe: Recipe, missing: list[str]) -> list[str]:
+    lines = []
+    for role, model in (("teacher", recipe.models.teacher), ("student", recipe.models.student)):
+        weights = model.weights
+        exists = weights is not None and Path(weights).exists()
+        state = "random init" if weights is None else (str(weights) if exists else f"{weights} MISSING")
+        if weights is not None and not exists:
+            missing.append(str(weights))
+        lines.append(f"{role}: {model.name} {model.kwargs or ''} weights: {state}")
+    lines.append(
+        f"decoder: {recipe.models.decoder.name}; distillation: {recipe.distill.schedule} / {recipe.distill.loss.name}"
+    )
+    return lines
+
+
+def _data_plan(recipe: Recipe, num_samples: dict[str, int], missing: list[str]) -> list[DataPlan]:
+    from gkd.data.config import describe_dataset
+
+    data = recipe.data
+    sets = {
+        "source": data.source,
+        **{f"extra source {i}": extra for i, extra in enumerate(data.extra_sources)},
+        "source_val": data.source_val,
+        **({"proxy": data.proxy} if data.proxy else {}),
+        **{f"target {k}": v for k, v in data.targets.items()},
+    }
+    splits = []
+    for role, config in sets.items():
+        missing += [path for path in describe_dataset(config).get("missing", []) if path not in missing]
+        where = "generated" if config.name == "synthetic" else f"root {config.root}"
+        splits.append(DataPlan(role, config.name, config.split, where, num_samples.get(role)))
+    return splits
+
+
+def make_plan(recipe: Recipe, run_dir: Path, full_check: bool = False) -> Plan:
+    """The plan of ``recipe`` in ``run_dir``: the pre-flight check of everything the needed stages read (``full``
+    decodes every image), and each stage's decision under the engine's rule of "up to date"."""
+    from gkd.stages import STAGES
+    from gkd.stages.checks import check_run_inputs
+    from gkd.stages.context import Run
+    from gkd.utils.runtime import DistInfo
+
+    run = Run(recipe, run_dir, device=None, info=DistInfo())  # type: ignore[arg-type]
+    checked = check_run_inputs(run, [s for s in STAGES if s.needed(recipe)], full=full_check, use_cache=False)
+    hashes = FileHashes(run_dir / RECORDS_DIR / HASHES_FILE)
+    stages = []
+    for stage in STAGES:
+        needed = stage.needed(recipe)
+        decision = decide(run, stage, hashes) if needed and not stage.on_request else None
+        runs, reason = (decision.run, decision.reason) if decision else (False, "")
+        stages.append(StagePlan(stage.name, needed, runs, reason, stage.outputs(recipe)))
+    missing: list[str] = []
+    models = _model_lines(recipe, missing)
+    data = _data_plan(recipe, checked.num_samples, missing)
+    problems = [problem for problem in checked.problems if not any(path in problem for path in missing)]
+    return Plan(recipe.name, run_dir, stages, models, data, problems, missing)
