@@ -7,7 +7,6 @@ outputs from a cache (``distill.teacher_cache``) instead of running the teacher.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,13 +14,12 @@ import torch
 from gkd.compress.losses import build_loss, loss_needs
 from gkd.compress.objectives import DistillObjective, JointObjective
 from gkd.compress.teacher_cache import TeacherViews, cache_key, open_or_build
-from gkd.data.config import DatasetConfig
-from gkd.data.transforms import ImageNetTransformConfig
+from gkd.distill_phases import JOINT, PHASES, Phase
 from gkd.engine import HASHES_FILE, RECORDS_DIR, FileHashes, Stage
 from gkd.models.checkpoint import save_segmentor
 from gkd.models.zoo import with_patch_size
 from gkd.preflight import DataUse, TrainingUse
-from gkd.recipe import OptimConfig, Recipe
+from gkd.recipe import Recipe
 from gkd.rundir import ENCODER_FILE, SEGMENTOR_FILE, TEACHER_FILE, validation_log
 from gkd.stages.context import (
     TRAIN_DATA,
@@ -38,44 +36,6 @@ from gkd.stages.context import (
 from gkd.utils.runtime import resolve_num_workers
 
 log = logging.getLogger("gkd")
-
-JOINT = "distill_joint"  # the one-stage schedule's training phase (``distill.joint``)
-
-
-@dataclass(frozen=True)
-class Phase:
-    """A phase of the two-stage schedule: its training phase name, and the recipe fields of its settings
-    (``distill.<settings>``), images (``data.<images>``, also the data role), ImageNet transform
-    (``data.<transform>``; None in the recipe: the training transform) and patch size (``distill.<patch_size>``;
-    None: the models' own)."""
-
-    name: str
-    settings: str
-    images: str
-    transform: str
-    patch_size: str | None = None
-
-    def config(self, recipe: Recipe) -> OptimConfig | None:
-        """Its optimisation settings (None: the recipe skips it)."""
-        return getattr(recipe.distill, self.settings)
-
-    def dataset(self, recipe: Recipe) -> DatasetConfig | None:
-        """Its images."""
-        return getattr(recipe.data, self.images)
-
-    def transform_config(self, recipe: Recipe) -> ImageNetTransformConfig | None:
-        """Its ImageNet transform (None: the training transform)."""
-        return getattr(recipe.data, self.transform)
-
-    def patch_size_of(self, recipe: Recipe) -> int | None:
-        """The patch size both networks run at (None: their own)."""
-        return getattr(recipe.distill, self.patch_size) if self.patch_size else None
-
-
-PHASES = (  # 1a, then 1b
-    Phase("distill_task_agnostic", "task_agnostic", "proxy", "proxy_transform", "task_agnostic_patch_size"),
-    Phase("distill_domain_agnostic", "domain_agnostic", "source", "distill_transform"),
-)
 
 
 def stage_distill(run: Run) -> None:
