@@ -91,9 +91,9 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _same_classes(self) -> DataConfig:
-        classes = dataset_info(self.source.name)[1]
+        classes = dataset_info(self.source)[1]
         for index, extra in enumerate(self.extra_sources):
-            if dataset_info(extra.name)[1] != classes:
+            if dataset_info(extra)[1] != classes:
                 raise ValueError(f"data.extra_sources.{index}: {extra.name} has other classes than {self.source.name}")
         return self
 

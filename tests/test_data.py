@@ -26,7 +26,7 @@ def test_registry_names_and_class_counts():
     counts = {name: dataset_info(name)[0] for name in DATASET_NAMES}
     assert counts == {
         "gtav": 19, "synthia": 19, "urbansyn": 19, "cityscapes": 19, "bdd100k": 19, "mapillary": 19, "acdc": 19,
-        "potsdam": 6, "vaihingen": 6, "camvid": 11, "image_folder": 0, "synthetic": 6,
+        "potsdam": 6, "vaihingen": 6, "camvid": 11, "folder": 0, "image_folder": 0, "synthetic": 6,
     }  # fmt: skip
     num_classes, names, palette = dataset_info("cityscapes")
     assert names[0] == "road" and names[-1] == "bicycle" and palette[0] == (128, 64, 128)
@@ -72,7 +72,7 @@ def test_describe_reads_no_image_and_lists_missing_folders(tmp_path, monkeypatch
     def no_reading(path):
         raise AssertionError(f"describe read {path}")
 
-    monkeypatch.setattr(base, "_open", no_reading)
+    monkeypatch.setattr(base, "open_image", no_reading)
     present = describe_dataset(DatasetConfig(name="cityscapes", root=root, split="val"))
     assert present["missing"] == [] and present["paths"]["images"] == [str(root / "leftImg8bit" / "val")]
     absent = describe_dataset(DatasetConfig(name="cityscapes", root=root, split="test"))

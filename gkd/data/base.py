@@ -24,6 +24,7 @@ from gkd.utils.io import write_json
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+ID_MODES = ("L", "P", "I", "I;16")  # PIL modes of single-channel label maps (8-bit, palette, 32- and 16-bit)
 
 Sample = dict
 Transform = Callable[[Sample], Sample]
@@ -39,7 +40,8 @@ class DataError(Exception):
     """Bad input data: the message names the file."""
 
 
-def _open(path: Path) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
+    """The decoded image file; a missing, corrupt or truncated file is a `DataError` naming it."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
@@ -52,13 +54,13 @@ def _open(path: Path) -> Image.Image:
 
 def read_image(path: str | Path) -> np.ndarray:
     """RGB ``uint8 (H, W, 3)``."""
-    return np.array(_open(Path(path)).convert("RGB"))
+    return np.array(open_image(Path(path)).convert("RGB"))
 
 
 def read_label(path: str | Path) -> np.ndarray:
     """Raw label ids ``(H, W)`` exactly as stored (palette PNGs give their indices, not colours)."""
-    image = _open(Path(path))
-    if image.mode not in ("L", "P", "I", "I;16"):
+    image = open_image(Path(path))
+    if image.mode not in ID_MODES:
         raise DataError(f"{path}: label map has mode {image.mode}, expected single-channel ids")
     return np.asarray(image).astype(np.int64)
 
@@ -79,9 +81,13 @@ class ColorLabelReader:
         self.ids = np.array(list(colors.values()), dtype=np.int64)[order]
 
     def __call__(self, path: Path) -> np.ndarray:
-        image = _open(Path(path))
+        image = open_image(Path(path))
         if image.mode not in ("RGB", "RGBA", "P"):
             raise DataError(f"{path}: label map has mode {image.mode}, expected colour-coded RGB")
+        return self.decode(image, path)
+
+    def decode(self, image: Image.Image, path: Path) -> np.ndarray:
+        """The ids of an opened colour-coded label map (``path`` names it in errors)."""
         codes = _color_codes(np.asarray(image.convert("RGB")))
         slot = np.minimum(np.searchsorted(self.codes, codes), len(self.codes) - 1)
         known = self.codes[slot] == codes

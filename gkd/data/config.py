@@ -4,13 +4,14 @@
 fraction of them, the first ``limit`` of those, each served through the transform.
 
 Bad input: a missing root or split folder is always a ``DataError`` naming the path. An image without
-its label (or a listed image that is absent) is found at construction. Decode errors (corrupt or
-truncated files), a label whose size differs from its image and label ids outside the dataset's table
-are found when a sample is loaded. Without ``skip_bad`` each is a ``DataError`` naming the file. With
-``skip_bad``, construction drops unpaired samples and then runs a *validity pass* that loads every
-selected sample once (on threads) and drops those that fail, so the dataset's length is final before
-training starts (samplers, DDP ranks and resumed runs all index the same list); each dropped sample is
-logged on ``gkd.data`` and listed in ``dataset.skipped``. Nothing is ever replaced by a guess.
+its label, a label without its image (``folder``) or a listed image that is absent is found at
+construction. Decode errors (corrupt or truncated files), a label whose size differs from its image and
+label ids outside the dataset's table are found when a sample is loaded. Without ``skip_bad`` each is a
+``DataError`` naming the file. With ``skip_bad``, construction drops unpaired samples and then runs a
+*validity pass* that loads every selected sample once (on threads) and drops those that fail, so the
+dataset's length is final before training starts (samplers, DDP ranks and resumed runs all index the
+same list); each dropped sample is logged on ``gkd.data`` and listed in ``dataset.skipped``. Nothing is
+ever replaced by a guess.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from gkd.data.base import (
 )
 from gkd.data.camvid import CamVid
 from gkd.data.driving import ACDC, BDD100K, GTAV, Cityscapes
+from gkd.data.folder import Folder
 from gkd.data.fractions import FractionName, fraction_indices, fraction_value
 from gkd.data.isprs import Potsdam, Vaihingen
 from gkd.data.layouts import ImageFolder, Layout
@@ -51,7 +53,7 @@ LAYOUTS: dict[str, type[Layout]] = {
     layout.name: layout
     for layout in (
         *(GTAV, SYNTHIA, UrbanSyn, Cityscapes, BDD100K, Mapillary, ACDC),
-        *(Potsdam, Vaihingen, CamVid, ImageFolder),
+        *(Potsdam, Vaihingen, CamVid, Folder, ImageFolder),
     )
 }
 SYNTHETIC = "synthetic"
@@ -121,14 +123,21 @@ class DatasetConfig(BaseModel):
         return self
 
 
-def dataset_info(name: str) -> tuple[int, tuple[str, ...], tuple[RGB, ...]]:
-    """``(num_classes, class_names, palette)`` of a dataset (``0, (), ()`` for unlabeled image folders)."""
+def dataset_info(dataset: str | DatasetConfig) -> tuple[int, tuple[str, ...], tuple[RGB, ...]]:
+    """``(num_classes, class_names, palette)`` of a dataset, by name or by config (``0, (), ()`` for unlabeled
+    image folders). ``folder`` takes its classes from the config's options or root's ``dataset.yaml``, so its
+    name alone gives ``0, (), ()``."""
+    name = dataset if isinstance(dataset, str) else dataset.name
     if name == SYNTHETIC:
         classes = tuple(_synthetic().SYNTHETIC_CLASSES)
         return len(classes), classes, tuple(default_palette(len(classes)))
     options_model(name)  # unknown names fail here
     layout = LAYOUTS[name]
-    return len(layout.classes), layout.classes, layout.palette
+    if isinstance(dataset, str):
+        classes, palette = layout.classes, layout.palette
+    else:
+        classes, palette = layout.class_info(dataset.root, layout.Options.model_validate(dataset.options))
+    return len(classes), classes, palette
 
 
 def _layout(config: DatasetConfig) -> Layout:
@@ -156,19 +165,18 @@ def _split_dataset(
     if labeled and not layout.has_labels:
         raise DataError(f"{config.root}: {config.name} has no labels (use it as an unlabeled proxy set)")
     layout.check(labeled)
-    kept, skipped = [], []
+    kept, skipped = [], layout.unpaired() if labeled else []
     for image, label in layout.samples():
         if not image.is_file():
-            problem = f"{image}: image file not found"
+            skipped.append(f"{image}: image file not found")
         elif labeled and not label.is_file():
-            problem = f"{label}: label file not found (for image {image})"
+            skipped.append(f"{label}: label file not found (for image {image})")
         else:
             kept.append((image, label))
-            continue
-        if not config.skip_bad:
-            raise DataError(problem)
+    if skipped and not config.skip_bad:
+        raise DataError(skipped[0] + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""))
+    for problem in skipped:
         log.warning("skipping: %s", problem)
-        skipped.append(problem)
     if not kept:
         folders = ", ".join(str(p) for p in layout.image_dirs())
         raise DataError(f"{folders}: no {config.name} samples in split '{config.split}' (options {config.options})")
@@ -199,7 +207,7 @@ def _selection(config: DatasetConfig, transform: Transform | None, labeled: bool
             log.warning("skipping: %s", message)
         skipped += list(filter(None, problems))
         used = [index for index, message in zip(used, problems, strict=True) if message is None]
-    num_classes, class_names, palette = dataset_info(config.name)
+    num_classes, class_names, palette = dataset_info(config)
     info = {
         **config.model_dump(mode="json", include={"name", "root", "split", "fraction", "fraction_seed", "limit"}),
         "labeled": labeled,

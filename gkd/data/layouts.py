@@ -57,6 +57,15 @@ class Layout:
         """Raw ids (as ``read_label`` returns them) -> train ids."""
         raise NotImplementedError
 
+    @classmethod
+    def class_info(cls, root: Path | None, options: BaseModel) -> tuple[tuple[str, ...], tuple[RGB, ...]]:
+        """Class names and palette: fixed per dataset (``folder`` reads them from its options or root)."""
+        return cls.classes, cls.palette
+
+    def unpaired(self) -> list[str]:
+        """Why each label file without an image is bad (checked when labels are read); none by default."""
+        return []
+
     def read_label(self, path: Path) -> np.ndarray:
         """Raw ids of a label file (stored ids by default; colour-coded datasets override)."""
         return read_label(path)

@@ -66,11 +66,11 @@ class Run:
 
     @property
     def num_classes(self) -> int:
-        return dataset_info(self.recipe.data.source.name)[0]
+        return dataset_info(self.recipe.data.source)[0]
 
     @property
     def class_names(self) -> list[str]:
-        return list(dataset_info(self.recipe.data.source.name)[1])
+        return list(dataset_info(self.recipe.data.source)[1])
 
     @property
     def teacher_dtype(self) -> torch.dtype:
