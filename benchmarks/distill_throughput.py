@@ -20,7 +20,7 @@ Modes:
   AdamW only): bfloat16 pays off only on CPUs with native bf16 arithmetic (AVX512-BF16, AMX);
   ``--tuned-precision bf16`` measures it.
 * ``fed``: the tuned step, each batch drawn from the trainer's real data loader
-  (`gkd.compress.trainer.build_loader`, ``--workers`` per rank, pinned memory, non-blocking copies) over
+  (`gkd.compress.sampling.build_loader`, ``--workers`` per rank, pinned memory, non-blocking copies) over
   ``--data`` (``synthetic`` scenes or CamVid frames from ``--data-root``, the recipe-style training transform
   at ``--img-size``) instead of one fixed batch on the device: ``fed / tuned`` says whether the loader keeps up.
 * ``cached``: the fed step reading the teacher's outputs from a teacher-output cache (``distill.teacher_cache``:
@@ -311,7 +311,7 @@ def fed_batches(args: argparse.Namespace, size: list[int], device, dataset=None)
     import torch
     from loader_throughput import benchmark_dataset  # beside this script
 
-    from gkd.compress.trainer import ResumableSampler, build_loader
+    from gkd.compress.sampling import ResumableSampler, build_loader
     from gkd.utils.runtime import DistInfo, resolve_num_workers
 
     dataset = dataset if dataset is not None else benchmark_dataset(args.data, tuple(size), args.data_root, cache=True)

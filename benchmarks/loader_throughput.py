@@ -1,6 +1,6 @@
 """Images per second of the training data loader alone, per worker count.
 
-The loader is the trainer's own (`gkd.compress.trainer.build_loader`: seeded samples, persistent workers,
+The loader is the trainer's own (`gkd.compress.sampling.build_loader`: seeded samples, persistent workers,
 prefetch, pinned memory on CUDA) over a real dataset and the recipe-style training transform (random resize,
 crop, flip, colour jitter). ``--dataset camvid`` decodes CamVid PNGs (480x360) from ``--root``;
 ``--dataset synthetic`` renders the embedded default's street scenes. With ``--cache`` decoded frames stay in
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from gkd.compress.trainer import ResumableSampler, build_loader
+from gkd.compress.sampling import ResumableSampler, build_loader
 from gkd.data.config import DatasetConfig, build_dataset
 from gkd.data.transforms import TrainTransformConfig, build_train_transform
 from gkd.utils.runtime import DistInfo, available_cpus

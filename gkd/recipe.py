@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from gkd.compare_config import CompareConfig
 from gkd.compress.config import OptimConfig, TeacherCacheConfig, TrainingConfig
 from gkd.compress.losses import loss_needs, validate_loss_options
 from gkd.data.config import DatasetConfig, dataset_info
@@ -34,6 +35,7 @@ from gkd.export.config import BenchmarkConfig, ExportConfig
 from gkd.models.decoders import DecoderConfig
 from gkd.models.zoo import ModelConfig
 from gkd.rundir import RECIPE_FILE
+from gkd.tracking_config import LoggingConfig
 
 log = logging.getLogger("gkd")
 
@@ -142,78 +144,6 @@ class EvaluateConfig(_Strict):
     batch_size: int = Field(8, gt=0)
     mode: Literal["whole", "slide"] = "whole"
     stride: tuple[int, int] | None = Field(None, description="slide: window stride (H, W); default 2/3 of img_size")
-
-
-class MethodConfig(_Strict):
-    """One row of ``gkd-compress compare``: this recipe with ``overrides`` deep-merged in, once per seed."""
-
-    label: str = Field(description="the row's name in tables and plots")
-    student: Literal["distilled", "no_kd", "frozen", "ceiling"] = Field(
-        "distilled",
-        description="distilled: distill (+ head) stages; no_kd: the student fine-tuned end to end (compare.no_kd); "
-        "frozen: the student's own encoder frozen + the head schedule (the authors' no-KD row); ceiling: the "
-        "teacher's frozen encoder + the head schedule (what perfect distillation reaches)",
-    )
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    overrides: dict[str, Any] = Field(default_factory=dict, description="recipe keys to change (teacher excluded)")
-
-
-class BudgetCurveConfig(_Strict):
-    """Methods that differ only in their stage-1 budget, each set against a baseline seed by seed."""
-
-    baseline: str = Field(description="the method every budget is compared with (e.g. the frozen no-KD row)")
-    methods: list[str] = Field(min_length=2, description="the budgets' methods; x = their stage-1 steps")
-
-
-class CompareConfig(_Strict):
-    """Reference rows of the report, and the methods ``gkd-compress compare`` runs against each other."""
-
-    no_kd: OptimConfig | None = Field(None, description="student fine-tuned on source without distillation")
-    methods: dict[str, MethodConfig] = Field(default_factory=dict, description="compare: rows by name")
-    reference_domain: str = Field("source", description="compare: the in-domain column drops are measured from")
-    figure_domain: str | None = Field(None, description="compare: domain of the example frames (default: 1st target)")
-    figure_methods: list[str] = Field(default_factory=list, description="compare: methods shown in the frames figure")
-    budget_curve: BudgetCurveConfig | None = Field(None, description="compare: Δ mIoU against stage-1 steps")
-    paired_with: str | None = Field(
-        "gkd",
-        description="compare: the method set against every other row seed by seed (mean difference and seeds won, "
-        "in comparison.md); null or a method not compared = no paired table",
-    )
-
-
-class MlflowConfig(_Strict):
-    """An MLflow tracking store (no server needed)."""
-
-    tracking_uri: str | None = Field(
-        None,
-        description="e.g. sqlite:///runs/mlflow.db; a plain directory (or file: URI) means DIR/mlflow.db in it; "
-        "null: MLFLOW_TRACKING_URI, else mlflow.db in the command's output directory",
-    )
-    experiment: str | None = Field(None, description="experiment name; default: the recipe's name")
-    artifact_location: str | None = Field(
-        None, description="where a new experiment keeps artifacts; default: mlartifacts/ beside a sqlite file"
-    )
-
-
-class WandbConfig(_Strict):
-    """A Weights & Biases run; offline by default (``wandb sync`` uploads it later)."""
-
-    project: str | None = Field(None, description="default: the recipe's name")
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    dir: str | None = Field(None, description="where wandb/ is written; default: the command's output directory")
-    entity: str | None = None
-
-
-class LoggingConfig(_Strict):
-    """Experiment trackers a run also reports to (`gkd.tracking`); none by default. Never part of a stage's
-    record: changing a tracker reruns nothing."""
-
-    mlflow: MlflowConfig | None = None
-    wandb: WandbConfig | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.mlflow is not None or self.wandb is not None
 
 
 class Recipe(_Strict):

@@ -29,8 +29,9 @@ import torch
 import yaml
 
 from gkd.compare import ComparisonError, plan, run_jobs, track_jobs
+from gkd.compare_config import MethodConfig
 from gkd.progress import STATUS_FILE
-from gkd.recipe import MethodConfig, Recipe, RecipeError, dump_recipe, load_recipe, parse_recipe, results_settings
+from gkd.recipe import Recipe, RecipeError, dump_recipe, load_recipe, parse_recipe, results_settings
 from gkd.report.pareto import pareto_front, pareto_plot
 from gkd.utils.io import write_json, write_text
 

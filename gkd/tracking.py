@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from gkd.recipe import LoggingConfig, MlflowConfig, Recipe, RecipeError, WandbConfig, results_settings
+from gkd.recipe import Recipe, RecipeError, results_settings
 from gkd.rundir import (
     BENCHMARK_FILE,
     DOMAIN_PLOT_FILE,
@@ -39,6 +39,7 @@ from gkd.rundir import (
     REPORT_MD_FILE,
     RESULT_FILE,
 )
+from gkd.tracking_config import LoggingConfig, MlflowConfig, WandbConfig
 
 log = logging.getLogger("gkd")
 

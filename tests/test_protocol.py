@@ -15,7 +15,9 @@ from timm.layers import resample_patch_embed
 from gkd.cli import main
 from gkd.compress.config import OptimConfig
 from gkd.compress.losses import build_loss
-from gkd.compress.trainer import ResumableSampler, Trainer, lr_factor
+from gkd.compress.optim import lr_factor
+from gkd.compress.sampling import ResumableSampler
+from gkd.compress.trainer import Trainer
 from gkd.data.base import to_sample
 from gkd.data.transforms import ImageNetTransformConfig, build_imagenet_transform
 from gkd.models.checkpoint import load_encoder

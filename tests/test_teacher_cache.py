@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from gkd.compress.config import OptimConfig, TrainingConfig
 from gkd.compress.losses import build_loss
 from gkd.compress.objectives import DistillObjective
+from gkd.compress.sampling import SeededDataset
 from gkd.compress.teacher_cache import (
     MANIFEST_FILE,
     CorruptCacheError,
@@ -20,7 +21,7 @@ from gkd.compress.teacher_cache import (
     open_or_build,
     shard_name,
 )
-from gkd.compress.trainer import SeededDataset, Trainer
+from gkd.compress.trainer import Trainer
 from gkd.engine import FileHashes, consumed
 from gkd.models.backbone import Backbone
 from gkd.recipe import dump_recipe, load_recipe, merge, parse_recipe

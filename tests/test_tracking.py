@@ -66,7 +66,7 @@ def test_params_are_the_recipe_flattened_and_stores_are_sqlite(tmp_path):
     assert params["name"] == "tiny" and params["data.img_size"] == "[112, 112]" and params["head.grad_clip"] == "1.0"
     assert params["models.teacher.weights"] == "null" and params["distill.loss.name"] == "qsd"
     assert flatten({"a": {"b": 1, "c": {}}}) == {"a.b": 1, "a.c": {}}
-    from gkd.recipe import MlflowConfig
+    from gkd.tracking_config import MlflowConfig
 
     # a directory (MLflow 3 refuses plain file stores) becomes a SQLite file in it, artifacts beside it
     uri, artifacts = mlflow_store(MlflowConfig(tracking_uri=str(tmp_path / "store")), tmp_path)

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from gkd.compress.config import OptimConfig, TrainingConfig
-from gkd.compress.trainer import NonFiniteLossError, ResumableSampler, Trainer, lr_factor, param_groups
+from gkd.compress.optim import lr_factor, param_groups
+from gkd.compress.sampling import ResumableSampler
+from gkd.compress.trainer import NonFiniteLossError, Trainer
 from gkd.utils.runtime import DistInfo, resolve_num_workers
 from tests.helpers.paths import REPO
 from tests.helpers.toy_training import ToyData, ToyObjective, make_trainer, read_losses

@@ -38,7 +38,7 @@ from filelock import FileLock
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader, Dataset
 
-from gkd.compress.trainer import SeededDataset
+from gkd.compress.sampling import SeededDataset
 from gkd.models.features import ViTFeatures
 from gkd.utils.io import file_sha256, read_json, save_state_dict, write_json
 

@@ -1,8 +1,10 @@
 """The training loop every stage uses: DDP (torchrun), mixed precision, gradient accumulation and
-clipping, AdamW with optional layer-wise lr decay, warm-up + cosine/poly schedule, atomic resumable
-checkpoints (model, optimizer, scheduler, scaler, sampler position, RNG), JSONL + TensorBoard metrics,
-a progress bar, and a hard stop on a non-finite loss. Ctrl-C (single process) finishes the current step,
-checkpoints it and raises `TrainingInterrupted`; a second Ctrl-C stops at once.
+clipping, atomic resumable checkpoints (model, optimizer, scheduler, scaler, sampler position, RNG), JSONL +
+TensorBoard metrics, a progress bar, and a hard stop on a non-finite loss. Ctrl-C (single process) finishes the
+current step, checkpoints it and raises `TrainingInterrupted`; a second Ctrl-C stops at once. Its parts live
+beside it: the sample order and loader (`gkd.compress.sampling`), AdamW with optional layer-wise lr decay and
+the warm-up + cosine/poly schedule (`gkd.compress.optim`), the metrics between log lines
+(`gkd.compress.train_metrics`).
 
 An *objective* is an ``nn.Module`` whose ``forward(batch) -> dict[str, Tensor]`` returns the total
 under ``"loss"``; its parameters with ``requires_grad`` are what the stage trains.
@@ -13,36 +15,31 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import random
 import signal
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
-from timm.data.distributed_sampler import RepeatAugSampler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from gkd.compress.config import OptimConfig, TrainingConfig
+from gkd.compress.optim import build_optimizer, param_groups
+from gkd.compress.sampling import ResumableSampler, build_loader
+from gkd.compress.train_metrics import MetricsWindow
 from gkd.progress import write_progress
 from gkd.utils.errors import TrainingInterrupted
 from gkd.utils.io import torch_load, torch_save
 from gkd.utils.runtime import DistInfo, barrier, resolve_num_workers, rng_state, set_rng_state
 
 log = logging.getLogger("gkd.train")
-
-_NO_DECAY_NAMES = ("cls_token", "reg_token", "pos_embed", "mask_token", "register_tokens")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -71,154 +68,6 @@ class StopRequest:
     def uninstall(self) -> None:
         if self.active:
             signal.signal(signal.SIGINT, self._previous)
-
-
-class ResumableSampler(Sampler):
-    """Seeded shuffling sharded over ranks that can restart mid-epoch.
-
-    torch's ``DistributedSampler`` cannot resume inside an epoch, so this one keeps (epoch, position).
-    It yields ``(index, sample_seed)``: each sample's augmentation is seeded by (seed, epoch, index, copy),
-    making data identical whatever the worker count, the world size, or an interruption.
-    Rank ``r`` takes positions ``r, r + W, ...`` of the epoch's order, so a global batch over
-    ``W`` ranks holds the same samples as one process with the same global batch.
-    With ``repeats > 1`` the epoch's order is timm's ``RepeatAugSampler``'s (repeated augmentation, DeiT):
-    each drawn sample appears ``repeats`` times in a row, each copy with its own augmentation seed.
-
-    Args:
-        length: samples in the dataset.
-        seed: seeds each epoch's order and each sample's augmentation.
-        info: this process's rank and the world size.
-        repeats: copies of each drawn sample (repeated augmentation); 1 = off.
-    """
-
-    def __init__(self, length: int, seed: int, info: DistInfo, repeats: int = 1) -> None:
-        self.length, self.seed, self.info, self.repeats = length, seed, info, repeats
-        self.epoch = 0
-        self.position = 0
-
-    def _indices(self) -> list[tuple[int, int]]:
-        """``(index, copy)`` pairs of this rank for the epoch; ``copy`` counts earlier draws of the index."""
-        if self.repeats == 1:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.length, generator=generator).tolist()
-        else:
-            repeated = RepeatAugSampler(range(self.length), num_replicas=1, rank=0, num_repeats=self.repeats)
-            repeated.set_epoch(self.seed + self.epoch)
-            order = list(repeated)
-        seen: Counter[int] = Counter()
-        pairs = []
-        for index in order:
-            pairs.append((index, seen[index]))
-            seen[index] += 1
-        usable = len(pairs) - len(pairs) % self.info.world_size
-        return pairs[self.info.rank : usable : self.info.world_size]
-
-    def __len__(self) -> int:
-        return len(self._indices()) - self.position
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index, copy in self._indices()[self.position :]:
-            yield index, (self.seed * 1_000_003 + self.epoch * 7_919 + index + copy * 104_729) % 2**31
-
-
-class SeededDataset(Dataset):
-    """Runs ``dataset[index]`` with torch/numpy/python RNGs seeded by the sampler's sample seed, without
-    disturbing the caller's RNG streams."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, sample_seed = key
-        numpy_state, python_state = np.random.get_state(), random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
-            np.random.seed(sample_seed)
-            random.seed(sample_seed)
-            sample = self.dataset[index]
-        np.random.set_state(numpy_state)
-        random.setstate(python_state)
-        return sample
-
-
-def build_loader(
-    dataset: Dataset, micro_batch: int, sampler: ResumableSampler, workers: int, device: torch.device, seed: int
-) -> DataLoader:
-    """The trainer's data loader: seeded samples, pinned memory on CUDA, workers that persist for the whole
-    stage (with any in-memory cache they fill) and keep 4 batches each in flight.
-
-    Args:
-        dataset: samples as dicts of tensors.
-        micro_batch: samples per batch on this rank.
-        sampler: yields ``(index, sample_seed)``.
-        workers: loader worker processes (0 = load in this process).
-        device: where batches go (pinned host memory for CUDA, so copies are asynchronous).
-        seed: seeds the loader's own generator.
-    """
-    return DataLoader(
-        SeededDataset(dataset),
-        batch_size=micro_batch,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-        # its own generator: creating an iterator must not consume the global RNG that resume restores
-        generator=torch.Generator().manual_seed(seed),
-    )
-
-
-def param_groups(module: nn.Module, config: OptimConfig) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms and tokens; optional layer-wise lr decay where
-    parameter names carry ViT block indices (``blocks.<i>.``)."""
-    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
-    depth = 1 + max((_block_index(name) for name, _ in named), default=-1)
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    for name, param in named:
-        decay = 0.0 if param.ndim <= 1 or any(token in name for token in _NO_DECAY_NAMES) else config.weight_decay
-        scale = 1.0
-        if config.layer_decay is not None and depth:
-            layer = _layer_id(name, depth)
-            scale = config.layer_decay ** (depth + 1 - layer)
-        groups.setdefault((decay, scale), []).append(param)
-    return [{"params": ps, "weight_decay": wd, "lr": config.lr * s, "lr_scale": s} for (wd, s), ps in groups.items()]
-
-
-def _block_index(name: str) -> int:
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part == "blocks" and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return -1
-
-
-def _layer_id(name: str, depth: int) -> int:
-    """0 for embeddings, i + 1 for block i, depth + 1 for everything after the blocks (heads, projectors)."""
-    block = _block_index(name)
-    if block >= 0:
-        return block + 1
-    if any(key in name for key in ("patch_embed", *_NO_DECAY_NAMES)):
-        return 0
-    return depth + 1
-
-
-def lr_factor(step: int, config: OptimConfig) -> float:
-    """Linear warm-up, then cosine / poly (``poly_power``; mmseg's PolyLR, whose configs use 0.9) decay to
-    ``min_lr_ratio``."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    if config.schedule == "constant":
-        return 1.0
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    if config.schedule == "cosine":
-        shape = 0.5 * (1 + math.cos(math.pi * progress))
-    else:
-        shape = (1 - progress) ** config.poly_power
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * shape
 
 
 def autocast_dtype(training: TrainingConfig, device: torch.device) -> torch.dtype | None:
@@ -288,9 +137,7 @@ class Trainer:
         groups = param_groups(objective, config)
         if not groups:
             raise ValueError(f"{name}: the objective has no trainable parameters")
-        fused = device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), fused=fused)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, config))
+        self.optimizer, self.scheduler = build_optimizer(groups, config, fused=device.type == "cuda")
         # find_unused_parameters: distillers switch terms (and their heads) on and off by recipe.
         self.model: nn.Module = (
             DistributedDataParallel(objective, find_unused_parameters=True) if info.enabled else objective
@@ -397,7 +244,7 @@ class Trainer:
             mininterval=0.5 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not every step
         )
         batches = self._batches()
-        window = _Window(self.device)
+        window = MetricsWindow(self.device)
         stop = StopRequest(active=not self.info.enabled)
         stop.install()
         try:
@@ -407,7 +254,7 @@ class Trainer:
                 if self.step % self.config.log_every == 0 or self.step == self.config.steps:
                     self._raise_if_non_finite(window)
                     metrics = self._log(window, writer, jsonl, progress)
-                    window = _Window(self.device)
+                    window = MetricsWindow(self.device)
                 if on_step is not None:
                     on_step(self.step)
                 checkpoint_due = self.step % self.config.checkpoint_every == 0 or stop.requested
@@ -427,7 +274,7 @@ class Trainer:
                 jsonl.close()
         return metrics
 
-    def _train_step(self, batches: Iterator[dict], window: _Window) -> None:
+    def _train_step(self, batches: Iterator[dict], window: MetricsWindow) -> None:
         """One optimizer step over ``config.accumulate`` micro-batches; nothing here waits for the device."""
         for micro in range(self.config.accumulate):
             batch = self._to_device(next(batches))
@@ -459,7 +306,7 @@ class Trainer:
             write_progress(self.run_dir, self.name, self.step, self.config.steps)
             self.progress_written = now
 
-    def _raise_if_non_finite(self, window: _Window) -> None:
+    def _raise_if_non_finite(self, window: MetricsWindow) -> None:
         """Stop every rank together when any rank saw a non-finite loss (all-reduced, so none hangs)."""
         first_bad = window.first_bad_step(self.info)
         if first_bad:
@@ -468,7 +315,7 @@ class Trainer:
                 f"{self.name}: non-finite loss at step {first_bad}; last good checkpoint: {last_good}"
             )
 
-    def _log(self, window: _Window, writer, jsonl, progress) -> dict[str, float]:
+    def _log(self, window: MetricsWindow, writer, jsonl, progress) -> dict[str, float]:
         metrics = window.means(self.info)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0]["lr_scale"]
         metrics["images_per_s"] = window.images / max(time.perf_counter() - window.start, 1e-9)
@@ -481,45 +328,3 @@ class Trainer:
                 loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", ips=f"{metrics['images_per_s']:.1f}"
             )
         return metrics
-
-
-class _Window:
-    """What the steps since the last log line add up to, kept on the device until it is read."""
-
-    # Far above any step count: (NO_STEP - step) under a MAX all-reduce gives the smallest bad step of all ranks.
-    NO_STEP = 2**62
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.start = time.perf_counter()
-        self.steps = 0
-        self.images = 0
-        self.sums: dict[str, torch.Tensor] = {}
-        self.first_bad = torch.zeros((), dtype=torch.int64, device=device)  # 0 = every loss finite
-
-    def note_loss(self, loss: torch.Tensor, step: int) -> None:
-        bad = ~torch.isfinite(loss) & (self.first_bad == 0)
-        self.first_bad = torch.where(bad, step, self.first_bad)
-
-    def add(self, outputs: dict[str, torch.Tensor], accumulate: int, images: int) -> None:
-        for key, value in outputs.items():
-            contribution = value.detach().float() / accumulate
-            self.sums[key] = self.sums[key] + contribution if key in self.sums else contribution
-        self.images += images
-
-    def first_bad_step(self, info: DistInfo) -> int:
-        """The first step with a non-finite loss on any rank (0 = none); waits for the device."""
-        if not info.enabled:
-            return int(self.first_bad)
-        encoded = torch.where(self.first_bad > 0, self.NO_STEP - self.first_bad, 0)
-        dist.all_reduce(encoded, op=dist.ReduceOp.MAX)
-        return int(self.NO_STEP - encoded) if int(encoded) else 0
-
-    def means(self, info: DistInfo) -> dict[str, float]:
-        """Per-step means of the window's sums, averaged over ranks (one device -> host copy)."""
-        keys = sorted(self.sums)
-        values = torch.stack([self.sums[key] for key in keys]).double() / max(self.steps, 1)
-        if info.enabled:
-            dist.all_reduce(values)
-            values /= info.world_size
-        return dict(zip(keys, values.tolist(), strict=True))
