@@ -322,7 +322,10 @@ def _add_tool_commands(commands, debug: argparse.ArgumentParser) -> None:
         description="Count the samples of one split and the pixels of each class (after the label mapping, at "
         "native resolution); every file is decoded, so bad files are found too.",
     )
-    inspect.add_argument("name", help="dataset: gtav, cityscapes, bdd100k, mapillary, acdc, camvid, ...")
+    inspect.add_argument(
+        "name",
+        help="dataset: folder (your own: images + masks, classes in ROOT/dataset.yaml), gtav, camvid, ...",
+    )
     inspect.add_argument("root", help="the dataset's folder")
     inspect.add_argument("--split", default="train", help="split to read (default: train)")
     inspect.add_argument("--options", help='dataset options as JSON, e.g. \'{"domain": "dusk"}\'')

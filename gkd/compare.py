@@ -10,7 +10,7 @@ that loss's default options); methods may not change the teacher. The output dir
                                inspect or resume it); ``figure_frames.npz`` holds the job's predictions on
                                the report's example frames; ``result.json`` is written last, so a job is
                                complete when it exists and a re-run skips it
-    comparison.json / .md      every row's metrics, mean and spread over seeds (gkd/report/comparison.py)
+    comparison.json / .md      every row's metrics, mean and spread over seeds (gkd/report/comparison/)
     domains.png, frames.png    mIoU per method and domain; example frames with each method's prediction
     per_class.png              per-class IoU on the figure domain
     miou_vs_step.png           validation mIoU against training step (when the jobs kept validation logs)

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from gkd.data.base import IMAGE_SUFFIXES, DataError, read_image
-from gkd.data.config import dataset_info
+from gkd.data.config import DatasetConfig, dataset_info
 from gkd.predictor import PredictError, Predictor
 from gkd.utils.io import atomic_path, write_json
 
@@ -240,7 +240,7 @@ class _FrameWriter:
     """Writes each frame's label PNG (palette image of the class ids) and overlay into ``out``, keeps its
     summary record and offers it to the contact sheet."""
 
-    def __init__(self, out: Path, dataset: str) -> None:
+    def __init__(self, out: Path, dataset: DatasetConfig) -> None:
         self.out = out
         _, self.class_names, self.palette_tuple = dataset_info(dataset)
         self.palette = np.zeros((256, 3), dtype=np.uint8)
@@ -313,7 +313,7 @@ def predict(
     out, paths = Path(out), collect_inputs(inputs)
     predictor = Predictor.from_run(run_dir, runtime, precision, device, model, batch_size)
     loaded, recipe = predictor.runtime, predictor.recipe
-    writer = _FrameWriter(out, recipe.data.source.name)
+    writer = _FrameWriter(out, recipe.data.source)
     skipped: list[dict] = []
     total = _frame_count(paths, frame_step)
     progress = tqdm(total=total, desc=f"predict ({runtime}/{precision})", unit="frame", disable=not show_progress)

@@ -127,7 +127,7 @@ class Predictor:
     def class_names(self) -> list[str]:
         from gkd.data.config import dataset_info
 
-        return list(dataset_info(self.recipe.data.source.name)[1])
+        return list(dataset_info(self.recipe.data.source)[1])
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.runtime.predict(images.numpy().astype(np.float32)))

@@ -182,7 +182,7 @@ def test_frames_come_from_the_saved_predictions_and_the_dataset(tmp_path, caplog
 
 def test_reports_import_nothing_above_them():
     above = ("gkd.engine", "gkd.stages", "gkd.compare", "gkd.cli", "gkd.sweep", "gkd.predict", "gkd.preflight")
-    for path in sorted((REPO / "gkd" / "report").glob("*.py")):
+    for path in sorted((REPO / "gkd" / "report").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []

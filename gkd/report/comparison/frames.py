@@ -81,7 +81,7 @@ def plot_frames(recipe: Recipe, jobs: Sequence[ComparisonJob], path: Path) -> bo
             return False
     config = recipe.data.source_val if domain == SOURCE else recipe.data.targets[domain]
     dataset = build_dataset(config, transform=build_eval_transform(recipe.data.eval_transform))
-    palette = list(dataset_info(recipe.data.source.name)[2])
+    palette = list(dataset_info(recipe.data.source)[2])
     ids = reference["frame_ids"]
     samples = [dataset.load(index) if index < len(dataset) else {"path": None} for index in ids]
     if [sample["path"] for sample in samples] != reference["image_paths"]:

@@ -26,7 +26,7 @@ class ComparisonJob(Protocol):
     def label(self) -> str: ...
 
     @property
-    def student(self) -> str:  # "teacher" | "distilled" | "no_kd"
+    def student(self) -> str:  # "teacher" | "distilled" | "no_kd" | "frozen" | "ceiling"
         ...
 
     @property
@@ -37,7 +37,7 @@ def _validation_stage(job: ComparisonJob) -> tuple[str, int]:
     """The training stage whose validation log tracks the job's model, and the optimizer steps before it (a
     two-stage student's head trains after the distillation phases of `PHASES`, their steps read from the job's
     resolved recipe)."""
-    if job.student in ("teacher", "no_kd"):
+    if job.student in ("teacher", "no_kd", "frozen", "ceiling"):  # one training each, its log named after it
         return job.student, 0
     distill = yaml.safe_load((job.dir / RECIPE_FILE).read_text())["distill"]
     if distill["schedule"] == "one_stage":
