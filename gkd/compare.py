@@ -43,20 +43,18 @@ from tqdm import tqdm
 from gkd.progress import STATUS_FILE, JobSteps, LiveView, write_progress
 from gkd.recipe import Recipe, RecipeError, check_same_recipe, dump_recipe, merge, parse_recipe
 from gkd.rundir import (
-    CEILING_FILE,
     FIDELITY_TEACHER_FILE,
     FIGURE_FRAME_COUNT,
     FIGURE_FRAMES_FILE,
-    FROZEN_FILE,
     LOGS_DIR,
-    NO_KD_FILE,
+    MODEL_FILES,
     RECIPE_FILE,
     RESULT_FILE,
-    SEGMENTOR_FILE,
     SOURCE_DOMAIN,
     TEACHER_CACHE_DIR,
     TEACHER_FILE,
     TEACHER_JOB,
+    JobKind,
     setup_logging,
 )
 from gkd.utils.cpu import available_cpus
@@ -82,7 +80,7 @@ class Job:
     method: str
     label: str
     seed: int
-    student: str  # "teacher" | "distilled" | "no_kd" | "frozen" | "ceiling"
+    student: JobKind
     recipe: Recipe
     dir: Path
 
@@ -120,7 +118,7 @@ def method_recipe(recipe: Recipe, name: str, seed: int) -> Recipe:
         raise RecipeError(f"compare.methods.{name}.overrides: {error}") from None
     if _teacher_settings(variant) != _teacher_settings(recipe):
         raise RecipeError(f"compare.methods.{name}.overrides: methods share the recipe's teacher; do not change it")
-    if method.student == "no_kd" and variant.compare.no_kd is None:
+    if method.student == JobKind.NO_KD and variant.compare.no_kd is None:
         raise RecipeError(f"compare.methods.{name}: student no_kd needs compare.no_kd settings")
     return variant
 
@@ -140,7 +138,7 @@ def plan(recipe: Recipe, out: Path, methods: list[str] | None = None, max_seeds:
     base = recipe.model_copy(update={"compare": recipe.compare.model_copy(update={"methods": {}})})
     # no teacher job when nothing trains one (a frozen VFM distilled by feature losses only)
     jobs = (
-        [Job(TEACHER_JOB, "teacher", recipe.seed, "teacher", base, out / TEACHER_JOB)]
+        [Job(TEACHER_JOB, "teacher", recipe.seed, JobKind.TEACHER, base, out / TEACHER_JOB)]
         if recipe.teacher_training
         else []
     )
@@ -156,26 +154,25 @@ def plan(recipe: Recipe, out: Path, methods: list[str] | None = None, max_seeds:
 def needs_teacher(job: Job) -> bool:
     from gkd.stages.distill import distill_inputs
 
-    if job.student == "ceiling":
+    if job.student == JobKind.CEILING:
         return job.recipe.models.teacher.train_encoder
-    return job.student == "distilled" and TEACHER_FILE in distill_inputs(job.recipe)
+    return job.student == JobKind.DISTILLED and TEACHER_FILE in distill_inputs(job.recipe)
 
 
 def model_file(job: Job) -> str:
     """The segmentor file a job trains, in its run directory."""
-    files = {"teacher": TEACHER_FILE, "no_kd": NO_KD_FILE, "distilled": SEGMENTOR_FILE}
-    return {**files, "frozen": FROZEN_FILE, "ceiling": CEILING_FILE}[job.student]
+    return MODEL_FILES[job.student]
 
 
 def schedule(job: Job) -> dict:
     """The optimizer steps a job spends: ``labelled_steps`` (on labelled source: the task schedule every
     method shares under the paper's protocol) and ``distill_steps`` (label-free stage-1 steps, extra)."""
     recipe, distill = job.recipe, job.recipe.distill
-    if job.student == "teacher":
+    if job.student == JobKind.TEACHER:
         return {"labelled_steps": recipe.teacher_training.steps, "distill_steps": 0}
-    if job.student == "no_kd":
+    if job.student == JobKind.NO_KD:
         return {"labelled_steps": recipe.compare.no_kd.steps, "distill_steps": 0}
-    if job.student in ("frozen", "ceiling"):
+    if job.student in (JobKind.FROZEN, JobKind.CEILING):
         return {"labelled_steps": recipe.head.steps, "distill_steps": 0}
     if distill.schedule == "one_stage":  # distillation rides on the labelled steps
         return {"labelled_steps": distill.joint.steps, "distill_steps": 0}
@@ -209,7 +206,7 @@ def run_job(job: Job, teacher_file: Path, device: str, threads: int, teacher_cac
     write_progress(job.dir, "evaluate")
     metrics = evaluate_segmentors(run, {"model": model_file(job)})["model"]
     tokens_file = teacher_file.parent / FIDELITY_TEACHER_FILE
-    if job.student == "teacher" or job.recipe.teacher_training is None:
+    if job.student == JobKind.TEACHER or job.recipe.teacher_training is None:
         teacher_fidelity_tokens(run, tokens_file)
     if job.student in PROBED and tokens_file.is_file():  # else `backfill_fidelity` probes it after the teacher
         metrics["fidelity"] = job_fidelity(job, run, tokens_file)
@@ -228,7 +225,7 @@ def run_job(job: Job, teacher_file: Path, device: str, threads: int, teacher_cac
     return result
 
 
-PROBED = ("distilled", "no_kd", "frozen")  # students whose features are probed against the teacher's
+PROBED = (JobKind.DISTILLED, JobKind.NO_KD, JobKind.FROZEN)  # students whose features are probed against the teacher's
 
 
 def job_fidelity(job: Job, run: object, tokens_file: Path) -> dict:
@@ -334,11 +331,11 @@ def job_name(job: Job) -> str:
 
 # The pipeline stages each kind of job runs.
 JOB_STAGES = {
-    "teacher": ("train-teacher",),
-    "no_kd": ("train-no-kd",),
-    "distilled": ("distill", "train-head"),
-    "frozen": ("train-frozen-head",),
-    "ceiling": ("train-ceiling-head",),
+    JobKind.TEACHER: ("train-teacher",),
+    JobKind.NO_KD: ("train-no-kd",),
+    JobKind.DISTILLED: ("distill", "train-head"),
+    JobKind.FROZEN: ("train-frozen-head",),
+    JobKind.CEILING: ("train-ceiling-head",),
 }
 
 

@@ -3,11 +3,12 @@ runs against each other (`gkd.compare`)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gkd.compress.config import OptimConfig
+from gkd.rundir import JobKind
 
 
 class MethodConfig(BaseModel):
@@ -16,14 +17,21 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     label: str = Field(description="the row's name in tables and plots")
-    student: Literal["distilled", "no_kd", "frozen", "ceiling"] = Field(
-        "distilled",
+    student: JobKind = Field(
+        JobKind.DISTILLED,
         description="distilled: distill (+ head) stages; no_kd: the student fine-tuned end to end (compare.no_kd); "
         "frozen: the student's own encoder frozen + the head schedule (the authors' no-KD row); ceiling: the "
         "teacher's frozen encoder + the head schedule (what perfect distillation reaches)",
     )
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     overrides: dict[str, Any] = Field(default_factory=dict, description="recipe keys to change (teacher excluded)")
+
+    @field_validator("student")
+    @classmethod
+    def _not_the_teacher(cls, kind: JobKind) -> JobKind:
+        if kind is JobKind.TEACHER:
+            raise ValueError("the teacher is the comparison's own job, not a method")
+        return kind
 
 
 class BudgetCurveConfig(BaseModel):

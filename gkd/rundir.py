@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from enum import Enum
 from pathlib import Path
 
 RECIPE_FILE = "recipe.resolved.yaml"
@@ -36,6 +37,31 @@ TEACHER_JOB = "teacher"  # the compare job (and output sub-folder) that trains t
 TEACHER_CACHE_DIR = "teacher_cache"  # teacher_cache/<key>/: cached teacher outputs (run dir, or compare folder)
 FIGURE_FRAMES_FILE = "figure_frames.npz"  # a compare job's predictions on the example frames of the report
 FIGURE_FRAME_COUNT = 4  # example frames per compare job (evenly spread over the figure domain)
+
+
+class JobKind(str, Enum):
+    """What a comparison job trains (``compare.methods.<m>.student``; ``teacher`` is the comparison's own job).
+    The value names its training phase and validation log too."""
+
+    TEACHER = "teacher"
+    DISTILLED = "distilled"  # GKD or a baseline: the distill (+ head) stages
+    NO_KD = "no_kd"  # the student fine-tuned end to end, no teacher
+    FROZEN = "frozen"  # the student's own encoder frozen + the head schedule (the authors' no-KD row)
+    CEILING = "ceiling"  # the teacher's frozen encoder + the head schedule (what perfect distillation reaches)
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+MODEL_FILES = {  # the segmentor file each kind of job trains
+    JobKind.TEACHER: TEACHER_FILE,
+    JobKind.DISTILLED: SEGMENTOR_FILE,
+    JobKind.NO_KD: NO_KD_FILE,
+    JobKind.FROZEN: FROZEN_FILE,
+    JobKind.CEILING: CEILING_FILE,
+}
 
 
 def validation_log(stage: str) -> str:

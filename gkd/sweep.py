@@ -33,6 +33,7 @@ from gkd.compare_config import MethodConfig
 from gkd.progress import STATUS_FILE
 from gkd.recipe import Recipe, RecipeError, dump_recipe, load_recipe, parse_recipe, results_settings
 from gkd.report.pareto import pareto_front, pareto_plot
+from gkd.rundir import JobKind
 from gkd.utils.io import write_json, write_text
 
 log = logging.getLogger("gkd")
@@ -124,7 +125,7 @@ def _benchmark_jobs(jobs: list, device: str) -> list[str]:
 
     failures = []
     for job in jobs:
-        if job.student != "distilled" or not job.done():
+        if job.student != JobKind.DISTILLED or not job.done():
             continue
         run = Run(job.recipe, job.dir, torch.device(device), DistInfo())
         try:
@@ -142,7 +143,7 @@ def _points(jobs: list, size: tuple[int, int]) -> list[dict]:
     points = []
     for job in jobs:
         benchmark_file = job.dir / BENCHMARK_FILE
-        if job.student != "distilled" or not benchmark_file.is_file():
+        if job.student != JobKind.DISTILLED or not benchmark_file.is_file():
             continue
         benchmark = read_json(benchmark_file)
         result = read_json(job.result_file)

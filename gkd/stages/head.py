@@ -19,6 +19,7 @@ from gkd.rundir import (
     FROZEN_FILE,
     SEGMENTOR_FILE,
     TEACHER_FILE,
+    JobKind,
     validation_log,
 )
 from gkd.stages.context import (
@@ -81,7 +82,7 @@ def _train_frozen_encoder_head(run: Run, encoder_from: str) -> None:
         model, file = recipe.models.student, FROZEN_FILE
         segmentor = student_segmentor(run)
     objective = TaskObjective(segmentor, freeze_encoder=True)
-    name = "ceiling" if encoder_from == "teacher" else "frozen"
+    name = JobKind.CEILING.value if encoder_from == "teacher" else JobKind.FROZEN.value
     trainer = run.trainer(name, objective, run.dataset(recipe.data.source, train=True), recipe.head)
     trainer.fit(validator(run, segmentor, objective, name, recipe.head))
     if run.info.is_main:
@@ -110,10 +111,10 @@ FROZEN_STAGE = Stage(
     needed=lambda r: r.head is not None,
     distributed=True,
     data=lambda r: validated_data(r, r.head),
-    trainings=lambda r: [TrainingUse("frozen", r.head, "source")],
+    trainings=lambda r: [TrainingUse(JobKind.FROZEN.value, r.head, "source")],
     sections=(*_HEAD_SECTIONS, "models.student"),
     weights=("student",),
-    side_outputs=(validation_log("frozen"),),
+    side_outputs=(validation_log(JobKind.FROZEN.value),),
     on_request=True,
 )
 CEILING_STAGE = Stage(
@@ -124,9 +125,9 @@ CEILING_STAGE = Stage(
     distributed=True,
     inputs=_teacher_input,
     data=lambda r: validated_data(r, r.head),
-    trainings=lambda r: [TrainingUse("ceiling", r.head, "source")],
+    trainings=lambda r: [TrainingUse(JobKind.CEILING.value, r.head, "source")],
     sections=(*_HEAD_SECTIONS, "models.teacher"),
     weights=("teacher",),
-    side_outputs=(validation_log("ceiling"),),
+    side_outputs=(validation_log(JobKind.CEILING.value),),
     on_request=True,
 )

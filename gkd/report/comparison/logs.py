@@ -12,7 +12,7 @@ import yaml
 
 from gkd.distill_phases import JOINT, PHASES
 from gkd.report.comparison.stats import curve_stats
-from gkd.rundir import RECIPE_FILE, RESULT_FILE, validation_log
+from gkd.rundir import RECIPE_FILE, RESULT_FILE, JobKind, validation_log
 from gkd.utils.io import read_jsonl
 
 
@@ -26,7 +26,7 @@ class ComparisonJob(Protocol):
     def label(self) -> str: ...
 
     @property
-    def student(self) -> str:  # "teacher" | "distilled" | "no_kd" | "frozen" | "ceiling"
+    def student(self) -> str:  # a `gkd.rundir.JobKind` value
         ...
 
     @property
@@ -37,8 +37,8 @@ def _validation_stage(job: ComparisonJob) -> tuple[str, int]:
     """The training stage whose validation log tracks the job's model, and the optimizer steps before it (a
     two-stage student's head trains after the distillation phases of `PHASES`, their steps read from the job's
     resolved recipe)."""
-    if job.student in ("teacher", "no_kd", "frozen", "ceiling"):  # one training each, its log named after it
-        return job.student, 0
+    if job.student != JobKind.DISTILLED:  # one training each, its log named after its kind
+        return JobKind(job.student).value, 0
     distill = yaml.safe_load((job.dir / RECIPE_FILE).read_text())["distill"]
     if distill["schedule"] == "one_stage":
         return JOINT, 0
