@@ -47,7 +47,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     pipeline = _pipeline(args)
     if getattr(args, "dry_run", False):
         _setup_logging(None)
-        plan = pipeline.plan()
+        plan = pipeline.plan(tflops=args.tflops, ranks=args.ranks)
         print(plan)
         return 0 if plan.ok else EXIT_BAD_INPUT
     result = pipeline.run(force=args.force or ()) if args.command == "run" else pipeline.run_stage(args.command)
@@ -113,7 +113,22 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from gkd.sweep import sweep_students
+    from gkd.sweep import plan_sweep, sweep_students
+
+    if args.dry_run:
+        _setup_logging(None)
+        plans = plan_sweep(
+            args.recipe,
+            args.students,
+            args.out,
+            overrides=args.overrides,
+            img_sizes=args.img_sizes,
+            device=args.device,
+            tflops=args.tflops,
+            ranks=args.ranks,
+        )
+        print("\n\n".join(str(plan) for plan in plans))
+        return 0 if all(plan.ok for plan in plans) else EXIT_BAD_INPUT
 
     summary = sweep_students(
         args.recipe,
@@ -238,8 +253,12 @@ def _add_pipeline_commands(commands, debug: argparse.ArgumentParser) -> None:
         "run", "all stages; up-to-date stages are skipped, stale ones rerun, training resumes from checkpoints"
     )
     run.add_argument(
-        "--dry-run", action="store_true", help="validate the recipe, check the data, print the plan; train nothing"
+        "--dry-run",
+        action="store_true",
+        help="validate the recipe, check the data and weights, print the plan with each training phase's steps, "
+        "images, estimated time and memory; train nothing",
     )
+    _add_plan_options(run)
     run.add_argument(
         "--force",
         nargs="+",
@@ -254,6 +273,16 @@ def _add_pipeline_commands(commands, debug: argparse.ArgumentParser) -> None:
     export.add_argument("--triton", metavar="DIR", help="also write a Triton Inference Server model repository")
     export.add_argument("--triton-name", help="Triton model name (default: the recipe's name)")
     export.set_defaults(handler=_cmd_export)
+
+
+def _add_plan_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--tflops",
+        type=float,
+        help="--dry-run: time the training at this sustained TFLOP/s per rank (default: this device's matmul rate, "
+        "measured now; a lower bound). benchmarks/RESULTS.md has measured rates, e.g. one H100",
+    )
+    command.add_argument("--ranks", type=int, help="--dry-run: ranks the run will use (default: WORLD_SIZE or 1)")
 
 
 def _add_compare_command(commands, debug: argparse.ArgumentParser) -> None:
@@ -304,6 +333,8 @@ def _add_sweep_command(commands, debug: argparse.ArgumentParser) -> None:
     sweep.add_argument("--workers", type=int, default=2, help="students trained at once")
     _add_device(sweep)
     sweep.add_argument("--max-latency-ms", type=float, help="print the best student x runtime within this latency")
+    sweep.add_argument("--dry-run", action="store_true", help="print each student's plan (checks, cost); train nothing")
+    _add_plan_options(sweep)
     sweep.set_defaults(handler=_cmd_sweep)
 
 

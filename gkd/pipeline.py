@@ -119,9 +119,20 @@ class Pipeline:
         names = [name for stage in STAGES if stage.needed(self.recipe) for name in stage.outputs(self.recipe)]
         return {name: self.file(name) for name in names if self.file(name).is_file()}
 
-    def plan(self) -> Plan:
-        """What `run` would do, checking every input and training nothing; ``plan().ok`` when nothing is missing."""
-        return make_plan(self.recipe, self.run_dir, full_check=self.check_data == "full")
+    def plan(self, tflops: float | None = None, ranks: int | None = None) -> Plan:
+        """What `run` would do, checking every input and training nothing; ``plan().ok`` when nothing is missing.
+
+        Args:
+            tflops: the sustained TFLOP/s of one rank to time the training at (default: this device's matmul
+                rate, measured now, when it is visible; a lower bound).
+            ranks: the ranks the run will use (default: torchrun's ``WORLD_SIZE``, else 1).
+        """
+        import torch
+
+        ranks = ranks or int(os.environ.get("WORLD_SIZE", "1"))
+        cuda = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+        device = torch.device("cuda") if cuda and torch.cuda.is_available() else None if cuda else torch.device("cpu")
+        return make_plan(self.recipe, self.run_dir, self.check_data == "full", device, ranks, tflops)
 
     def run(self, stages: Sequence[str] | None = None, force: Sequence[str] = ()) -> RunResult:
         """Run the recipe's stages in build order, skipping those up to date.

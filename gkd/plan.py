@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from gkd.cost import DeviceRate, PhaseCost, duration, measure_device_rate, phase_costs
 from gkd.engine import HASHES_FILE, RECORDS_DIR, FileHashes, decide
 from gkd.recipe import Recipe
 
@@ -52,6 +55,31 @@ class Plan:
     data: list[DataPlan]
     problems: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    costs: list[PhaseCost] = field(default_factory=list)
+    rate: DeviceRate | None = None
+    ranks: int = 1
+
+    @property
+    def seconds(self) -> float | None:
+        """The estimated training time of the phases that would run (a lower bound; None: not timed)."""
+        times = [cost.seconds for cost in self.costs if cost.stage in self.to_run]
+        return None if not times or None in times else sum(times)  # type: ignore[arg-type]
+
+    @property
+    def peak_gib_per_rank(self) -> float:
+        """The largest estimated peak memory of a rank over the phases."""
+        return max((cost.peak_gib_per_rank for cost in self.costs), default=0.0)
+
+    def _cost_lines(self) -> list[str]:
+        if not self.costs:
+            return []
+        how = f"FLOPs at the {self.rate}" if self.rate else "FLOPs; no time: the device is not visible here"
+        lines = [f"training cost (estimate: {how}; {self.ranks} rank(s)):"]
+        lines += [cost.line() for cost in self.costs]
+        seconds = self.seconds
+        total = "not timed" if seconds is None else f">= {duration(seconds)} for the stages to run"
+        return [*lines, f"  total: {total}; peak ~{self.peak_gib_per_rank:.2f} GiB a rank"]
 
     @property
     def ok(self) -> bool:
@@ -67,6 +95,9 @@ class Plan:
         lines += [stage.line() for stage in self.stages]
         lines += ["models:", *(f"  {model}" for model in self.models)]
         lines += ["data:", *(split.line() for split in self.data)]
+        lines += self._cost_lines()
+        if self.warnings:
+            lines += ["warnings:", *(f"  {warning}" for warning in self.warnings)]
         if self.problems:
             lines += ["problems:", *(f"  {problem}" for problem in self.problems)]
         if self.missing:  # last, one path a line
@@ -111,9 +142,28 @@ def _data_plan(recipe: Recipe, num_samples: dict[str, int], missing: list[str]) 
     return splits
 
 
-def make_plan(recipe: Recipe, run_dir: Path, full_check: bool = False) -> Plan:
+def _warnings(recipe: Recipe) -> list[str]:
+    teacher, student = recipe.models.teacher, recipe.models.student
+    if teacher.weights is not None and student.weights is None:
+        return [
+            f"models.student ({student.name}) starts from random weights while the teacher is pre-trained: the "
+            "paper's students start from ImageNet weights (F2L) or a smaller VFM (F2F); set models.student.weights"
+        ]
+    return []
+
+
+def make_plan(
+    recipe: Recipe,
+    run_dir: Path,
+    full_check: bool = False,
+    device: torch.device | None = None,
+    ranks: int = 1,
+    tflops: float | None = None,
+) -> Plan:
     """The plan of ``recipe`` in ``run_dir``: the pre-flight check of everything the needed stages read (``full``
-    decodes every image), and each stage's decision under the engine's rule of "up to date"."""
+    decodes every image), each stage's decision under the engine's rule of "up to date", and the cost of each
+    training phase (`gkd.cost`) at ``ranks`` ranks, timed at a stated ``tflops`` rate per rank, else at ``device``'s
+    measured matmul rate (None: not timed)."""
     from gkd.stages import STAGES
     from gkd.stages.checks import check_run_inputs
     from gkd.stages.context import Run
@@ -132,4 +182,18 @@ def make_plan(recipe: Recipe, run_dir: Path, full_check: bool = False) -> Plan:
     models = _model_lines(recipe, missing)
     data = _data_plan(recipe, checked.num_samples, missing)
     problems = [problem for problem in checked.problems if not any(path in problem for path in missing)]
-    return Plan(recipe.name, run_dir, stages, models, data, problems, missing)
+    trainings = [
+        (stage.name, use.name, use.config)
+        for stage in STAGES
+        if stage.needed(recipe) and not stage.on_request
+        for use in stage.trainings(recipe)
+    ]
+    if tflops is not None:
+        rate: DeviceRate | None = DeviceRate("stated", "", tflops)
+    else:
+        rate = measure_device_rate(device) if device is not None else None
+    try:
+        costs = phase_costs(recipe, trainings, run.num_classes, rate, ranks)
+    except Exception:  # a model that cannot be built is already one of the check's problems
+        costs = []
+    return Plan(recipe.name, run_dir, stages, models, data, problems, missing, _warnings(recipe), costs, rate, ranks)

@@ -8,7 +8,8 @@ rather than after hours of training: every problem found is reported at once.
   so a re-run stats the files and reads none.
 - Models: the teacher and student segmentors are built on the meta device (no memory, no weights) and run
   on one image of ``data.img_size``, which finds inconsistent shapes (``embed_dim % num_heads``, patch
-  sizes, decoder layers); weight files must exist and safetensors headers must parse.
+  sizes, decoder layers); weight files must exist, and each is loaded strictly into its encoder on the meta
+  device (keys and shapes), so a checkpoint of another architecture fails here naming the keys.
 - Batch sizes: each training stage's batch splits over ranks x accumulation and fits in its dataset.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from gkd.data.base import CachedDataset, DataError, ImageListDataset, Segmentati
 from gkd.data.config import SYNTHETIC, DatasetConfig, build_dataset
 from gkd.models.checkpoint import build_segmentor
 from gkd.models.decoders import DecoderConfig
+from gkd.models.weights import load_weights
 from gkd.models.zoo import ModelConfig
 from gkd.utils.errors import InputCheckError
 from gkd.utils.io import read_json, write_json
@@ -199,7 +202,23 @@ def check_models(
         except Exception as error:  # timm asserts, shape errors in any layer: all mean "this config cannot run"
             message = str(error) or type(error).__name__
             problems.append(f"models.{role} ({model.name} {model.kwargs or ''}): cannot be built and run: {message}")
+            continue
+        if model.weights is not None and not weights_problem:
+            fit_problem = _weights_fit_problem(role, model, segmentor)
+            problems += [fit_problem] if fit_problem else []
     return problems
+
+
+def _weights_fit_problem(role: str, model: ModelConfig, segmentor: torch.nn.Module) -> str | None:
+    """The recipe's checkpoint loaded strictly (keys and shapes, the layout conversions of `load_weights`) into
+    the encoder built on the meta device: a checkpoint of another architecture fails here, naming its keys."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # copying into meta parameters is a no-op by design here
+            load_weights(segmentor.encoder.model, model.weights, resample_patch=model.patch_size is not None)
+    except Exception as error:  # a mismatch names its keys; an unreadable file says why
+        return f"models.{role}.weights: {error}"
+    return None
 
 
 def check_batches(trainings: list[TrainingUse], num_samples: dict[str, int], world_size: int) -> list[str]:

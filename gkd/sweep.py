@@ -336,3 +336,35 @@ def sweep_students(
         setup_logging(out / LOGS_DIR)
         summary = run_sweep(recipe, students, out, img_sizes, workers, resolve_device(device).type, max_latency_ms)
     return {**summary, "out": str(out)}
+
+
+def plan_sweep(
+    recipe: Recipe | str | Path,
+    students: list[str],
+    out: str | Path | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    img_sizes: list[str] | None = None,
+    device: str = "auto",
+    tflops: float | None = None,
+    ranks: int | None = None,
+) -> list:
+    """``sweep --dry-run``: the plan (`gkd.Pipeline.plan`) of every student at every input size, each in the run
+    directory the sweep would give it; nothing is trained or written."""
+    from gkd.compare import plan as plan_jobs
+    from gkd.pipeline import Pipeline, with_overrides
+
+    recipe = with_overrides(recipe, overrides) if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    out = Path(out) if out else Path("runs") / f"{recipe.name}_sweep"
+    specs = [parse_student(text) for text in students]
+    base = recipe.model_copy(update={"compare": recipe.compare.model_copy(update={"methods": {}})})
+    plans = []
+    for text in img_sizes or [None]:
+        size = parse_img_size(text) if text else None
+        sized = sized_recipe(base, size) if size else base
+        folder = out / f"{size[0]}x{size[1]}" if size else out
+        for job in plan_jobs(sweep_recipe(sized, specs), folder):
+            if job.student == JobKind.DISTILLED:
+                pipeline = Pipeline(job.recipe, job.dir, device=device)
+                plans.append(pipeline.plan(tflops=tflops, ranks=ranks))
+    return plans
