@@ -14,7 +14,7 @@ import torch
 from gkd.export.config import ExportConfig
 from gkd.export.parity import compare_logits, judge
 from gkd.export.precisions import PRECISIONS, ParityConfig
-from gkd.export.runtimes import ENTRIES, RUNTIME_NAMES, RUNTIMES, RuntimeEntry, load_runtime, runtime_loaders
+from gkd.export.runtimes import RUNTIME_NAMES, RUNTIMES, RuntimeEntry, load_runtime, runtime_loaders
 from gkd.export.runtimes.aoti import AOTI
 from gkd.export.stage import export_artifacts
 from tests.helpers.tiny_models import tiny_segmentor
@@ -22,6 +22,7 @@ from tests.helpers.tiny_models import tiny_segmentor
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SIZE = (32, 48)  # a 2 x 3 patch grid
 IDS = [entry.name for entry in RUNTIMES]
+ENTRIES = dict(zip(IDS, RUNTIMES, strict=True))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from gkd.export.runtimes.cudagraph import CudaGraphRuntime, ReusedHostConstants
 from gkd.export.runtimes.onnxruntime import ONNX_FILES, OnnxRuntime, OnnxRuntimeTensorRT
 from gkd.export.runtimes.pytorch import TorchRuntime
 from gkd.export.runtimes.registry import (
-    ENTRIES,
     RUNTIME_NAMES,
     RUNTIMES,
     Loader,
@@ -25,7 +24,6 @@ from gkd.export.runtimes.tensorrt import ENGINE_FILES, TensorRTRuntime
 __all__ = [
     "AOTI_FILES",
     "ENGINE_FILES",
-    "ENTRIES",
     "ONNX_FILES",
     "RUNTIMES",
     "RUNTIME_NAMES",

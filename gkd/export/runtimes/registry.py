@@ -32,7 +32,6 @@ RUNTIMES: tuple[RuntimeEntry, ...] = (
 )
 RUNTIME_NAMES: tuple[str, ...] = tuple(entry.name for entry in RUNTIMES)
 RuntimeName = Literal[RUNTIME_NAMES]  # a recipe's `benchmark.runtimes`
-ENTRIES: dict[str, RuntimeEntry] = {entry.name: entry for entry in RUNTIMES}
 
 Loader = Callable[[], Runtime]
 
