@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from gkd.export.config import BenchmarkConfig, ExportConfig
-from gkd.export.stage import benchmark_artifacts, export_artifacts
+from gkd.export.benchmark import BenchmarkConfig, benchmark_artifacts
+from gkd.export.config import ExportConfig
+from gkd.export.stage import export_artifacts
 from gkd.models.checkpoint import load_segmentor
 from gkd.models.decoders import DecoderConfig, build_decoder
 from gkd.models.segmentor import Segmentor

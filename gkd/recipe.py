@@ -31,7 +31,8 @@ from gkd.compress.config import OptimConfig, TeacherCacheConfig, TrainingConfig
 from gkd.compress.losses import loss_needs, validate_loss_options
 from gkd.data.config import DatasetConfig, dataset_info
 from gkd.data.transforms import EvalTransformConfig, ImageNetTransformConfig, TrainTransformConfig
-from gkd.export.config import BenchmarkConfig, ExportConfig
+from gkd.export.benchmark import BenchmarkConfig
+from gkd.export.config import ExportConfig
 from gkd.models.decoders import DecoderConfig
 from gkd.models.zoo import ModelConfig
 from gkd.rundir import RECIPE_FILE

@@ -23,7 +23,8 @@ from pydantic import ValidationError
 from gkd.evaluate.metrics import ConfusionMatrix
 from gkd.export import tensorrt as trt_export
 from gkd.export.aoti import compile_aoti, load_aoti
-from gkd.export.config import BenchmarkConfig, ExportConfig
+from gkd.export.benchmark import BenchmarkConfig, benchmark_artifacts
+from gkd.export.config import ExportConfig
 from gkd.export.onnx import (
     ExportError,
     check_parity,
@@ -33,23 +34,13 @@ from gkd.export.onnx import (
     unsafe_resizes,
 )
 from gkd.export.runtimes import CudaGraphRuntime, TorchRuntime, load_runtime, runtime_loaders
-from gkd.export.stage import benchmark_artifacts, export_artifacts
-from gkd.models.backbone import Backbone
-from gkd.models.decoders import DecoderConfig, build_decoder
+from gkd.export.stage import export_artifacts
 from gkd.models.segmentor import Segmentor
 from tests.helpers.paths import CAMVID_ROOT
+from tests.helpers.tiny_models import tiny_segmentor
 
 SIZE = (96, 128)  # CamVid's 360 x 480 frames downsized, a multiple of the 16-pixel patch
 NUM_CLASSES = 11  # CamVid's classes; label 11 (void) -> 255
-
-
-def tiny_segmentor(
-    arch: str = "vit_small_patch16_224", depth: int = 4, decoder: str = "uper", seed: int = 0
-) -> Segmentor:
-    torch.manual_seed(seed)
-    kwargs = {"dynamic_img_size": True, "img_size": 64, "embed_dim": 64, "depth": depth, "num_heads": 2}
-    backbone = Backbone("tiny", arch, kwargs, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    return Segmentor(backbone, *build_decoder(DecoderConfig(name=decoder, channels=32), 64, depth, NUM_CLASSES)).eval()
 
 
 def load_camvid(split: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -441,11 +432,12 @@ def test_cuda_graph_runtimes_exist_only_on_cuda(exported, trained):
 def test_aoti_packages_replayed_as_cuda_graphs_load_without_thread_sync(trained, tmp_path, monkeypatch):
     """AOTInductor's runner waits on events unless loaded with ``run_single_threaded``, which a capture refuses
     (H100, 2026-11-26): the graph runtime of a package loads its own runner that way, the plain one does not."""
-    import gkd.export.runtimes as runtimes
+    import gkd.export.runtimes.aoti as aoti_runtime
+    import gkd.export.runtimes.cudagraph as cudagraph_runtime
 
     loaded = []
-    monkeypatch.setattr(runtimes, "load_aoti", lambda path, device, for_cuda_graph: loaded.append(for_cuda_graph))
-    monkeypatch.setattr(runtimes, "CudaGraphRuntime", lambda inner, img_size: inner)
+    monkeypatch.setattr(aoti_runtime, "load_aoti", lambda path, device, for_cuda_graph: loaded.append(for_cuda_graph))
+    monkeypatch.setattr(cudagraph_runtime, "CudaGraphRuntime", lambda inner, img_size: inner)
     summary = {"batch_range": [1, 2, 4], "artifacts": {"aoti/fp32": {"file": "model.pt2", "device": "cuda"}}}
     loaders, _ = runtime_loaders(trained, SIZE, tmp_path, summary, torch.device("cuda"), ["aoti", "aoti-cudagraph"])
     assert set(loaders) == {"aoti/fp32", "aoti-cudagraph/fp32"}  # built, not run: no GPU needed

@@ -5,8 +5,9 @@ import itertools
 import numpy as np
 import pytest
 
-from gkd.export.config import ExportConfig, ParityTolerance
+from gkd.export.config import ExportConfig
 from gkd.export.parity import ParityError, compare_logits, judge
+from gkd.export.precisions import ParityTolerance
 
 TOLERANCE = ParityTolerance(atol=1e-3, rtol=1e-2, min_argmax_agreement=0.99)
 

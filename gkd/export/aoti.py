@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from gkd.export.onnx import half_precision
+from gkd.export.precisions import TORCH_DTYPES
 from gkd.utils.io import atomic_path
-
-AOTI_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def compile_aoti(
@@ -43,7 +42,7 @@ def compile_aoti(
     """
     path = Path(path)
     low, _, high = batch_range
-    model = prepared if precision == "fp32" else half_precision(prepared, AOTI_DTYPES[precision])
+    model = prepared if precision == "fp32" else half_precision(prepared, TORCH_DTYPES[precision])
     model = copy.deepcopy(model).to(device).eval()
     # torch.export specialises dimensions of size 1, so a dynamic batch needs an example batch of at least 2.
     example = torch.rand(max(2, low) if high > 1 else 1, 3, *img_size, device=device)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gkd.export.runtimes import Runtime
+from gkd.export.runtimes.base import Runtime
 from gkd.utils.cpu import OtherLoad, available_cpus, machine_busy
 
 log = logging.getLogger("gkd")

@@ -22,8 +22,8 @@ from onnx import helper
 from timm.layers import Format
 from torch import nn
 
-from gkd.export.config import ParityTolerance
 from gkd.export.parity import ParityError, compare_logits, judge
+from gkd.export.precisions import ParityTolerance
 from gkd.models.backbone import official_dinov2_pos_embed_at
 from gkd.models.segmentor import Segmentor
 from gkd.utils.io import atomic_path

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gkd.export.config import ParityTolerance
+from gkd.export.precisions import ParityTolerance
 
 
 class ParityError(RuntimeError):

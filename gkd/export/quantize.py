@@ -33,9 +33,10 @@ import numpy as np
 import onnx
 import torch
 
-from gkd.export.config import Int8FallbackConfig, ParityTolerance
+from gkd.export.config import Int8FallbackConfig
 from gkd.export.onnx import INPUT_NAME, OUTPUT_NAME, onnx_session
 from gkd.export.parity import compare_logits, judge
+from gkd.export.precisions import ParityTolerance
 from gkd.utils.io import atomic_path
 
 QUANTIZED_OPS = ("MatMul", "Conv", "ConvTranspose")

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from gkd.engine import Stage
-from gkd.export.stage import benchmark_artifacts
+from gkd.export.benchmark import benchmark_artifacts
 from gkd.models.checkpoint import load_segmentor
 from gkd.rundir import BENCHMARK_FILE, EXPORT_FILE, SEGMENTOR_FILE, SOURCE_DOMAIN
 from gkd.stages.context import EVAL_DATA, Run, evaluation_data, files, make_domain_evaluator
