@@ -37,6 +37,11 @@ class DeviceRate:
     dtype: str
     tflops: float
 
+    @property
+    def bound(self) -> str:
+        """How a time at this rate reads: ``>=`` at a measured matmul rate (a lower bound), ``~`` at a stated one."""
+        return "~" if self.device == "stated" else ">= "
+
     def __str__(self) -> str:
         if self.device == "stated":
             return f"stated rate of {self.tflops:g} TFLOP/s a rank"
@@ -159,8 +164,8 @@ class PhaseCost:
     def images(self) -> int:
         return self.steps * self.batch_size
 
-    def line(self) -> str:
-        time_text = "time not estimated" if self.seconds is None else f">= {duration(self.seconds)}"
+    def line(self, bound: str = ">= ") -> str:
+        time_text = "time not estimated" if self.seconds is None else f"{bound}{duration(self.seconds)}"
         return (
             f"  {self.stage} / {self.phase}: {self.steps} steps x batch {self.batch_size} = {self.images:,} images, "
             f"{self.tflop_per_step:.3g} TFLOP a step, {time_text}, ~{self.peak_gib_per_rank:.2f} GiB a rank"

@@ -76,9 +76,10 @@ class Plan:
             return []
         how = f"FLOPs at the {self.rate}" if self.rate else "FLOPs; no time: the device is not visible here"
         lines = [f"training cost (estimate: {how}; {self.ranks} rank(s)):"]
-        lines += [cost.line() for cost in self.costs]
+        bound = self.rate.bound if self.rate else ""
+        lines += [cost.line(bound) for cost in self.costs]
         seconds = self.seconds
-        total = "not timed" if seconds is None else f">= {duration(seconds)} for the stages to run"
+        total = "not timed" if seconds is None else f"{bound}{duration(seconds)} for the stages to run"
         return [*lines, f"  total: {total}; peak ~{self.peak_gib_per_rank:.2f} GiB a rank"]
 
     @property
