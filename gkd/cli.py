@@ -9,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from gkd.cli_parser import build_parser as command_parser
+from gkd import cli_parser
 from gkd.rundir import LOGS_DIR, setup_logging
 from gkd.utils.errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, EXIT_INTERRUPTED
 
@@ -157,7 +157,7 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``gkd-compress`` parser (`gkd.cli_parser`), each command run by its handler here."""
-    return command_parser(
+    return cli_parser.build_parser(
         {
             "pipeline": _cmd_pipeline,
             "export": _cmd_export,

@@ -5,6 +5,7 @@ no-KD row) and ``train-ceiling-head`` (the teacher's encoder: what perfect disti
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -102,7 +103,9 @@ def _teacher_input(recipe) -> tuple[str, ...]:
     return (TEACHER_FILE,) if recipe.models.teacher.train_encoder else ()
 
 
-def _frozen_encoder_stage(name: str, run: Callable[[Run], None], kind: JobKind, encoder_from: str, **options) -> Stage:
+def _frozen_encoder_stage(
+    name: str, run: Callable[[Run], None], kind: JobKind, encoder_from: str, **options: Any
+) -> Stage:
     """An on-request stage training a decoder on the frozen encoder of ``encoder_from`` (``student`` or
     ``teacher``) under the ``head`` schedule; its training phase and segmentor file are those of ``kind``."""
     sections = ("models.decoder", "head", f"models.{encoder_from}")
