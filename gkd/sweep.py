@@ -28,8 +28,10 @@ from typing import Any
 import torch
 import yaml
 
-from gkd.compare import ComparisonError, plan, run_jobs, track_jobs
+from gkd.compare import ComparisonError, track_jobs
 from gkd.compare_config import MethodConfig
+from gkd.compare_jobs import plan
+from gkd.compare_pool import run_jobs
 from gkd.progress import STATUS_FILE
 from gkd.recipe import Recipe, RecipeError, dump_recipe, load_recipe, parse_recipe, results_settings
 from gkd.report.pareto import pareto_front, pareto_plot
@@ -351,7 +353,7 @@ def plan_sweep(
 ) -> list:
     """``sweep --dry-run``: the plan (`gkd.Pipeline.plan`) of every student at every input size, each in the run
     directory the sweep would give it; nothing is trained or written."""
-    from gkd.compare import plan as plan_jobs
+    from gkd.compare_jobs import plan as plan_jobs
     from gkd.pipeline import Pipeline, with_overrides
 
     recipe = with_overrides(recipe, overrides) if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)

@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from gkd.cli import main
-from gkd.compare import TEACHER_JOB, method_recipe, plan, schedule
+from gkd.compare import method_recipe, plan, schedule
 from gkd.recipe import RecipeError, load_recipe, parse_recipe
 from gkd.report.comparison import read_figure_frames, spread, summarize
+from gkd.rundir import TEACHER_JOB
 from tests.helpers.paths import CAMVID_ROOT, CAMVID_TINY_RECIPE, IMAGENETTE_ROOT, RECIPES_DIR, REPO
 
 FULL = RECIPES_DIR / "camvid_day2dusk.yaml"

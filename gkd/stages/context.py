@@ -9,7 +9,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -23,13 +23,14 @@ from gkd.data.transforms import (
     build_imagenet_transform,
     build_train_transform,
 )
+from gkd.engine import Stage
 from gkd.evaluate.inference import evaluate_predictor, torch_predictor
 from gkd.models.backbone import Backbone
 from gkd.models.checkpoint import build_segmentor, load_encoder, load_segmentor, save_encoder, save_segmentor
 from gkd.models.segmentor import Segmentor
 from gkd.models.weights import check_fit
 from gkd.models.zoo import create_backbone_from_config, with_patch_size
-from gkd.preflight import DataUse
+from gkd.preflight import DataUse, TrainingUse
 from gkd.recipe import OptimConfig, Recipe, results_settings
 from gkd.rundir import (
     BEST_SEGMENTOR_FILE,
@@ -310,3 +311,33 @@ def evaluation_data(recipe: Recipe) -> list[DataUse]:
 def validated_data(recipe: Recipe, config: OptimConfig | None) -> list[DataUse]:
     """Labelled source for a supervised stage, plus every evaluation domain when it validates."""
     return source_data(recipe) + (evaluation_data(recipe) if config is not None and config.validate_every else [])
+
+
+def supervised_stage(
+    name: str,
+    run: Callable[[Run], None],
+    output: str,
+    training: str,
+    config: Callable[[Recipe], OptimConfig | None],
+    sections: tuple[str, ...],
+    weights: tuple[str, ...],
+    **options: Any,
+) -> Stage:
+    """A stage that trains on labelled source, on every rank, under ``config(recipe)`` (its training phase
+    ``training``) and writes ``output``: needed when the recipe has that config; it reads the source (and the
+    evaluation domains when it validates), its results depend on the training data and ``sections``, and it may
+    write the phase's validation log. ``options``: more `Stage` fields (``side_outputs`` come before the log)."""
+    options.setdefault("needed", lambda recipe: config(recipe) is not None)
+    side_outputs = (*options.pop("side_outputs", ()), validation_log(training))
+    return Stage(
+        name,
+        run,
+        files(output),
+        distributed=True,
+        data=lambda recipe: validated_data(recipe, config(recipe)),
+        trainings=lambda recipe: [TrainingUse(training, config(recipe), "source")],
+        sections=(*TRAIN_DATA, *sections),
+        weights=weights,
+        side_outputs=side_outputs,
+        **options,
+    )

@@ -4,6 +4,9 @@ no-KD row) and ``train-ceiling-head`` (the teacher's encoder: what perfect disti
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from gkd.compress.objectives import TaskObjective
@@ -11,25 +14,23 @@ from gkd.engine import Stage
 from gkd.models.checkpoint import save_segmentor
 from gkd.models.decoders import build_decoder
 from gkd.models.segmentor import Segmentor
-from gkd.preflight import TrainingUse
 from gkd.rundir import (
     BEST_SEGMENTOR_FILE,
     CEILING_FILE,
     ENCODER_FILE,
     FROZEN_FILE,
+    MODEL_FILES,
     SEGMENTOR_FILE,
     TEACHER_FILE,
     JobKind,
-    validation_log,
 )
 from gkd.stages.context import (
-    TRAIN_DATA,
     Run,
     files,
     student_segmentor,
+    supervised_stage,
     teacher_backbone,
     two_stage,
-    validated_data,
     validator,
 )
 
@@ -49,18 +50,17 @@ def stage_train_head(run: Run) -> None:
         )
 
 
-STAGE = Stage(
+STAGE = supervised_stage(
     "train-head",
     stage_train_head,
-    files(SEGMENTOR_FILE),
-    needed=two_stage,
-    distributed=True,
-    inputs=files(ENCODER_FILE),
-    data=lambda r: validated_data(r, r.head),
-    trainings=lambda r: [TrainingUse(TRAINING, r.head, "source")],
-    sections=(*TRAIN_DATA, "models.student", "models.decoder", "head"),
+    SEGMENTOR_FILE,
+    TRAINING,
+    lambda r: r.head,
+    ("models.student", "models.decoder", "head"),
     weights=("student",),
-    side_outputs=(BEST_SEGMENTOR_FILE, validation_log(TRAINING)),
+    needed=two_stage,
+    inputs=files(ENCODER_FILE),
+    side_outputs=(BEST_SEGMENTOR_FILE,),
 )
 
 
@@ -103,31 +103,19 @@ def _teacher_input(recipe) -> tuple[str, ...]:
     return (TEACHER_FILE,) if recipe.models.teacher.train_encoder else ()
 
 
-_HEAD_SECTIONS = (*TRAIN_DATA, "models.decoder", "head")
-FROZEN_STAGE = Stage(
-    "train-frozen-head",
-    stage_train_frozen_head,
-    files(FROZEN_FILE),
-    needed=lambda r: r.head is not None,
-    distributed=True,
-    data=lambda r: validated_data(r, r.head),
-    trainings=lambda r: [TrainingUse(JobKind.FROZEN.value, r.head, "source")],
-    sections=(*_HEAD_SECTIONS, "models.student"),
-    weights=("student",),
-    side_outputs=(validation_log(JobKind.FROZEN.value),),
-    on_request=True,
-)
-CEILING_STAGE = Stage(
-    "train-ceiling-head",
-    stage_train_ceiling_head,
-    files(CEILING_FILE),
-    needed=lambda r: r.head is not None,
-    distributed=True,
-    inputs=_teacher_input,
-    data=lambda r: validated_data(r, r.head),
-    trainings=lambda r: [TrainingUse(JobKind.CEILING.value, r.head, "source")],
-    sections=(*_HEAD_SECTIONS, "models.teacher"),
-    weights=("teacher",),
-    side_outputs=(validation_log(JobKind.CEILING.value),),
-    on_request=True,
+def _frozen_encoder_stage(
+    name: str, run: Callable[[Run], None], kind: JobKind, encoder_from: str, **options: Any
+) -> Stage:
+    """An on-request stage training a decoder on the frozen encoder of ``encoder_from`` (``student`` or
+    ``teacher``) under the ``head`` schedule; its training phase and segmentor file are those of ``kind``."""
+    sections = ("models.decoder", "head", f"models.{encoder_from}")
+    output = MODEL_FILES[kind]
+    return supervised_stage(
+        name, run, output, kind.value, lambda r: r.head, sections, (encoder_from,), on_request=True, **options
+    )
+
+
+FROZEN_STAGE = _frozen_encoder_stage("train-frozen-head", stage_train_frozen_head, JobKind.FROZEN, "student")
+CEILING_STAGE = _frozen_encoder_stage(
+    "train-ceiling-head", stage_train_ceiling_head, JobKind.CEILING, "teacher", inputs=_teacher_input
 )

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from gkd.compress.objectives import TaskObjective
-from gkd.engine import Stage
 from gkd.models.checkpoint import save_segmentor
-from gkd.preflight import TrainingUse
-from gkd.rundir import NO_KD_FILE, validation_log
-from gkd.stages.context import TRAIN_DATA, Run, files, student_segmentor, validated_data, validator
+from gkd.rundir import NO_KD_FILE
+from gkd.stages.context import Run, student_segmentor, supervised_stage, validator
 
 TRAINING = "no_kd"  # the training phase: its checkpoint, logs and validation log
 
@@ -24,15 +22,12 @@ def stage_train_no_kd(run: Run) -> None:
         save_segmentor(run.file(NO_KD_FILE), segmentor, recipe.models.student, recipe.models.decoder, run.num_classes)
 
 
-STAGE = Stage(
+STAGE = supervised_stage(
     "train-no-kd",
     stage_train_no_kd,
-    files(NO_KD_FILE),
-    needed=lambda r: r.compare.no_kd is not None,
-    distributed=True,
-    data=lambda r: validated_data(r, r.compare.no_kd),
-    trainings=lambda r: [TrainingUse(TRAINING, r.compare.no_kd, "source")],
-    sections=(*TRAIN_DATA, "models.student", "models.decoder", "compare.no_kd"),
+    NO_KD_FILE,
+    TRAINING,
+    lambda r: r.compare.no_kd,
+    ("models.student", "models.decoder", "compare.no_kd"),
     weights=("student",),
-    side_outputs=(validation_log(TRAINING),),
 )

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from gkd.compress.objectives import TaskObjective
-from gkd.engine import Stage
 from gkd.models.checkpoint import save_segmentor
-from gkd.preflight import TrainingUse
-from gkd.rundir import TEACHER_FILE, validation_log
-from gkd.stages.context import TRAIN_DATA, Run, files, teacher_segmentor, validated_data, validator
+from gkd.rundir import TEACHER_FILE
+from gkd.stages.context import Run, supervised_stage, teacher_segmentor, validator
 
 TRAINING = "teacher"  # the training phase: its checkpoint, logs and validation log
 
@@ -30,22 +28,12 @@ def stage_train_teacher(run: Run) -> None:
         )
 
 
-STAGE = Stage(
+STAGE = supervised_stage(
     "train-teacher",
     stage_train_teacher,
-    files(TEACHER_FILE),
-    needed=lambda r: r.teacher_training is not None,
-    distributed=True,
-    data=lambda r: validated_data(r, r.teacher_training),
-    trainings=lambda r: [TrainingUse(TRAINING, r.teacher_training, "source")],
-    sections=(
-        *TRAIN_DATA,
-        "models.teacher",
-        "models.teacher_decoder",
-        "models.decoder",
-        "data.teacher_transform",
-        "teacher_training",
-    ),
+    TEACHER_FILE,
+    TRAINING,
+    lambda r: r.teacher_training,
+    ("models.teacher", "models.teacher_decoder", "models.decoder", "data.teacher_transform", "teacher_training"),
     weights=("teacher",),
-    side_outputs=(validation_log(TRAINING),),
 )

@@ -25,28 +25,17 @@ computed (the released CLIP setting uses ``lambda_fea = lambda_patch = 0``).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from gkd.compress.losses.base import (
-    FeatureDistillLoss,
-    LayerPairOptions,
-    class_tokens,
-    feature_term,
-    ln_linear,
-    masked_patch_term,
-    masked_student_pass,
-    paired_student_tokens,
-    total,
-    weighted_pair_means,
-)
-from gkd.models.backbone import Backbone
-from gkd.models.features import ViTFeatures, align_mask
+from gkd.compress.losses.base import LayerPairOptions, ln_linear
+from gkd.compress.losses.token_terms import TermNames, TokenTermsLoss
 
 
-class ProteusLoss(FeatureDistillLoss):
+class ProteusLoss(TokenTermsLoss):
     """Token (CLS), feature and masked-patch MSE through ``LayerNorm + Linear`` heads."""
+
+    NAMES = TermNames("proteus", ("loss_token", "loss_feat", "loss_patch"), "token", "patch", masked_only=True)
 
     class Options(LayerPairOptions):
         token_weight: float = Field(1.0, ge=0, description="lambda_token")
@@ -61,48 +50,22 @@ class ProteusLoss(FeatureDistillLoss):
                 raise ValueError("token_weight, feature_weight, patch_weight: at least one must be > 0")
             return self
 
-    def __init__(self, options: Options, student_dim: int, teacher_dim: int, num_classes: int | None = None) -> None:
-        super().__init__(options, student_dim, teacher_dim, num_classes)
-        heads = []
-        for _ in self.student_layers:
-            head = nn.ModuleDict()
-            if options.token_weight > 0 or options.feature_weight > 0:
-                head["token"] = ln_linear(student_dim, teacher_dim)
-            if options.feature_weight > 0:
-                head["feature"] = ln_linear(student_dim, teacher_dim)
-            if options.patch_weight > 0:
-                head["patch"] = ln_linear(student_dim, teacher_dim)
-            heads.append(head)
-        self.heads = nn.ModuleList(heads)
-        self.mask_token = nn.Parameter(torch.zeros(student_dim)) if options.patch_weight > 0 else None
-
-    def forward(
-        self, student_feats: ViTFeatures, teacher_feats: ViTFeatures, student: Backbone, images: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    def head_switches(self) -> dict[str, bool]:
         opts = self.options
-        masked = mask = None
-        if opts.patch_weight > 0:
-            masked, mask = masked_student_pass(
-                student, images, student_feats, opts.mask_ratio, opts.mask_probability, self.mask_token
-            )
-            mask = align_mask(mask, student_feats.grid, teacher_feats.grid)
-        token_losses, feature_losses, patch_losses = [], [], []
-        for i, head in enumerate(self.heads):
-            target = teacher_feats.patch_tokens[i].float()
-            cls_pair = (
-                class_tokens(head["token"], student_feats, teacher_feats, i, "proteus") if "token" in head else None
-            )
-            if opts.token_weight > 0:
-                token_losses.append(F.mse_loss(*cls_pair))
-            if "feature" in head:
-                tokens = paired_student_tokens(student_feats, i, teacher_feats.grid)
-                feature_losses.append(feature_term(head["feature"](tokens).float(), target, cls_pair))
-            if masked is not None:
-                tokens = paired_student_tokens(masked, i, teacher_feats.grid)
-                patch_losses.append(masked_patch_term(head["patch"](tokens).float(), target, mask))
-        weighted = {
-            "loss_token": (opts.token_weight, token_losses),
-            "loss_feat": (opts.feature_weight, feature_losses),
-            "loss_patch": (opts.patch_weight, patch_losses),
+        return {
+            "token": opts.token_weight > 0 or opts.feature_weight > 0,
+            "feature": opts.feature_weight > 0,
+            "patch": opts.patch_weight > 0,
         }
-        return total(weighted_pair_means(weighted))
+
+    def new_head(self, key: str, student_dim: int, teacher_dim: int) -> nn.Module:
+        return ln_linear(student_dim, teacher_dim)
+
+    def cls_term(self) -> bool:
+        return self.options.token_weight > 0
+
+    def predict(self, head: nn.Module, tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return head(tokens).float()
+
+    def weights(self) -> tuple[float, float, float]:
+        return self.options.token_weight, self.options.feature_weight, self.options.patch_weight

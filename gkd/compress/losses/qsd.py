@@ -50,24 +50,11 @@ Sources, part by part:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from gkd.compress.losses.base import (
-    FeatureDistillLoss,
-    LayerPairOptions,
-    class_tokens,
-    feature_term,
-    ln_linear,
-    masked_patch_term,
-    masked_student_pass,
-    paired_student_tokens,
-    total,
-    weighted_pair_means,
-)
-from gkd.models.backbone import Backbone
-from gkd.models.features import ViTFeatures
+from gkd.compress.losses.base import LayerPairOptions, ln_linear
+from gkd.compress.losses.token_terms import TermNames, TokenTermsLoss
 
 
 class QueryRetrieval(nn.Module):
@@ -110,8 +97,10 @@ class QueryRetrieval(nn.Module):
         return tokens.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
 
-class QSDLoss(FeatureDistillLoss):
+class QSDLoss(TokenTermsLoss):
     """Query-based soft distillation (CLS token, feature and mask-patch terms, each switchable)."""
+
+    NAMES = TermNames("qsd", ("loss_cls", "loss_feat", "loss_mask"), "cls", "mask", masked_only=False)
 
     class Options(LayerPairOptions):
         cls_token: bool = Field(True, description="CLS-token term (Table 5, 'CLS Token')")
@@ -131,45 +120,19 @@ class QSDLoss(FeatureDistillLoss):
                 raise ValueError("cls_token, feature, mask_patch: switch at least one QSD term on")
             return self
 
-    def __init__(self, options: Options, student_dim: int, teacher_dim: int, num_classes: int | None = None) -> None:
-        super().__init__(options, student_dim, teacher_dim, num_classes)
-        heads = []
-        for _ in self.student_layers:
-            head = nn.ModuleDict()
-            if options.cls_token:
-                head["cls"] = ln_linear(student_dim, teacher_dim)
-            if options.feature:
-                head["feature"] = QueryRetrieval(student_dim, teacher_dim, options.num_heads, options.temperature)
-            if options.mask_patch:
-                head["mask"] = QueryRetrieval(student_dim, teacher_dim, options.num_heads, options.temperature)
-            heads.append(head)
-        self.heads = nn.ModuleList(heads)
-        self.mask_token = nn.Parameter(torch.zeros(student_dim)) if options.mask_patch else None
+    def head_switches(self) -> dict[str, bool]:
+        return {"cls": self.options.cls_token, "feature": self.options.feature, "mask": self.options.mask_patch}
 
-    def forward(
-        self, student_feats: ViTFeatures, teacher_feats: ViTFeatures, student: Backbone, images: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        opts = self.options
-        masked = None
-        if opts.mask_patch:
-            masked, _ = masked_student_pass(
-                student, images, student_feats, opts.mask_ratio, opts.mask_probability, self.mask_token
-            )
-        cls_losses, feature_losses, mask_losses = [], [], []
-        for i, head in enumerate(self.heads):
-            target = teacher_feats.patch_tokens[i].float()
-            cls_pair = class_tokens(head["cls"], student_feats, teacher_feats, i, "qsd") if opts.cls_token else None
-            if cls_pair is not None:
-                cls_losses.append(F.mse_loss(*cls_pair))
-            if opts.feature:
-                tokens = paired_student_tokens(student_feats, i, teacher_feats.grid)
-                feature_losses.append(feature_term(head["feature"](tokens, target), target, cls_pair))
-            if masked is not None:
-                tokens = paired_student_tokens(masked, i, teacher_feats.grid)
-                mask_losses.append(masked_patch_term(head["mask"](tokens, target), target, None))
-        weighted = {
-            "loss_cls": (opts.cls_weight, cls_losses),
-            "loss_feat": (opts.feature_weight, feature_losses),
-            "loss_mask": (opts.mask_weight, mask_losses),
-        }
-        return total(weighted_pair_means(weighted))
+    def new_head(self, key: str, student_dim: int, teacher_dim: int) -> nn.Module:
+        if key == "cls":
+            return ln_linear(student_dim, teacher_dim)
+        return QueryRetrieval(student_dim, teacher_dim, self.options.num_heads, self.options.temperature)
+
+    def cls_term(self) -> bool:
+        return self.options.cls_token
+
+    def predict(self, head: nn.Module, tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return head(tokens, target)
+
+    def weights(self) -> tuple[float, float, float]:
+        return self.options.cls_weight, self.options.feature_weight, self.options.mask_weight
