@@ -112,6 +112,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0 if summary["frames"] else EXIT_BAD_INPUT
 
 
+def _cmd_engine(args: argparse.Namespace) -> int:
+    from gkd.export.engine_build import build_run_engine, parse_batch_range
+
+    _setup_logging(None)
+    batch_range = parse_batch_range(args.batch_range) if args.batch_range else None
+    entry = build_run_engine(args.run_dir, args.precision, batch_range, args.out)
+    print(f"{entry['file']}: parity {'ok' if entry['parity']['passed'] else 'FAILED: ' + entry['parity']['reason']}")
+    return 0 if entry["parity"]["passed"] else EXIT_FAILED_CHECK
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from gkd.sweep import plan_sweep, sweep_students
 
@@ -193,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gkd-compress",
         description="Distil a vision foundation model into a small segmentation model, export and benchmark it.",
         epilog="exit codes: 0 ok, 1 a check failed, 2 bad input, 3 run directory busy, 4 disk full, "
-        "5 not writable, 6 corrupt file, 7 device not available, 130 interrupted",
+        "5 not writable, 6 corrupt file, 7 device not available, 8 missing dependency (TensorRT, CUDA), "
+        "130 interrupted",
     )
     parser.add_argument("--version", action="version", version=f"gkd-compress {__version__}")
     debug = argparse.ArgumentParser(add_help=False)
@@ -206,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_command(commands, debug)
     _add_predict_command(commands, debug)
     _add_sweep_command(commands, debug)
+    _add_engine_command(commands, debug)
     _add_tool_commands(commands, debug)
     return parser
 
@@ -336,6 +348,18 @@ def _add_sweep_command(commands, debug: argparse.ArgumentParser) -> None:
     sweep.add_argument("--dry-run", action="store_true", help="print each student's plan (checks, cost); train nothing")
     _add_plan_options(sweep)
     sweep.set_defaults(handler=_cmd_sweep)
+
+
+def _add_engine_command(commands, debug: argparse.ArgumentParser) -> None:
+    from gkd.export.engine_build import ENGINE_PRECISIONS
+
+    help_text = "build a TensorRT engine from a run's ONNX model on this machine; check it against ONNX Runtime"
+    engine = _command(commands, "engine", help_text, debug, description=help_text)
+    engine.add_argument("run_dir", help="a run directory whose export stage is complete")
+    engine.add_argument("--precision", default="fp16", choices=ENGINE_PRECISIONS, help="the ONNX graph built from")
+    engine.add_argument("--batch-range", help="MIN,OPT,MAX batch of the profile (default: the export's)")
+    engine.add_argument("--out", help="engine file (default: RUN_DIR/engines/model.<precision>.plan)")
+    engine.set_defaults(handler=_cmd_engine)
 
 
 def _add_tool_commands(commands, debug: argparse.ArgumentParser) -> None:
