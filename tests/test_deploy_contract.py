@@ -10,6 +10,7 @@ import re
 import sys
 import types
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from gkd.cli import main
 from gkd.data.config import build_dataset
 from gkd.data.transforms import build_eval_transform
 from gkd.evaluate.metrics import ConfusionMatrix
+from gkd.export.onnx import onnx_session as ort_session
 from gkd.export.triton import write_triton_repository
 from gkd.recipe import load_recipe
 from gkd.utils.errors import EXIT_BAD_INPUT, EXIT_MISSING_DEPENDENCY
@@ -149,7 +151,7 @@ def test_engine_without_tensorrt_exits_8_saying_what_to_install(exported, monkey
     assert main(["engine", str(exported), "--precision", "fp16", "--batch-range", "1,4,8"]) == EXIT_MISSING_DEPENDENCY
     (message,) = capsys.readouterr().err.strip().splitlines()
     assert message.startswith("gkd-compress: error: TensorRT is not installed")
-    assert "pip install" in message and "tensorrt-cu12" in message and "tritonserver" in message
+    assert "pip install" in message and "tensorrt-cu12" in message and "nvcr.io/nvidia/tensorrt" in message
     assert not (exported / "engines").exists()
 
 
@@ -180,3 +182,49 @@ def test_engine_needs_an_exported_run_and_a_known_precision(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["engine", str(tmp_path), "--precision", "fp32"])
     assert exit_info.value.code == EXIT_BAD_INPUT
+
+
+class OnnxStandInEngine:
+    """TensorRTEngine's interface over ONNX Runtime (no GPU here), recording the batch sizes it is given."""
+
+    batches: ClassVar[list[int]] = []
+
+    def __init__(self, path: Path, device: torch.device) -> None:
+        self.device = torch.device("cpu")
+        self.session = ort_session(path.parent.parent / "model.onnx")
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.batches.append(len(images))
+        return torch.from_numpy(self.session.run(None, {"images": images.numpy()})[0])
+
+
+def test_engine_build_is_checked_against_onnx_runtime_and_recorded(slide_run, tmp_path, monkeypatch):
+    """Everything around the TensorRT build (profile, parity on the run's images in the profile, engine.json),
+    with the build and the engine stood in for: the real ones need a GPU (benchmarks/gpu_check.sh)."""
+    for name in ("model.onnx", "parity_images.npy"):
+        (tmp_path / name).symlink_to(slide_run / name)
+    export = json.loads((slide_run / "export.json").read_text())
+    export["artifacts"]["onnx/fp16"] = {"file": "model.onnx"}  # stand-in for the fp16 graph
+    (tmp_path / "export.json").write_text(json.dumps(export))
+    built = {}
+
+    def build(source, out, precision, img_size, batch_range, workspace_mib, cache):
+        built.update(source=Path(source).name, img_size=tuple(img_size), batch_range=tuple(batch_range))
+        Path(out).write_bytes(b"stand-in engine")
+        return {"file": Path(out).name, "build_s": 0.0, "profile": list(batch_range)}
+
+    tensorrt = types.ModuleType("tensorrt")
+    tensorrt.__version__ = "stand-in"
+    monkeypatch.setitem(sys.modules, "tensorrt", tensorrt)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "stand-in GPU")
+    monkeypatch.setattr("gkd.export.engine_build.build_engine", build)
+    monkeypatch.setattr("gkd.export.engine_build.TensorRTEngine", OnnxStandInEngine)
+    monkeypatch.setattr("gkd.export.latency._gpu_driver", lambda: None)
+    OnnxStandInEngine.batches = []
+    assert main(["engine", str(tmp_path), "--batch-range", "3,3,3"]) == 0
+    assert built == {"source": "model.fp16.onnx", "img_size": (112, 112), "batch_range": (3, 3, 3)}
+    assert OnnxStandInEngine.batches == [3, 3]  # 4 parity images: 3, then 1 padded up to the profile's minimum
+    entry = json.loads((tmp_path / "engines" / "engine.json").read_text())["model.fp16.plan"]
+    assert entry["parity"]["passed"] and entry["parity"]["max_abs_diff"] == 0 and entry["parity"]["images"] == 4
+    assert entry["gpu"] == "stand-in GPU" and entry["img_size"] == [112, 112]

@@ -36,8 +36,8 @@ ENGINE_PRECISIONS = tuple(ENGINE_FILES)
 ENGINE_JSON = "engine.json"
 INSTALL_HINT = (
     "pip install the TensorRT wheel of this machine's CUDA (tensorrt-cu12 for CUDA 12, tensorrt-cu13 for CUDA 13; "
-    "JetPack ships its own), or run the command inside the serving image (nvcr.io/nvidia/tritonserver:<yy.mm>-py3) "
-    "so the engine matches the TensorRT that serves it"
+    "JetPack ships its own), or run it in the NGC TensorRT container of the Triton image's release "
+    "(nvcr.io/nvidia/tensorrt:<yy.mm>-py3) so the engine matches the TensorRT that serves it"
 )
 
 
@@ -127,7 +127,7 @@ def build_run_engine(
     tolerance = ParityConfig(**export.get("parity_tolerances", {})).tolerance(precision)
     entry = {
         **build,
-        "source": str(source),
+        "engine": str(out),
         "img_size": list(img_size),
         "gpu": torch.cuda.get_device_name(),
         "parity": {
