@@ -78,6 +78,17 @@ def _predict_in_profile(engine: TensorRTEngine, images: np.ndarray, low: int, hi
     return np.concatenate(outputs)
 
 
+def _require_onnx(run_dir: Path, export: dict, precisions: Sequence[str]) -> None:
+    """Raise `FileNotFoundError` unless the run's export wrote the ONNX file of each of ``precisions``."""
+    for precision in precisions:
+        key = f"onnx/{precision}"
+        if key not in export["artifacts"] or not (run_dir / export["artifacts"][key]["file"]).is_file():
+            raise FileNotFoundError(
+                f"{run_dir}: no {key} artifact to build from: add {precision} to export.precisions and "
+                f"re-run `gkd-compress export --out {run_dir}`"
+            )
+
+
 def build_run_engine(
     run_dir: str | Path,
     precision: str = "fp16",
@@ -106,12 +117,7 @@ def build_run_engine(
         raise FileNotFoundError(f"{export_file} not found: run `gkd-compress export --out {run_dir}` first")
     export = read_json(export_file)
     batch_range = parse_batch_range(",".join(str(b) for b in (batch_range or export["batch_range"])))
-    for key in ("onnx/fp32", f"onnx/{precision}"):
-        if key not in export["artifacts"] or not (run_dir / export["artifacts"][key]["file"]).is_file():
-            raise FileNotFoundError(
-                f"{run_dir}: no {key} artifact to build from: add {key.split('/')[1]} to export.precisions and "
-                f"re-run `gkd-compress export --out {run_dir}`"
-            )
+    _require_onnx(run_dir, export, ("fp32", precision))
     missing = missing_dependency()
     if missing:
         raise MissingDependencyError(missing)
