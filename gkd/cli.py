@@ -101,6 +101,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0 if summary["frames"] else EXIT_BAD_INPUT
 
 
+def _cmd_engine(args: argparse.Namespace) -> int:
+    from gkd.export.engine_build import build_run_engine, parse_batch_range
+
+    _setup_logging(None)
+    batch_range = parse_batch_range(args.batch_range) if args.batch_range else None
+    entry = build_run_engine(args.run_dir, args.precision, batch_range, args.out)
+    print(f"{entry['file']}: parity {'ok' if entry['parity']['passed'] else 'FAILED: ' + entry['parity']['reason']}")
+    return 0 if entry["parity"]["passed"] else EXIT_FAILED_CHECK
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from gkd.sweep import plan_sweep, sweep_students
 
@@ -164,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
             "compare": _cmd_compare,
             "predict": _cmd_predict,
             "sweep": _cmd_sweep,
+            "engine": _cmd_engine,
             "zoo": _cmd_zoo,
             "data inspect": _cmd_data_inspect,
         }

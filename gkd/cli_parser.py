@@ -21,7 +21,8 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
         prog="gkd-compress",
         description="Distil a vision foundation model into a small segmentation model, export and benchmark it.",
         epilog="exit codes: 0 ok, 1 a check failed, 2 bad input, 3 run directory busy, 4 disk full, "
-        "5 not writable, 6 corrupt file, 7 device not available, 130 interrupted",
+        "5 not writable, 6 corrupt file, 7 device not available, 8 missing dependency (TensorRT, CUDA), "
+        "130 interrupted",
     )
     parser.add_argument("--version", action="version", version=f"gkd-compress {__version__}")
     debug = argparse.ArgumentParser(add_help=False)
@@ -34,6 +35,7 @@ def build_parser(handlers: Mapping[str, Handler]) -> argparse.ArgumentParser:
     _add_compare_command(commands, debug, handlers)
     _add_predict_command(commands, debug, handlers)
     _add_sweep_command(commands, debug, handlers)
+    _add_engine_command(commands, debug, handlers)
     _add_tool_commands(commands, debug, handlers)
     return parser
 
@@ -191,3 +193,15 @@ def _add_tool_commands(commands, debug: argparse.ArgumentParser, handlers: Mappi
     inspect.add_argument("--skip-bad", action="store_true", help="skip (and log) bad samples instead of stopping")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(handler=handlers["data inspect"])
+
+
+def _add_engine_command(commands, debug: argparse.ArgumentParser, handlers: Mapping[str, Handler]) -> None:
+    from gkd.export.engine_build import ENGINE_PRECISIONS
+
+    help_text = "build a TensorRT engine from a run's ONNX model on this machine; check it against ONNX Runtime"
+    engine = _command(commands, "engine", help_text, debug, description=help_text)
+    engine.add_argument("run_dir", help="a run directory whose export stage is complete")
+    engine.add_argument("--precision", default="fp16", choices=ENGINE_PRECISIONS, help="the ONNX graph built from")
+    engine.add_argument("--batch-range", help="MIN,OPT,MAX batch of the profile (default: the export's)")
+    engine.add_argument("--out", help="engine file (default: RUN_DIR/engines/model.<precision>.plan)")
+    engine.set_defaults(handler=handlers["engine"])

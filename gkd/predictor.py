@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gkd.evaluate.inference import slide_logits
+from gkd.evaluate.inference import resolve_stride, slide_logits
 from gkd.export.runtimes import RUNTIME_NAMES, Runtime, TorchRuntime, load_runtime, runtime_loaders
 from gkd.models.checkpoint import load_segmentor
 from gkd.models.segmentor import Segmentor
@@ -104,7 +104,7 @@ class Predictor:
         self.recipe = recipe
         self.size = tuple(recipe.data.img_size)
         self.mode = recipe.evaluate.mode
-        self.stride = recipe.evaluate.stride or (max(1, self.size[0] * 2 // 3), max(1, self.size[1] * 2 // 3))
+        self.stride = resolve_stride(self.size, recipe.evaluate.stride)
         self.batch_size = batch_size
 
     @classmethod
@@ -134,10 +134,8 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """uint8 ``(H, W)`` class ids of each RGB uint8 ``(H, W, 3)`` image, at its own size."""
-        tensors = [
-            torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0) for image in images
-        ]
+        """uint8 ``(H, W)`` class ids of each RGB ``(H, W, 3)`` image (uint8, or float in [0, 1]), at its own size."""
+        tensors = [_chw(image) for image in images]
         if self.mode == "slide":
             logits = [slide_logits(self._logits, t, self.size, self.stride, self.batch_size) for t in tensors]
         else:
@@ -156,3 +154,9 @@ class Predictor:
                 )[0]
             labels.append(frame_logits.argmax(0).to(torch.uint8).numpy())
         return labels
+
+
+def _chw(image: np.ndarray) -> torch.Tensor:
+    """An RGB ``(H, W, 3)`` image as a float ``(3, H, W)`` tensor in [0, 1] (uint8 is divided by 255)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    return tensor / 255.0 if image.dtype == np.uint8 else tensor

@@ -19,6 +19,7 @@ from tritonclient.grpc import model_config_pb2
 from gkd.cli import main
 from gkd.data.camvid import CAMVID_PALETTE
 from gkd.export.config import ExportConfig
+from gkd.export.contract import deployment_contract
 from gkd.export.stage import export_artifacts
 from gkd.export.triton import onnx_io, write_triton_repository
 from gkd.models.checkpoint import build_segmentor, save_segmentor
@@ -65,9 +66,9 @@ def run_dir(tmp_path_factory) -> Path:
     segmentor.eval()
     save_segmentor(out / "segmentor.safetensors", segmentor, recipe.models.student, recipe.models.decoder, NUM_CLASSES)
     config = ExportConfig(precisions=("fp32",), aoti=False, tensorrt=False, batch_range=BATCH_RANGE)
-    write_json(
-        out / "export.json", export_artifacts(segmentor, size, out, config, images[:4], images[4:], torch.device("cpu"))
-    )
+    summary = export_artifacts(segmentor, size, out, config, images[:4], images[4:], torch.device("cpu"))
+    summary["contract"] = deployment_contract(summary, recipe.evaluate.mode, recipe.evaluate.stride)  # as the stage
+    write_json(out / "export.json", summary)
     return out
 
 
@@ -187,6 +188,10 @@ def test_triton_repository_config_parses_and_matches_the_onnx_model(run_dir, tmp
             assert declared.name == actual.name
             assert declared.data_type == model_config_pb2.TYPE_FP32 and actual.type == "tensor(float)"
             assert list(declared.dims) == list(actual.shape[1:])  # Triton's dims leave the batch axis out
+        text = (repository / model / "config.pbtxt").read_text()  # the deployment contract heads it as comments
+        assert "# input `images`: float32 NCHW ['batch', 3, 72, 96], RGB in [0, 1], batch 1 to 4" in text
+        assert "inside the graph: do not normalise" in text and "logits at the input's resolution" in text
+        assert "# reported mIoU: whole inference: resize the frame to 72x96" in text
 
     batch = np.random.default_rng(0).random((BATCH_RANGE[-1], *config_input.dims), dtype=np.float32)
     (logits,) = session.run(None, {config_input.name: batch})

@@ -8,7 +8,7 @@ at its input size, so the same code evaluates PyTorch, ONNX Runtime, TensorRT an
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +20,23 @@ from gkd.evaluate.metrics import ConfusionMatrix
 Predict = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, H, W) in [0, 1] -> (B, K, H, W) logits
 
 
+def resolve_stride(size: Sequence[int], stride: Sequence[int] | None) -> tuple[int, int]:
+    """The slide stride: ``stride`` when given, else 2/3 of the window ``size``."""
+    if stride is not None:
+        return int(stride[0]), int(stride[1])
+    return max(1, int(size[0]) * 2 // 3), max(1, int(size[1]) * 2 // 3)
+
+
 def _windows(length: int, window: int, stride: int) -> list[int]:
     if length <= window:
         return [0]
     return sorted({*range(0, length - window, stride), length - window})
+
+
+def slide_windows(frame: Sequence[int], size: Sequence[int], stride: Sequence[int]) -> list[tuple[int, int]]:
+    """Top-left corners of the windows of ``size`` that `slide_logits` runs over a frame of ``frame`` (H, W)."""
+    height, width = max(frame[0], size[0]), max(frame[1], size[1])  # padded up to one window
+    return [(y, x) for y in _windows(height, size[0], stride[0]) for x in _windows(width, size[1], stride[1])]
 
 
 def slide_logits(
@@ -33,11 +46,7 @@ def slide_logits(
     _, height, width = image.shape
     pad_h, pad_w = max(0, size[0] - height), max(0, size[1] - width)
     padded = F.pad(image, (0, pad_w, 0, pad_h))
-    boxes = [
-        (y, x)
-        for y in _windows(padded.shape[1], size[0], stride[0])
-        for x in _windows(padded.shape[2], size[1], stride[1])
-    ]
+    boxes = slide_windows((height, width), size, stride)
     total, count = None, torch.zeros(1, padded.shape[1], padded.shape[2])
     for start in range(0, len(boxes), batch):
         chunk = boxes[start : start + batch]
@@ -49,6 +58,17 @@ def slide_logits(
             total[:, y : y + size[0], x : x + size[1]] += crop_logits
             count[:, y : y + size[0], x : x + size[1]] += 1
     return (total / count)[:, :height, :width]
+
+
+def frame_logits(
+    predict: Predict, image: torch.Tensor, size: tuple[int, int], mode: str, stride: tuple[int, int], batch: int
+) -> torch.Tensor:
+    """``(3, H, W)`` -> ``(K, H, W)`` logits at the frame's own size, by the evaluation ``mode``."""
+    if mode == "slide":
+        return slide_logits(predict, image, size, stride, batch)
+    resized = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
+    logits = predict(resized).float().cpu()
+    return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
 
 
 def _to_label_size(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -76,7 +96,7 @@ def evaluate_predictor(
 ) -> dict:
     """mIoU of ``predict`` over ``dataset`` (labels at native resolution), one confusion matrix."""
     confusion = ConfusionMatrix(num_classes)
-    stride = stride or (max(1, size[0] * 2 // 3), max(1, size[1] * 2 // 3))
+    stride = resolve_stride(size, stride)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate)
     for samples in tqdm(loader, desc=description, disable=not show_progress, leave=False):
         if mode == "slide":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gkd.export.latency import benchmark_runtime, environment_info
+from gkd.evaluate.inference import frame_logits, slide_windows
+from gkd.export.latency import benchmark_runtime, environment_info, measure_latency
 from gkd.export.parity import compare_logits, judge
 from gkd.export.precisions import ParityConfig
 from gkd.export.runtimes import RUNTIMES, Runtime, RuntimeName, TorchRuntime, load_runtime, runtime_loaders
@@ -29,7 +31,31 @@ BENCHMARK_NOTES = {
     "after every iteration; percentiles interpolate linearly",
     "memory": "CUDA: torch allocator peak (ONNX Runtime / TensorRT workspaces not included); CPU: process RSS peak",
     "accuracy": "mIoU per domain vs torch/fp32; failed = drop above the precision's tolerance on any domain",
+    "frame_latency": "one frame of the dataset's size from host memory to logits at that size on the host, through "
+    "the evaluation path the mIoU used (slide: every window, batched, plus the stitching; whole: resize, model, "
+    "resize back), host copies included; frames_per_s = 1000 / mean_ms",
 }
+
+
+@dataclass(frozen=True)
+class FramePath:
+    """The evaluation path of one whole frame (`gkd.evaluate.inference.frame_logits`), for `frame_latency`."""
+
+    size: tuple[int, int]  # (H, W) of the frame: the source_val dataset's first image
+    mode: str  # ``whole`` or ``slide``
+    stride: tuple[int, int]  # slide: window stride
+    batch_size: int  # slide: windows per model call
+
+    def describe(self, img_size: tuple[int, int]) -> dict:
+        """The path as ``benchmark.json`` records it (``windows``: model inputs per frame)."""
+        windows = len(slide_windows(self.size, img_size, self.stride)) if self.mode == "slide" else 1
+        return {
+            "mode": self.mode,
+            "frame_size": list(self.size),
+            "window": list(img_size),
+            **({"stride": list(self.stride), "windows_per_call": self.batch_size} if self.mode == "slide" else {}),
+            "windows": windows,
+        }
 
 
 class BenchmarkConfig(BaseModel):
@@ -87,6 +113,7 @@ def benchmark_artifacts(
     config: BenchmarkConfig,
     device: torch.device,
     evaluate: Callable[[Callable[[np.ndarray], np.ndarray]], dict[str, float]] | None,
+    frame: FramePath | None = None,
 ) -> dict:
     """Accuracy and latency of every runtime x precision that runs here.
 
@@ -104,6 +131,8 @@ def benchmark_artifacts(
         config: the recipe's benchmark block (runtimes, batch sizes, iterations, accuracy).
         device: where to run.
         evaluate: ``evaluate(predict) -> {domain: mIoU}``; ``None`` measures latency only.
+        frame: the evaluation path of a whole frame, timed per runtime as ``frame_latency`` next to the model's
+            ``latency`` at its input size; ``None`` times the model only.
     """
     out_dir, img_size = Path(out_dir), (int(img_size[0]), int(img_size[1]))
     loaders, skipped = runtime_loaders(segmentor, img_size, out_dir, export_summary, device, config.runtimes)
@@ -123,10 +152,13 @@ def benchmark_artifacts(
             skipped[key] = why
             continue
         results[key] = _measure_runtime(key, runtime, parity, references, config, img_size, evaluate)
+        if frame is not None:
+            results[key]["frame_latency"] = frame_latency(runtime, img_size, frame, config)
         del runtime
         _release_memory(device)
         log.info("benchmark: %s done", key)
-    return _benchmark_summary(results, references, export_summary, config, device, img_size, skipped, not_checked)
+    summary = _benchmark_summary(results, references, export_summary, config, device, img_size, skipped, not_checked)
+    return {**summary, "frame": frame.describe(img_size)} if frame is not None else summary
 
 
 def _benchmark_summary(
@@ -218,3 +250,26 @@ def _measure_runtime(
     for reason in entry["failures"]:
         log.error("benchmark: %s failed: %s", key, reason)
     return entry
+
+
+def frame_latency(runtime: Runtime, img_size: tuple[int, int], frame: FramePath, config: BenchmarkConfig) -> dict:
+    """Latency of one whole frame through the evaluation path (`FramePath`), host to host; errors recorded."""
+    image = torch.from_numpy(np.random.default_rng(0).random((3, *frame.size), dtype=np.float32))
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(runtime.predict(images.numpy()))
+
+    try:
+        stats = measure_latency(
+            lambda: frame_logits(predict, image, img_size, frame.mode, frame.stride, frame.batch_size),
+            runtime.synchronize,
+            1,
+            runtime.device,
+            config.iterations,
+            config.warmup_iterations,
+            config.warmup_seconds,
+        )
+    except Exception as error:  # recorded like a batch size that does not run
+        return {**frame.describe(img_size), "error": f"{type(error).__name__}: {error}"}
+    frames_per_s = stats.pop("images_per_s")
+    return {**frame.describe(img_size), **stats, "frames_per_s": frames_per_s}

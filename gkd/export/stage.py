@@ -30,6 +30,24 @@ def _save_parity_images(path: Path, images: torch.Tensor) -> None:
         np.save(handle, images.float().cpu().numpy())
 
 
+def _graph_io(prepared: Segmentor, img_size: tuple[int, int], image: torch.Tensor) -> dict:
+    """What every exported graph takes and returns: input and output tensors (the output's shape as the model
+    computes it on ``image``) and the mean/std the graph normalises with."""
+    with torch.no_grad():
+        output_shape = list(prepared(image.float().cpu()).shape[1:])
+    return {
+        "img_size": list(img_size),
+        "encoder_input_size": list(baked_size(prepared, img_size)),
+        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, *img_size], "range": [0.0, 1.0]},
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", *output_shape]},
+        "normalisation": {
+            "in_graph": True,
+            "mean": [round(float(v), 6) for v in prepared.encoder.mean.flatten()],
+            "std": [round(float(v), 6) for v in prepared.encoder.std.flatten()],
+        },
+    }
+
+
 def export_artifacts(
     segmentor: Segmentor,
     img_size: tuple[int, int],
@@ -64,10 +82,7 @@ def export_artifacts(
     img_size = (int(img_size[0]), int(img_size[1]))
     prepared = prepare_for_export(segmentor, img_size).to("cpu")
     summary: dict = {
-        "img_size": list(img_size),
-        "encoder_input_size": list(baked_size(prepared, img_size)),
-        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, *img_size], "range": [0.0, 1.0]},
-        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", "classes", *img_size]},
+        **_graph_io(prepared, img_size, parity_images[:1]),
         "opset": config.opset,
         "batch_range": list(config.batch_range),
         "parity_images": PARITY_FILE,

@@ -10,7 +10,9 @@ no Triton backend, and artifacts that failed the export's checks are not served:
 Inputs and outputs are read from the fp32 ONNX graph: ``images`` float32 ``(B, 3, H, W)`` in [0, 1],
 ``logits`` float32 ``(B, K, H, W)`` for every artifact (the export keeps float32 I/O at every precision).
 Triton's ``dims`` leave out the batch axis; ``max_batch_size`` is the top of the export's batch range, which
-the TensorRT profile was built for, and dynamic batching prefers its opt and max batches.
+the TensorRT profile was built for, and dynamic batching prefers its opt and max batches. The deployment contract
+of ``export.json`` (`gkd.export.contract`: layout, value range, normalisation in the graph, the inference mode the
+reported mIoU used) heads each config as ``#`` comments.
 
 The config is written as text here rather than through ``tritonclient``'s protobuf, so exporting needs no
 extra package; the tests parse it with that protobuf. Each model folder is assembled beside its final place
@@ -24,10 +26,12 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
 
+from gkd.export.contract import contract_lines
 from gkd.rundir import EXPORT_FILE
 from gkd.utils.io import read_json
 
@@ -63,9 +67,16 @@ def onnx_io(path: str | Path) -> tuple[dict, dict]:
 
 
 def model_config(
-    name: str, platform: str, max_batch_size: int, inputs: dict, outputs: dict, preferred: list[int]
+    name: str,
+    platform: str,
+    max_batch_size: int,
+    inputs: dict,
+    outputs: dict,
+    preferred: list[int],
+    comments: Sequence[str] = (),
 ) -> str:
-    """``config.pbtxt`` text: the model's platform, batch limit, one input, one output, dynamic batching.
+    """``config.pbtxt`` text: comment lines, then the model's platform, batch limit, one input, one output,
+    dynamic batching.
 
     Args:
         name: the model's name in the repository.
@@ -74,6 +85,7 @@ def model_config(
         inputs: the input tensor (``name``, ``data_type``, ``dims`` without the batch).
         outputs: the output tensor, likewise.
         preferred: dynamic batching's preferred batch sizes.
+        comments: lines written as ``#`` comments at the top (the deployment contract).
     """
 
     def tensor_block(tensor: dict) -> str:
@@ -81,7 +93,9 @@ def model_config(
         return f'  {{\n    name: "{tensor["name"]}"\n    data_type: {tensor["data_type"]}\n    dims: [ {dims} ]\n  }}'
 
     preferred_text = ", ".join(str(size) for size in preferred)
+    header = "".join(f"# {line}\n" for line in comments)
     return (
+        f"{header}"
         f'name: "{name}"\n'
         f'platform: "{platform}"\n'
         f"max_batch_size: {max_batch_size}\n"
@@ -138,6 +152,9 @@ def write_triton_repository(run_dir: str | Path, repository: str | Path, name: s
     if version < 1:
         raise ValueError(f"Triton model versions start at 1, got {version}")
     export = read_json(export_file)
+    if "contract" not in export:
+        raise ValueError(f"{export_file} states no deployment contract: re-run `gkd-compress export --out {run_dir}`")
+    comments = ["deployment contract (gkd-compress, export.json `contract`):", *contract_lines(export["contract"])]
     artifacts = export["artifacts"]
     if "onnx/fp32" not in artifacts:
         raise ValueError(f"{export_file}: no onnx/fp32 artifact")
@@ -160,7 +177,7 @@ def write_triton_repository(run_dir: str | Path, repository: str | Path, name: s
         try:
             (staged / str(version)).mkdir()
             _link_or_copy(run_dir / artifact["file"], staged / str(version) / file_name)
-            config = model_config(model, platform, max_batch, inputs, outputs, preferred)
+            config = model_config(model, platform, max_batch, inputs, outputs, preferred, comments)
             (staged / CONFIG_FILE).write_text(config)
             _replace_dir(staged, repository / model)
         finally:

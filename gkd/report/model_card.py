@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from gkd.export.contract import contract_lines, deployment_contract
+from gkd.report.frame_latency import frame_latency_lines
+
 if TYPE_CHECKING:
     from gkd.data.config import DatasetConfig
     from gkd.recipe import Recipe
@@ -156,10 +159,12 @@ def render_model_card(report: dict, recipe: Recipe) -> str:
         "",
         *_evaluation_lines(report),
         "",
+        *_contract_lines(report.get("export"), recipe),
         "## Latency per runtime",
         "",
         *_latency_lines(report.get("benchmark")),
         "",
+        *frame_latency_lines(report.get("benchmark")),
         *_intended_use_lines(report, recipe),
         "",
         "## Licences",
@@ -197,9 +202,9 @@ def _details_lines(report: dict, recipe: Recipe) -> list[str]:
         f"({params} M parameters in all).",
         f"- **Teacher**: {report['teacher_note']}",
         f"- **Distillation**: loss `{distill.loss.name}`, {schedule}.",
-        f"- **Input**: `images` float32 (batch, 3, {input_h}, {input_w}), RGB in [0, 1] (normalisation is inside "
-        "the model); **output**: `logits` float32 (batch, classes, "
-        f"{input_h}, {input_w}). Other image sizes: `{recipe.evaluate.mode}` inference (see How to use).",
+        f"- **Input**: `images` float32 (batch, 3, {input_h}, {input_w}), RGB in [0, 1]; **output**: `logits` "
+        f"float32 (batch, classes, {input_h}, {input_w}). Frames of other sizes: `{recipe.evaluate.mode}` inference; "
+        "the exact contract is under Deployment contract.",
         f"- **Classes** ({len(report['class_names'])}): {', '.join(report['class_names'])}.",
         f"- **Seed**: {recipe.seed}. The full recipe is `recipe.resolved.yaml` beside this card.",
     ]
@@ -263,22 +268,41 @@ def _intended_use_lines(report: dict, recipe: Recipe) -> list[str]:
     return lines
 
 
+def _contract_lines(export: dict | None, recipe: Recipe) -> list[str]:
+    """``## Deployment contract``: what every artifact takes and returns (`gkd.export.contract`)."""
+    if not export:
+        return []
+    contract = deployment_contract(export, recipe.evaluate.mode, recipe.evaluate.stride)
+    return [
+        "## Deployment contract",
+        "",
+        "Every exported artifact (ONNX, TensorRT, AOTInductor, the Triton models) takes and returns the same "
+        "tensors; `export.json` holds this as `contract`.",
+        "",
+        *(f"- {line}" for line in contract_lines(contract)),
+        "",
+    ]
+
+
 def _how_to_use_lines(recipe: Recipe) -> list[str]:
-    """``## How to use``: the CLI and a few lines of ONNX Runtime."""
-    input_h, input_w = recipe.data.img_size
+    """``## How to use``: the CLI, and `gkd.Predictor`, the path the reported mIoU was computed on."""
     return [
         "## How to use",
         "",
         "```bash",
         "gkd-compress predict RUN_DIR photos/ drive.mp4 --out predictions --runtime onnxruntime",
         "gkd-compress export --out RUN_DIR --triton triton_models   # Triton Inference Server repository",
+        "gkd-compress engine RUN_DIR --precision fp16   # a TensorRT engine built on the serving machine",
         "```",
         "",
+        f"In Python, the recipe's `{recipe.evaluate.mode}` inference on frames of any size (what `gkd-compress "
+        "predict` runs, and what the reported mIoU was computed with):",
+        "",
         "```python",
-        "import numpy as np, onnxruntime as ort",
-        'session = ort.InferenceSession("model.onnx")',
-        f"images = np.zeros((1, 3, {input_h}, {input_w}), np.float32)  # RGB in [0, 1], resized to the input size",
-        'labels = session.run(None, {"images": images})[0].argmax(1)',
+        "import numpy as np, gkd",
+        'predictor = gkd.Predictor.from_run("RUN_DIR", runtime="onnxruntime", precision="fp32")',
+        "frames = [np.zeros((720, 1280, 3), np.uint8)]  # RGB frames, uint8 or float in [0, 1], any size",
+        "labels = predictor.predict(frames)  # uint8 class ids, each at its frame's own size",
         "```",
     ]
 

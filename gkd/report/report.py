@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from gkd.report.frame_latency import frame_latency_lines
 from gkd.report.model_card import render_model_card
 from gkd.report.pareto import benchmark_points, pareto_plot
 from gkd.rundir import (
@@ -215,7 +216,7 @@ def _benchmark_markdown(benchmark: dict | None, pareto_plot: str | None = None) 
         lines.append(f"| {key} | | | | | | | skipped: {reason} |")
     for key, reason in benchmark.get("not_checked", {}).items():
         lines.append(f"| {key} | | | | | | | not checked: {reason} |")
-    lines.append("")
+    lines += ["", *frame_latency_lines(benchmark)]
     if any_busy:
         lines += [
             "Rows marked BUSY were timed while other processes competed for the CPUs: their latencies are not "

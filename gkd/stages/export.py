@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from gkd.data.config import DatasetConfig
 from gkd.engine import Stage
+from gkd.export.contract import deployment_contract
 from gkd.export.stage import export_artifacts
 from gkd.models.checkpoint import load_segmentor
 from gkd.preflight import DataUse
@@ -38,6 +39,7 @@ def stage_export(run: Run) -> None:
     calibration = _images(run, recipe.data.source, recipe.export.source_images, recipe.seed)
     parity = _images(run, recipe.data.source_val, 4, recipe.seed + 1)
     summary = export_artifacts(segmentor, recipe.data.img_size, run.dir, recipe.export, calibration, parity, run.device)
+    summary["contract"] = deployment_contract(summary, recipe.evaluate.mode, recipe.evaluate.stride)
     write_json(run.file(EXPORT_FILE), summary)
 
 
@@ -47,5 +49,14 @@ STAGE = Stage(
     files(EXPORT_FILE),
     inputs=files(SEGMENTOR_FILE),
     data=lambda r: [DataUse("source", r.data.source, True), DataUse("source_val", r.data.source_val, True)],
-    sections=("seed", "data.img_size", "data.source", "data.source_val", "data.eval_transform", "export"),
+    sections=(
+        "seed",
+        "data.img_size",
+        "data.source",
+        "data.source_val",
+        "data.eval_transform",
+        "evaluate.mode",  # the contract states the inference the reported mIoU used
+        "evaluate.stride",
+        "export",
+    ),
 )

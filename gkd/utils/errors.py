@@ -12,6 +12,7 @@ traceback is printed only with ``--debug``. Exit codes:
 5     a directory or file cannot be written (read-only, permissions)
 6     a file in the run directory is corrupt or truncated (a checkpoint, a segmentor file)
 7     the requested device is not available
+8     a dependency is missing (TensorRT or a CUDA device for ``gkd-compress engine``); the message says what to install
 130   interrupted (Ctrl-C); completed stages and checkpoints are kept
 ====  ==========================================================================
 """
@@ -28,6 +29,7 @@ EXIT_DISK_FULL = 4
 EXIT_NOT_WRITABLE = 5
 EXIT_CORRUPT_FILE = 6
 EXIT_NO_DEVICE = 7
+EXIT_MISSING_DEPENDENCY = 8
 EXIT_INTERRUPTED = 130
 
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
@@ -62,6 +64,12 @@ class CorruptFileError(UserError):
 
 class DeviceUnavailableError(UserError, RuntimeError):
     exit_code = EXIT_NO_DEVICE
+
+
+class MissingDependencyError(UserError, RuntimeError):
+    """A library or device the command needs is not on this machine; the message says what to install."""
+
+    exit_code = EXIT_MISSING_DEPENDENCY
 
 
 class TrainingInterrupted(UserError):
