@@ -47,9 +47,6 @@ def method_recipe(recipe: Recipe, name: str, seed: int) -> Recipe:
     method = recipe.compare.methods[name]
     base = recipe.model_dump(mode="json")
     base["compare"]["methods"] = {}
-    new_loss = method.overrides.get("distill", {}).get("loss", {}).get("name")
-    if new_loss is not None and new_loss != recipe.distill.loss.name:
-        base["distill"]["loss"] = {"name": new_loss}  # the base loss's options do not apply to another loss
     try:
         variant = parse_recipe({**merge(base, method.overrides), "seed": seed, "name": f"{recipe.name}_{name}"})
     except RecipeError as error:

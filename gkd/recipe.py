@@ -266,8 +266,11 @@ BASE_KEY = "base"
 
 
 def merge(base: dict, override: dict) -> dict:
-    """Deep merge: mappings merge key by key, anything else in ``override`` replaces ``base``."""
-    merged = dict(base)
+    """Deep merge: mappings merge key by key, anything else in ``override`` replaces ``base``. A section that
+    names another kind (a dataset, a loss: its ``name`` changes) drops the base's ``options``, which belong to
+    the base's kind (a generated dataset's ``num_samples`` mean nothing to a ``folder``)."""
+    renamed = "name" in override and "name" in base and override["name"] != base["name"]
+    merged = {key: value for key, value in base.items() if not (renamed and key == "options")}
     for key, value in override.items():
         merged[key] = (
             merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from gkd.cli import main
-from gkd.recipe import RecipeError, dump_recipe, load_recipe, parse_recipe
+from gkd.recipe import RecipeError, dump_recipe, load_recipe, merge, parse_recipe
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +128,11 @@ def test_cli_overrides_reach_the_resolved_recipe_and_a_bad_one_exits_with_its_ke
     assert main(["run", "--dry-run", "--out", str(tmp_path / "run"), "head.stepz=3"]) == 2
     assert "head.stepz: Extra inputs are not permitted" in capsys.readouterr().err
     assert main(["compare", "recipe_that_is_not_there.yaml", "head.lr=1"]) == 2
+
+
+def test_a_section_naming_another_kind_drops_the_base_options():
+    base = {"data": {"source": {"name": "synthetic", "split": "train", "options": {"num_samples": 8}}}}
+    renamed = merge(base, {"data": {"source": {"name": "folder", "root": "frames"}}})
+    assert renamed["data"]["source"] == {"name": "folder", "split": "train", "root": "frames"}
+    kept = merge(base, {"data": {"source": {"name": "synthetic", "options": {"size": 64}}}})
+    assert kept["data"]["source"]["options"] == {"num_samples": 8, "size": 64}
