@@ -1,5 +1,6 @@
-"""The whole-frame latency table of ``report.md`` and the model card: per runtime, one frame of the dataset's
-size through the evaluation path the mIoU used, next to one model call at its input size."""
+"""Latency tables shared by ``report.md`` and the model card: the whole-frame table (per runtime, one frame of
+the dataset's size through the evaluation path the mIoU used, next to one model call at its input size) and
+the rows of the runtimes that were not timed."""
 
 from __future__ import annotations
 
@@ -50,3 +51,13 @@ def frame_latency_lines(benchmark: dict | None) -> list[str]:
             f"| {_model_call(entry)} |"
         )
     return [*lines, ""]
+
+
+def unmeasured_rows(benchmark: dict, skipped_label: str, cells_before: int, cells_after: int) -> list[str]:
+    """Latency-table rows of the runtimes not timed (``skipped``: not run here; ``not_checked``: its library is
+    missing), the reason in the cell after ``cells_before`` empty ones, ``cells_after`` empty cells after it."""
+    rows = []
+    for label, section in ((skipped_label, "skipped"), ("not checked", "not_checked")):
+        for key, why in benchmark.get(section, {}).items():
+            rows.append(f"| {key} |" + " |" * cells_before + f" {label}: {why} |" + " |" * cells_after)
+    return rows

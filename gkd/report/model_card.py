@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from gkd.export.contract import contract_lines, deployment_contract
-from gkd.report.frame_latency import frame_latency_lines
+from gkd.report.frame_latency import frame_latency_lines, unmeasured_rows
 
 if TYPE_CHECKING:
     from gkd.data.config import DatasetConfig
@@ -128,11 +128,7 @@ def _latency_lines(benchmark: dict | None) -> list[str]:
                     f"| {key} | {batch} | {latency['p50_ms']:.2f} | {latency['p90_ms']:.2f} "
                     f"| {latency['images_per_s']:.1f} | {_fmt(mean)} |"
                 )
-    for key, why in benchmark.get("skipped", {}).items():
-        lines.append(f"| {key} | | not run here: {why} | | | |")
-    for key, why in benchmark.get("not_checked", {}).items():
-        lines.append(f"| {key} | | not checked: {why} | | | |")
-    return lines
+    return lines + unmeasured_rows(benchmark, "not run here", cells_before=1, cells_after=3)
 
 
 def render_model_card(report: dict, recipe: Recipe) -> str:

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from gkd.report.frame_latency import frame_latency_lines
+from gkd.report.frame_latency import frame_latency_lines, unmeasured_rows
 from gkd.report.model_card import render_model_card
 from gkd.report.pareto import benchmark_points, pareto_plot
 from gkd.rundir import (
@@ -212,10 +212,7 @@ def _benchmark_markdown(benchmark: dict | None, pareto_plot: str | None = None) 
                 f"| {key} | {batch} | {latency['p50_ms']:.2f} | {latency['p90_ms']:.2f} | {latency['p99_ms']:.2f} "
                 f"| {latency['images_per_s']:.1f} | {_fmt(mean_miou)} | {row_status} |"
             )
-    for key, reason in benchmark.get("skipped", {}).items():
-        lines.append(f"| {key} | | | | | | | skipped: {reason} |")
-    for key, reason in benchmark.get("not_checked", {}).items():
-        lines.append(f"| {key} | | | | | | | not checked: {reason} |")
+    lines += unmeasured_rows(benchmark, "skipped", cells_before=6, cells_after=0)
     lines += ["", *frame_latency_lines(benchmark)]
     if any_busy:
         lines += [
