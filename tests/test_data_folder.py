@@ -10,18 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 from gkd.data.base import IGNORE_INDEX, DataError, ImageListDataset
 from gkd.data.camvid import CAMVID_PALETTE
 from gkd.data.config import DatasetConfig, build_dataset, dataset_info, describe_dataset, inspect_dataset
+from gkd.evaluate.inference import evaluate_predictor, torch_predictor
 from gkd.preflight import DataUse, check_dataset
 from gkd.recipe import load_recipe
 from gkd.stages import STAGES
 from gkd.stages.checks import stage_data
 from tests.helpers.data_layouts import ids_grid, image, save_ids, save_rgb
 from tests.helpers.paths import CAMVID_ROOT, TINY_RECIPE
+from tests.helpers.tiny_models import tiny_segmentor
 
 CLASSES = ["road", "building", "vegetation", "sky", "car", "person", "water"]
 PALETTE = [(128, 64, 128), (70, 70, 70), (107, 142, 35), (70, 130, 180), (0, 0, 142), (220, 20, 60), (0, 80, 200)]
@@ -291,9 +294,10 @@ def test_images_only_is_an_unlabelled_proxy_set(tmp_path):
 # -- CamVid as a folder dataset -------------------------------------------------------------------------------
 @pytest.mark.skipif(not CAMVID_ROOT.is_dir(), reason=f"{CAMVID_ROOT} not present")
 @pytest.mark.parametrize("masks", ["ids", "rgb"])
-def test_camvid_frames_as_a_folder_dataset_count_the_same_pixels(tmp_path, masks):
+def test_camvid_frames_as_a_folder_dataset_count_the_same_pixels_and_score_the_same(tmp_path, masks):
     """ids: CamVid's own images and id maps linked in place, void (11) ignored by ``ignore_index``; rgb: the
-    id maps drawn in CamVid's palette into the mmseg layout, void drawn black and ignored by colour."""
+    id maps drawn in CamVid's palette into the mmseg layout, void drawn black and ignored by colour. One model
+    scores the same mIoU on both."""
     camvid = DatasetConfig(name="camvid", root=CAMVID_ROOT, split="train", limit=4)
     selection = build_dataset(camvid, labeled=False)
     frames = [Path(selection.dataset.paths[i]) for i in selection.indices]
@@ -316,3 +320,9 @@ def test_camvid_frames_as_a_folder_dataset_count_the_same_pixels(tmp_path, masks
     assert ours["class_names"] == theirs["class_names"]
     assert ours["class_pixels"] == theirs["class_pixels"] and sum(ours["class_pixels"]) > 0
     assert ours["ignored_pixels"] == theirs["ignored_pixels"] and ours["image_sizes"] == theirs["image_sizes"]
+    predict = torch_predictor(tiny_segmentor(), torch.device("cpu"))
+    scores = [
+        evaluate_predictor(predict, build_dataset(config), 11, (64, 96), show_progress=False)
+        for config in (folder(tmp_path), camvid)
+    ]
+    assert scores[0]["miou"] == scores[1]["miou"] and scores[0]["iou"] == scores[1]["iou"]
