@@ -21,20 +21,22 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# public name -> (module, attribute)
-_API = {
-    "Recipe": ("gkd.recipe", "Recipe"),
-    "load_recipe": ("gkd.recipe", "load_recipe"),
-    "Pipeline": ("gkd.pipeline", "Pipeline"),
-    "RunResult": ("gkd.pipeline", "RunResult"),
-    "Plan": ("gkd.plan", "Plan"),
-    "Predictor": ("gkd.predictor", "Predictor"),
-    "load_segmentor": ("gkd.predictor", "load_run_segmentor"),
-    "predict_files": ("gkd.predict", "predict"),
-    "compare_methods": ("gkd.compare", "compare_methods"),
-    "sweep_students": ("gkd.sweep", "sweep_students"),
-    "list_models": ("gkd.models.zoo", "zoo_rows"),
-    "STAGES": ("gkd.stages", "STAGES"),
+# module -> its public names, ``public=attribute`` where the name differs from the module's
+_MODULES = {
+    "gkd.recipe": "Recipe load_recipe",
+    "gkd.pipeline": "Pipeline RunResult",
+    "gkd.plan": "Plan",
+    "gkd.predictor": "Predictor load_segmentor=load_run_segmentor",
+    "gkd.predict": "predict_files=predict",
+    "gkd.compare": "compare_methods",
+    "gkd.sweep": "sweep_students",
+    "gkd.models.zoo": "list_models=zoo_rows",
+    "gkd.stages": "STAGES",
+}
+_API = {  # public name -> (module, attribute)
+    public: (module, attribute or public)
+    for module, names in _MODULES.items()
+    for public, _, attribute in (name.partition("=") for name in names.split())
 }
 __all__ = [
     "STAGES",

@@ -112,17 +112,15 @@ def _cmd_engine(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from gkd.sweep import plan_sweep, sweep_students
+    from gkd.sweep import sweep_students
 
-    sweep = (args.recipe, args.students, args.out)
-    options = _options(args, "overrides", "img_sizes", "device")
+    options = _options(args, "overrides", "img_sizes", "device", "workers", "max_latency_ms", "dry_run")
     if args.dry_run:
         _setup_logging(None)
-        plans = plan_sweep(*sweep, **options, **_options(args, "tflops", "ranks"))
-        print("\n\n".join(str(plan) for plan in plans))
-        return 0 if all(plan.ok for plan in plans) else EXIT_BAD_INPUT
-
-    summary = sweep_students(*sweep, **options, **_options(args, "workers", "max_latency_ms"))
+    summary = sweep_students(args.recipe, args.students, args.out, **options, **_options(args, "tflops", "ranks"))
+    if args.dry_run:
+        print("\n\n".join(str(plan) for plan in summary["plans"]))
+        return 0 if all(plan.ok for plan in summary["plans"]) else EXIT_BAD_INPUT
     log.info("done: %s; table: %s", summary["out"], Path(summary["out"]) / "sweep.md")
     if args.max_latency_ms is not None:
         best = summary["best_under_max_latency"]

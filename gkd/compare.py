@@ -136,15 +136,13 @@ def compare_methods(
         device: ``auto``, ``cpu`` or ``cuda``.
         methods: only these methods; max_seeds: only the first seeds of each.
     """
-    from gkd.pipeline import with_overrides
-    from gkd.recipe import load_recipe
+    from gkd.pipeline import recipe_and_folder
     from gkd.utils.lock import RunDirLock
     from gkd.utils.runtime import resolve_device
 
     if workers < 1 or (max_seeds is not None and max_seeds < 1):
         raise ValueError("--workers and --max-seeds must be at least 1")
-    recipe = with_overrides(recipe, overrides) if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
-    out = Path(out) if out else Path("runs") / f"{recipe.name}_compare"
+    recipe, out = recipe_and_folder(recipe, overrides, out, "_compare")
     with RunDirLock(out):
         setup_logging(out / LOGS_DIR)
         summary = run_comparison(recipe, out, workers, resolve_device(device).type, methods, max_seeds)

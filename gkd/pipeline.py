@@ -70,6 +70,15 @@ def resolve_recipe(
     return resolved, run_dir
 
 
+def recipe_and_folder(
+    recipe: Recipe | str | Path, overrides: Sequence[str], out: str | Path | None, suffix: str
+) -> tuple[Recipe, Path]:
+    """A command's recipe (a `Recipe` or a YAML path, with dotted overrides) and its folder: ``out``, by default
+    ``runs/<recipe name><suffix>``."""
+    recipe = with_overrides(recipe, overrides) if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    return recipe, Path(out) if out else Path("runs") / f"{recipe.name}{suffix}"
+
+
 def with_overrides(recipe: Recipe, overrides: Sequence[str]) -> Recipe:
     """``recipe`` with dotted ``key=value`` overrides applied and validated."""
     from gkd.recipe import apply_overrides, parse_recipe

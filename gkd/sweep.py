@@ -320,19 +320,25 @@ def sweep_students(
     workers: int = 2,
     device: str = "auto",
     max_latency_ms: float | None = None,
+    dry_run: bool = False,
+    tflops: float | None = None,
+    ranks: int | None = None,
 ) -> dict:
     """``gkd-compress sweep``: `run_sweep` with the recipe loaded (a `Recipe` or a YAML path, with dotted
     overrides), ``device`` resolved (``auto``: CUDA when a GPU is visible) and ``out`` (default
-    ``runs/<recipe name>_sweep``) locked while it runs; returns what ``sweep.json`` holds, with ``out``."""
-    from gkd.pipeline import with_overrides
+    ``runs/<recipe name>_sweep``) locked while it runs; returns what ``sweep.json`` holds, with ``out``.
+    ``dry_run``: trains and writes nothing, returns ``{"plans": [...], "out"}``, each student's `gkd.Plan` (its
+    training timed at ``tflops`` per rank over ``ranks``, see `gkd.Pipeline.plan`)."""
+    from gkd.pipeline import recipe_and_folder
     from gkd.rundir import LOGS_DIR, setup_logging
     from gkd.utils.lock import RunDirLock
     from gkd.utils.runtime import resolve_device
 
     if workers < 1:
         raise ValueError("--workers must be at least 1")
-    recipe = with_overrides(recipe, overrides) if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
-    out = Path(out) if out else Path("runs") / f"{recipe.name}_sweep"
+    recipe, out = recipe_and_folder(recipe, overrides, out, "_sweep")
+    if dry_run:
+        return {"plans": _plans(recipe, students, out, img_sizes, device, tflops, ranks), "out": str(out)}
     out.mkdir(parents=True, exist_ok=True)
     with RunDirLock(out):
         setup_logging(out / LOGS_DIR)
@@ -340,24 +346,20 @@ def sweep_students(
     return {**summary, "out": str(out)}
 
 
-def plan_sweep(
-    recipe: Recipe | str | Path,
+def _plans(
+    recipe: Recipe,
     students: list[str],
-    out: str | Path | None = None,
-    *,
-    overrides: Sequence[str] = (),
-    img_sizes: list[str] | None = None,
-    device: str = "auto",
-    tflops: float | None = None,
-    ranks: int | None = None,
+    out: Path,
+    img_sizes: list[str] | None,
+    device: str,
+    tflops: float | None,
+    ranks: int | None,
 ) -> list:
-    """``sweep --dry-run``: the plan (`gkd.Pipeline.plan`) of every student at every input size, each in the run
-    directory the sweep would give it; nothing is trained or written."""
-    from gkd.compare_jobs import plan as plan_jobs
-    from gkd.pipeline import Pipeline, with_overrides
+    """The plan (`gkd.Pipeline.plan`) of every student at every input size, each in the run directory the sweep
+    would give it; nothing is trained or written."""
+    from gkd.compare import plan as plan_jobs
+    from gkd.pipeline import Pipeline
 
-    recipe = with_overrides(recipe, overrides) if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
-    out = Path(out) if out else Path("runs") / f"{recipe.name}_sweep"
     specs = [parse_student(text) for text in students]
     base = recipe.model_copy(update={"compare": recipe.compare.model_copy(update={"methods": {}})})
     plans = []
@@ -367,6 +369,5 @@ def plan_sweep(
         folder = out / f"{size[0]}x{size[1]}" if size else out
         for job in plan_jobs(sweep_recipe(sized, specs), folder):
             if job.student == JobKind.DISTILLED:
-                pipeline = Pipeline(job.recipe, job.dir, device=device)
-                plans.append(pipeline.plan(tflops=tflops, ranks=ranks))
+                plans.append(Pipeline(job.recipe, job.dir, device=device).plan(tflops=tflops, ranks=ranks))
     return plans

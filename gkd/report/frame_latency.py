@@ -4,6 +4,16 @@ the rows of the runtimes that were not timed."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+FRAME_COLUMNS = ("frame p50 ms", "frame p90 ms", "frames/s", "model call p50 ms")
+
+
+def table_header(*columns: str, numeric: Sequence[str] = ()) -> list[str]:
+    """A markdown table's header and alignment rows; the ``numeric`` columns are right-aligned."""
+    rule = "|".join("---:" if column in numeric else "---" for column in columns)
+    return [f"| {' | '.join(columns)} |", f"|{rule}|"]
+
 
 def _model_call(entry: dict) -> str:
     """p50 ms of the smallest timed batch at the model's input size, ``batch N: X ms``."""
@@ -35,8 +45,7 @@ def frame_latency_lines(benchmark: dict | None) -> list[str]:
         f"One {height}x{width} frame from host memory to logits at its size: {path}, host copies included. "
         "Model call: the model alone at its input size (table above).",
         "",
-        "| runtime / precision | frame p50 ms | frame p90 ms | frames/s | model call p50 ms |",
-        "|---|---:|---:|---:|---:|",
+        *table_header("runtime / precision", *FRAME_COLUMNS, numeric=FRAME_COLUMNS),
     ]
     for key, entry in benchmark["runtimes"].items():
         timed = entry.get("frame_latency")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from gkd.export.contract import contract_lines, deployment_contract
-from gkd.report.frame_latency import frame_latency_lines, unmeasured_rows
+from gkd.report.frame_latency import frame_latency_lines, table_header, unmeasured_rows
 
 if TYPE_CHECKING:
     from gkd.data.config import DatasetConfig
@@ -40,6 +40,9 @@ DATA_LICENCES = {
     "vaihingen": ("other", "ISPRS Vaihingen benchmark terms: research use, cite the benchmark"),
     "image_folder": ("unknown", "your own images: their licence is yours to check"),
 }
+
+
+LATENCY_COLUMNS = ("batch", "p50 ms", "p90 ms", "images/s", "mean target mIoU")
 
 
 def _family(name: str) -> str | None:
@@ -116,8 +119,7 @@ def _latency_lines(benchmark: dict | None) -> list[str]:
         f"Measured by the run's benchmark stage on `{benchmark['device']}`: {machine}; {versions}.",
         "Per batch, input already on the device, p50 of timed iterations after warm-up.",
         "",
-        "| runtime / precision | batch | p50 ms | p90 ms | images/s | mean target mIoU |",
-        "|---|---:|---:|---:|---:|---:|",
+        *table_header("runtime / precision", *LATENCY_COLUMNS, numeric=LATENCY_COLUMNS),
     ]
     for key, entry in benchmark["runtimes"].items():
         miou = entry.get("miou")
@@ -211,8 +213,7 @@ def _data_lines(datasets: list) -> list[str]:
     return [
         "## Training data and domains",
         "",
-        "| role | dataset | root | split | options |",
-        "|---|---|---|---|---|",
+        *table_header("role", "dataset", "root", "split", "options"),
         *(
             f"| {role} | {config.name} | {config.root or '-'} | {config.split} | "
             + (", ".join(f"{k}: {v}" for k, v in config.options.items()) or "-")

@@ -71,12 +71,6 @@ def compile_aoti_packages(job: ExportJob) -> None:
         job.attempt(key, package)
 
 
-AOTI = RuntimeEntry(
-    name="aoti",
-    load=_load,
-    precisions=tuple(AOTI_FILES),
-    artifact="aoti",
-    files=AOTI_FILES,
-    exporter=compile_aoti_packages,
-    cuda_precisions=CUDA_PRECISIONS,
+AOTI = RuntimeEntry.of_artifact(
+    "aoti", "aoti", AOTI_FILES, _load, compile_aoti_packages, cuda_precisions=CUDA_PRECISIONS
 )

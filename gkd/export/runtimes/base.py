@@ -127,6 +127,20 @@ class RuntimeEntry:
     # why the optional library it runs in is not installed (its rows are then ``not_checked``), or None
     library_missing: Callable[[], str | None] | None = None
 
+    @classmethod
+    def of_artifact(
+        cls,
+        name: str,
+        artifact: str,
+        files: Mapping[str, str],
+        load: LoadFunction,
+        exporter: Callable[[ExportJob], None] | None,
+        **settings: Any,
+    ) -> RuntimeEntry:
+        """An entry running an artifact of kind ``artifact`` in each precision ``files`` names (more fields in
+        ``settings``)."""
+        return cls(name, load, tuple(files), artifact, files, exporter, **settings)
+
     def offered(self, device: torch.device) -> tuple[str, ...]:
         """Its precisions that run on ``device``."""
         return tuple(p for p in self.precisions if device.type == "cuda" or p not in self.cuda_precisions)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, get_args
 
@@ -174,21 +175,10 @@ def export_onnx_files(job: ExportJob) -> None:
     log.info("export: ONNX %s written to %s", ", ".join(written) or "nothing", job.out_dir)
 
 
-ONNXRUNTIME = RuntimeEntry(
-    name="onnxruntime",
-    load=_load,
-    precisions=tuple(ONNX_FILES),
-    artifact="onnx",
-    files=ONNX_FILES,
-    exporter=export_onnx_files,
-    library_missing=onnxruntime_unavailable,
+ONNXRUNTIME = RuntimeEntry.of_artifact(
+    "onnxruntime", "onnx", ONNX_FILES, _load, export_onnx_files, library_missing=onnxruntime_unavailable
 )
-ONNXRUNTIME_TRT = RuntimeEntry(
-    name="onnxruntime-trt",
-    load=_load_tensorrt_provider,
-    precisions=tuple(ONNX_FILES),
-    artifact="onnx",
-    files=ONNX_FILES,
-    devices=("cuda",),
-    library_missing=onnxruntime_unavailable,
+# the same ONNX files in ONNX Runtime's TensorRT execution provider
+ONNXRUNTIME_TRT = replace(
+    ONNXRUNTIME, name="onnxruntime-trt", load=_load_tensorrt_provider, exporter=None, devices=("cuda",)
 )

@@ -56,12 +56,4 @@ def build_engines(job: ExportJob) -> None:
         )
 
 
-TENSORRT = RuntimeEntry(
-    name="tensorrt",
-    load=_load,
-    precisions=tuple(ENGINE_FILES),
-    artifact="tensorrt",
-    files=ENGINE_FILES,
-    exporter=build_engines,
-    devices=("cuda",),
-)
+TENSORRT = RuntimeEntry.of_artifact("tensorrt", "tensorrt", ENGINE_FILES, _load, build_engines, devices=("cuda",))
