@@ -381,6 +381,7 @@ def test_benchmark_stage_accuracy_latency_and_skips(exported, trained, camvid):
     assert result["runtimes"]["onnxruntime/fp32"]["parity"]["max_abs_diff"] < 1e-4
     assert "TensorRT is not installed" in result["skipped"]["tensorrt/int8"]
     assert "needs a CUDA device" in result["skipped"]["onnxruntime-trt/fp32"]
+    assert set(result["paired"]["runtimes"]) == expected and result["paired"]["reference"] == "onnxruntime/fp32"
     json.dumps(summary), json.dumps(result)  # the stages' files are these dicts as JSON
 
 

@@ -171,6 +171,14 @@ def test_latency_script_writes_results(tmp_path):
     for entry in results["benchmark"]["runtimes"].values():
         assert set(entry["latency"]) == {"1", "2"} and entry["latency"]["2"]["p50_ms"] > 0
     assert results["export"]["artifacts"]["onnx/fp32"]["parity"]["max_abs_diff"] < 1e-4
+    paired = results["benchmark"]["paired"]  # batch 1, both runtimes interleaved, against ONNX Runtime fp32
+    assert paired["reference"] == "onnxruntime/fp32" and paired["batch_size"] == 1 and paired["rounds"] == 5
+    assert paired["order"] == list(results["benchmark"]["runtimes"]) and paired["skipped"] == {}
+    assert paired["threads"] == torch.get_num_threads() and isinstance(paired["machine_busy"], bool)
+    assert set(paired["other_cpus"]) == {"before", "during", "after"}
+    assert paired["runtimes"]["onnxruntime/fp32"]["ratio"]["median"] == 1.0
+    assert paired["runtimes"]["torch/fp32"]["median_ms"] > 0 and paired["runtimes"]["torch/fp32"]["ratio"]["median"] > 0
+    assert "paired" in results["benchmark"]["notes"]
 
 
 def test_latency_script_times_pytorch_alone_without_exporting(tmp_path):
@@ -184,4 +192,5 @@ def test_latency_script_times_pytorch_alone_without_exporting(tmp_path):
     _latency_script().main(argv)
     results = json.loads(out.read_text())
     assert list(results["benchmark"]["runtimes"]) == ["torch/fp32"]  # no CUDA graph on CPU
+    assert results["benchmark"]["paired"]["reference"] == "torch/fp32"
     assert results["export"]["artifacts"] == {} and not work.exists()

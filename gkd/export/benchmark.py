@@ -17,7 +17,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gkd.evaluate.inference import frame_logits, slide_windows
-from gkd.export.latency import benchmark_runtime, environment_info, measure_latency
+from gkd.export.interleaved import PAIRED_NOTE, time_interleaved
+from gkd.export.latency import benchmark_runtime, environment_info, measure_latency, staged_random_batch
 from gkd.export.parity import compare_logits, judge
 from gkd.export.precisions import ParityConfig
 from gkd.export.runtimes import RUNTIMES, Runtime, RuntimeName, TorchRuntime, load_runtime, runtime_loaders
@@ -34,7 +35,9 @@ BENCHMARK_NOTES = {
     "frame_latency": "one frame of the dataset's size from host memory to logits at that size on the host, through "
     "the evaluation path the mIoU used (slide: every window, batched, plus the stitching; whole: resize, model, "
     "resize back), host copies included; frames_per_s = 1000 / mean_ms",
+    "paired": f"batch 1, every runtime whose batch-1 latency ran, loaded together: {PAIRED_NOTE}",
 }
+PAIRED_REFERENCES = ("onnxruntime/fp32", "torch/fp32")
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,53 @@ def benchmark_artifacts(
         _release_memory(device)
         log.info("benchmark: %s done", key)
     summary = _benchmark_summary(results, references, export_summary, config, device, img_size, skipped, not_checked)
+    summary["paired"] = paired_latency(loaders, results, img_size, config, device)
     return {**summary, "frame": frame.describe(img_size)} if frame is not None else summary
+
+
+def paired_latency(
+    loaders: dict, results: dict, img_size: tuple[int, int], config: BenchmarkConfig, device: torch.device
+) -> dict:
+    """Batch-1 latency of the runtimes whose batch-1 timing ran, loaded together and timed interleaved
+    (`time_interleaved`, ``config.iterations`` rounds) against onnxruntime/fp32, else torch/fp32, else the first;
+    runtimes that do not load again are listed under ``skipped``, a failure is recorded as ``error``."""
+    runtimes, skipped = _load_again(loaders, results)
+    reference = next((key for key in PAIRED_REFERENCES if key in runtimes), next(iter(runtimes), None))
+    try:
+        paired = _time_paired(runtimes, reference, img_size, config) if reference else {"error": "no runtime ran"}
+    except Exception as error:  # recorded like a batch size that does not run
+        paired = {"error": f"{type(error).__name__}: {error}"}
+    del runtimes
+    _release_memory(device)
+    return {**paired, "skipped": skipped}
+
+
+def _load_again(loaders: dict, results: dict) -> tuple[dict[str, Runtime], dict[str, str]]:
+    """The runtimes whose batch-1 latency ran, loaded again, and ``{key: why not}`` for the others."""
+    runtimes, skipped = {}, {}
+    for key, entry in results.items():
+        if "error" in entry["latency"].get("1", {}):
+            skipped[key] = "its batch-1 latency failed"
+            continue
+        runtime, why = load_runtime(loaders[key])
+        if runtime is None:
+            skipped[key] = why
+        else:
+            runtimes[key] = runtime
+    return runtimes, skipped
+
+
+def _time_paired(
+    runtimes: dict[str, Runtime], reference: str, img_size: tuple[int, int], config: BenchmarkConfig
+) -> dict:
+    """`time_interleaved` over one staged random batch of 1 per runtime, each call synchronised."""
+
+    def synchronized(runtime: Runtime) -> Callable[[], None]:
+        staged = staged_random_batch(runtime, img_size, 1)
+        return lambda: (runtime.run(staged), runtime.synchronize())
+
+    runs = {key: synchronized(runtime) for key, runtime in runtimes.items()}
+    return time_interleaved(runs, config.iterations, config.warmup_iterations, reference)
 
 
 def _benchmark_summary(

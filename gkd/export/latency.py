@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from importlib import import_module
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -147,6 +148,11 @@ def measure_latency(
     }
 
 
+def staged_random_batch(runtime: Runtime, img_size: Sequence[int], batch_size: int, seed: int = 0) -> Any:
+    """A seeded random ``(batch_size, 3, H, W)`` batch staged on ``runtime``'s device once (`Runtime.stage`)."""
+    return runtime.stage(np.random.default_rng(seed).random((batch_size, 3, *img_size), dtype=np.float32))
+
+
 def benchmark_runtime(
     runtime: Runtime,
     img_size: Sequence[int],
@@ -167,8 +173,7 @@ def benchmark_runtime(
         warmup_seconds: warm up at least this long.
         seed: seeds the random batch.
     """
-    batch = np.random.default_rng(seed).random((batch_size, 3, *img_size), dtype=np.float32)
-    staged = runtime.stage(batch)
+    staged = staged_random_batch(runtime, img_size, batch_size, seed)
     return measure_latency(
         lambda: runtime.run(staged),
         runtime.synchronize,

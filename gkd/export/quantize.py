@@ -124,8 +124,11 @@ def quantize_int8(
     batch_size: int = 4,
     keep_float: Sequence[str] = (),
     calibration_cache: str | Path | None = None,
+    quant_format: str = "QDQ",
+    per_channel: bool = True,
+    op_types: Sequence[str] | None = QUANTIZED_OPS,
 ) -> dict:
-    """Write the QDQ int8 model of ``fp32_path`` to ``out_path`` (atomically) and describe what was done.
+    """Write the int8 model of ``fp32_path`` (QDQ by default) to ``out_path`` (atomically) and describe it.
 
     Args:
         fp32_path: the fp32 ONNX graph.
@@ -136,6 +139,10 @@ def quantize_int8(
         keep_float: nodes left unquantized besides `excluded_nodes` (the sensitivity fallback's choice).
         calibration_cache: ONNX Runtime's calibration cache (JSON): read when it exists, else written, so
             later calls with the same images and method skip calibration.
+        quant_format: ``QDQ`` (Q/DQ pairs around float ops; what TensorRT reads) or ``QOperator`` (QLinear ops).
+        per_channel: weight scales per output channel, else per tensor.
+        op_types: the op types to quantize; ``None``: every op ONNX Runtime's quantizer handles, the attention
+            MatMuls (two activations) included.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -145,16 +152,20 @@ def quantize_int8(
     model = onnx.load(str(fp32_path))
     exclude = list(dict.fromkeys([*excluded_nodes(model), *keep_float]))
     reader = _reader(calibration_images, batch_size)
-    options = {**_QDQ_OPTIONS, "CalibStridedMinMax": _batches_per_pass(len(reader))}
+    options = {
+        **_QDQ_OPTIONS,
+        "MatMulConstBOnly": op_types is not None,
+        "CalibStridedMinMax": _batches_per_pass(len(reader)),
+    }
     start = time.perf_counter()
     with atomic_path(out_path) as temp:
         quantize_static(
             model,
             str(temp),
             reader,
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(QUANTIZED_OPS),
-            per_channel=True,
+            quant_format=getattr(QuantFormat, quant_format),
+            op_types_to_quantize=None if op_types is None else list(op_types),
+            per_channel=per_channel,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=exclude,
@@ -168,23 +179,25 @@ def quantize_int8(
         "file": out_path.name,
         "bytes": out_path.stat().st_size,
         "quantize_s": round(time.perf_counter() - start, 2),
-        **_int8_scheme(len(calibration_images), method),
+        **_int8_scheme(len(calibration_images), method, quant_format, per_channel, op_types),
         "excluded_nodes": exclude,
         "quantize_linear_nodes": ops["QuantizeLinear"],
         "dequantize_linear_nodes": ops["DequantizeLinear"],
     }
 
 
-def _int8_scheme(calibration_images: int, method: str) -> dict:
+def _int8_scheme(
+    calibration_images: int, method: str, quant_format: str, per_channel: bool, op_types: Sequence[str] | None
+) -> dict:
     """How `quantize_int8` quantizes, for its summary."""
     return {
-        "format": "QDQ",
+        "format": quant_format,
         "calibration_images": calibration_images,
         "calibration_method": method,
         "activations": "int8 symmetric, per tensor",
-        "weights": "int8 symmetric, per output channel",
-        "quantized_ops": list(QUANTIZED_OPS),
-        "attention_matmuls": "float (MatMulConstBOnly)",
+        "weights": f"int8 symmetric, per {'output channel' if per_channel else 'tensor'}",
+        "quantized_ops": "all" if op_types is None else list(op_types),
+        "attention_matmuls": "int8" if op_types is None else "float (MatMulConstBOnly)",
     }
 
 
