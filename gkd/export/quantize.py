@@ -152,11 +152,8 @@ def quantize_int8(
     model = onnx.load(str(fp32_path))
     exclude = list(dict.fromkeys([*excluded_nodes(model), *keep_float]))
     reader = _reader(calibration_images, batch_size)
-    options = {
-        **_QDQ_OPTIONS,
-        "MatMulConstBOnly": op_types is not None,
-        "CalibStridedMinMax": _batches_per_pass(len(reader)),
-    }
+    passes = {"CalibStridedMinMax": _batches_per_pass(len(reader))}
+    options = {**_QDQ_OPTIONS, "MatMulConstBOnly": op_types is not None, **passes}
     start = time.perf_counter()
     with atomic_path(out_path) as temp:
         quantize_static(
@@ -175,11 +172,17 @@ def quantize_int8(
         )
         onnx.checker.check_model(str(temp))
         ops = Counter(node.op_type for node in onnx.load(str(temp)).graph.node)
+    scheme = _int8_scheme(len(calibration_images), method, quant_format, per_channel, op_types)
+    return _int8_summary(out_path, time.perf_counter() - start, scheme, exclude, ops)
+
+
+def _int8_summary(out_path: Path, seconds: float, scheme: dict, exclude: list[str], ops: Counter) -> dict:
+    """`quantize_int8`'s description of the graph it wrote."""
     return {
         "file": out_path.name,
         "bytes": out_path.stat().st_size,
-        "quantize_s": round(time.perf_counter() - start, 2),
-        **_int8_scheme(len(calibration_images), method, quant_format, per_channel, op_types),
+        "quantize_s": round(seconds, 2),
+        **scheme,
         "excluded_nodes": exclude,
         "quantize_linear_nodes": ops["QuantizeLinear"],
         "dequantize_linear_nodes": ops["DequantizeLinear"],
