@@ -87,12 +87,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    import torch
-
     from gkd.predict import predict
+    from gkd.utils.runtime import device_kind
 
     _setup_logging(None)
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    device = device_kind(args.device)
     options = _options(args, "runtime", "precision", "batch_size", "strict", "frame_step", "model")
     summary = predict(args.run_dir, args.inputs, args.out, device=device, **options)
     log.info("predict: %d frames written to %s", len(summary["frames"]), args.out)

@@ -59,22 +59,18 @@ def resolve_recipe(
     else the embedded default, with dotted ``key=value`` overrides applied. A run directory holding another
     recipe is an error, never silently mixed."""
     existing = Path(out) / RECIPE_FILE if out else None
-    if isinstance(recipe, Recipe):
-        resolved = with_overrides(recipe, overrides)
-    elif recipe is None and existing is not None and existing.is_file():
-        resolved = load_recipe(existing, overrides)
-    else:
-        resolved = load_recipe(recipe, overrides)
-    run_dir = Path(out) if out else Path("runs") / resolved.name
+    if recipe is None and existing is not None and existing.is_file():
+        recipe = existing
+    resolved, run_dir = recipe_and_folder(recipe, overrides, out, suffix="")
     check_same_recipe(run_dir, resolved)
     return resolved, run_dir
 
 
 def recipe_and_folder(
-    recipe: Recipe | str | Path, overrides: Sequence[str], out: str | Path | None, suffix: str
+    recipe: Recipe | str | Path | None, overrides: Sequence[str], out: str | Path | None, suffix: str
 ) -> tuple[Recipe, Path]:
-    """A command's recipe (a `Recipe` or a YAML path, with dotted overrides) and its folder: ``out``, by default
-    ``runs/<recipe name><suffix>``."""
+    """A command's recipe (a `Recipe`, a YAML path, or None: the embedded default; with dotted overrides) and its
+    folder: ``out``, by default ``runs/<recipe name><suffix>``."""
     recipe = with_overrides(recipe, overrides) if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     return recipe, Path(out) if out else Path("runs") / f"{recipe.name}{suffix}"
 
@@ -138,9 +134,11 @@ class Pipeline:
         """
         import torch
 
+        from gkd.utils.runtime import device_kind
+
         ranks = ranks or int(os.environ.get("WORLD_SIZE", "1"))
-        cuda = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
-        device = torch.device("cuda") if cuda and torch.cuda.is_available() else None if cuda else torch.device("cpu")
+        kind = device_kind(self.device)
+        device = torch.device(kind) if kind == "cpu" or torch.cuda.is_available() else None  # None: not timed
         return make_plan(self.recipe, self.run_dir, self.check_data == "full", device, ranks, tflops)
 
     def run(self, stages: Sequence[str] | None = None, force: Sequence[str] = ()) -> RunResult:
@@ -194,13 +192,18 @@ class Pipeline:
         from gkd.utils.install import onnxruntime_install_problem
         from gkd.utils.io import remove_temporary_files, write_text
         from gkd.utils.lock import RunDirLock
-        from gkd.utils.runtime import init_distributed, resolve_device, resolve_num_workers, seed_everything
+        from gkd.utils.runtime import (
+            device_kind,
+            init_distributed,
+            resolve_device,
+            resolve_num_workers,
+            seed_everything,
+        )
 
         recipe, run_dir = self.recipe, self.run_dir
         names = stage_names or tuple(s.name for s in STAGES if s.needed(recipe))
         stages = [self._stage(name) for name in names]
-        cuda = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
-        info = init_distributed("cuda" if cuda else "cpu")
+        info = init_distributed(device_kind(self.device))
         device = resolve_device(self.device, info)
         created = info.is_main and not run_dir.exists()
         try:

@@ -14,17 +14,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from gkd.evaluate.inference import resolve_stride, slide_logits
+from gkd.evaluate.inference import frames_logits, resolve_stride
 from gkd.export.runtimes import RUNTIME_NAMES, Runtime, TorchRuntime, load_runtime, runtime_loaders
 from gkd.models.checkpoint import load_segmentor
 from gkd.models.segmentor import Segmentor
 from gkd.recipe import Recipe, load_recipe
-from gkd.rundir import EXPORT_FILE, NO_KD_FILE, RECIPE_FILE, SEGMENTOR_FILE, TEACHER_FILE
+from gkd.rundir import EXPORT_FILE, MODEL_FILES, RECIPE_FILE, JobKind
 from gkd.utils.io import read_json
 
-MODEL_FILES = {"student": SEGMENTOR_FILE, "no_kd": NO_KD_FILE, "teacher": TEACHER_FILE}
+# the models a run holds, by the name `predict --model` takes
+RUN_MODELS = {
+    name: MODEL_FILES[kind]
+    for name, kind in (("student", JobKind.DISTILLED), ("no_kd", JobKind.NO_KD), ("teacher", JobKind.TEACHER))
+}
 
 
 class PredictError(ValueError):
@@ -45,12 +48,12 @@ def load_run_segmentor(run_dir: str | Path, model: str = "student") -> Segmentor
 
 
 def _model_file(run_dir: Path, model: str) -> Path:
-    if model not in MODEL_FILES:
-        raise PredictError(f"unknown model {model!r}; a run holds {', '.join(MODEL_FILES)}")
-    for name in (RECIPE_FILE, MODEL_FILES[model]):
+    if model not in RUN_MODELS:
+        raise PredictError(f"unknown model {model!r}; a run holds {', '.join(RUN_MODELS)}")
+    for name in (RECIPE_FILE, RUN_MODELS[model]):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a finished gkd-compress run?")
-    return run_dir / MODEL_FILES[model]
+    return run_dir / RUN_MODELS[model]
 
 
 def load_run_runtime(
@@ -136,24 +139,8 @@ class Predictor:
     def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """uint8 ``(H, W)`` class ids of each RGB ``(H, W, 3)`` image (uint8, or float in [0, 1]), at its own size."""
         tensors = [_chw(image) for image in images]
-        if self.mode == "slide":
-            logits = [slide_logits(self._logits, t, self.size, self.stride, self.batch_size) for t in tensors]
-        else:
-            logits = []
-            for start in range(0, len(tensors), self.batch_size):
-                chunk = tensors[start : start + self.batch_size]
-                resized = [
-                    F.interpolate(t[None], size=self.size, mode="bilinear", align_corners=False)[0] for t in chunk
-                ]
-                logits += list(self._logits(torch.stack(resized)))
-        labels = []
-        for tensor, frame_logits in zip(tensors, logits, strict=True):
-            if frame_logits.shape[-2:] != tensor.shape[-2:]:
-                frame_logits = F.interpolate(
-                    frame_logits[None], size=tensor.shape[-2:], mode="bilinear", align_corners=False
-                )[0]
-            labels.append(frame_logits.argmax(0).to(torch.uint8).numpy())
-        return labels
+        logits = frames_logits(self._logits, tensors, self.size, self.mode, self.stride, self.batch_size)
+        return [frame.argmax(0).to(torch.uint8).numpy() for frame in logits]
 
 
 def _chw(image: np.ndarray) -> torch.Tensor:

@@ -60,22 +60,35 @@ def slide_logits(
     return (total / count)[:, :height, :width]
 
 
-def frame_logits(
-    predict: Predict, image: torch.Tensor, size: tuple[int, int], mode: str, stride: tuple[int, int], batch: int
-) -> torch.Tensor:
-    """``(3, H, W)`` -> ``(K, H, W)`` logits at the frame's own size, by the evaluation ``mode``."""
+def frames_logits(
+    predict: Predict,
+    images: Sequence[torch.Tensor],
+    size: tuple[int, int],
+    mode: str,
+    stride: tuple[int, int],
+    batch: int,
+) -> list[torch.Tensor]:
+    """Each ``(3, H, W)`` frame's ``(K, H, W)`` logits at its own size, by the evaluation ``mode``: ``whole``
+    frames resized to ``size``, ``batch`` per model call, logits resized back; ``slide`` windows, ``batch`` per
+    call, stitched."""
     if mode == "slide":
-        return slide_logits(predict, image, size, stride, batch)
-    resized = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
-    logits = predict(resized).float().cpu()
-    return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
+        return [slide_logits(predict, image, size, stride, batch) for image in images]
+    logits = []
+    for start in range(0, len(images), batch):
+        chunk = images[start : start + batch]
+        resized = torch.stack(
+            [F.interpolate(i[None], size=size, mode="bilinear", align_corners=False)[0] for i in chunk]
+        )
+        chunk_logits = predict(resized).float().cpu()
+        logits += [_to_size(frame, image.shape[-2:]) for frame, image in zip(chunk_logits, chunk, strict=True)]
+    return logits
 
 
-def _to_label_size(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """``(K, h, w)`` logits resized (bilinear) to the label's native resolution, where predictions are scored."""
-    if logits.shape[-2:] == label.shape[-2:]:
+def _to_size(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``(K, h, w)`` logits resized (bilinear) to ``size`` (a frame's, or its label's native resolution)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
         return logits
-    return F.interpolate(logits[None], size=label.shape[-2:], mode="bilinear", align_corners=False)[0]
+    return F.interpolate(logits[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
 
 
 def _collate(samples: list[dict]) -> list[dict]:
@@ -102,14 +115,14 @@ def evaluate_predictor(
         if mode == "slide":
             for sample in samples:
                 logits = slide_logits(predict, sample["image"], size, stride, batch_size)
-                confusion.update(_to_label_size(logits, sample["label"]).argmax(0), sample["label"])
+                confusion.update(_to_size(logits, sample["label"].shape[-2:]).argmax(0), sample["label"])
             continue
         resized = torch.stack(
             [F.interpolate(s["image"][None], size=size, mode="bilinear", align_corners=False)[0] for s in samples]
         )
         logits = predict(resized).float().cpu()
         for sample, sample_logits in zip(samples, logits, strict=True):
-            confusion.update(_to_label_size(sample_logits, sample["label"]).argmax(0), sample["label"])
+            confusion.update(_to_size(sample_logits, sample["label"].shape[-2:]).argmax(0), sample["label"])
     return confusion.compute()
 
 

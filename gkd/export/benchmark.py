@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gkd.evaluate.inference import frame_logits, slide_windows
+from gkd.evaluate.inference import frames_logits, slide_windows
 from gkd.export.interleaved import PAIRED_NOTE, time_interleaved
 from gkd.export.latency import benchmark_runtime, environment_info, measure_latency, staged_random_batch
 from gkd.export.parity import compare_logits, judge
@@ -42,7 +42,7 @@ PAIRED_REFERENCES = ("onnxruntime/fp32", "torch/fp32")
 
 @dataclass(frozen=True)
 class FramePath:
-    """The evaluation path of one whole frame (`gkd.evaluate.inference.frame_logits`), for `frame_latency`."""
+    """The evaluation path of one whole frame (`gkd.evaluate.inference.frames_logits`), for `frame_latency`."""
 
     size: tuple[int, int]  # (H, W) of the frame: the source_val dataset's first image
     mode: str  # ``whole`` or ``slide``
@@ -310,7 +310,7 @@ def frame_latency(runtime: Runtime, img_size: tuple[int, int], frame: FramePath,
 
     try:
         stats = measure_latency(
-            lambda: frame_logits(predict, image, img_size, frame.mode, frame.stride, frame.batch_size),
+            lambda: frames_logits(predict, [image], img_size, frame.mode, frame.stride, frame.batch_size),
             runtime.synchronize,
             1,
             runtime.device,

@@ -119,10 +119,15 @@ def barrier(info: DistInfo, what: str) -> None:
         ) from error
 
 
+def device_kind(spec: str) -> str:
+    """``cuda`` or ``cpu``: what ``spec`` (``auto``, ``cpu``, ``cuda``) asks for, ``auto`` by what is visible."""
+    return "cuda" if spec == "cuda" or (spec == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def resolve_device(spec: str, info: DistInfo | None = None) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
     if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
+        spec = device_kind(spec)
     if spec == "cuda":
         if not torch.cuda.is_available():
             raise DeviceUnavailableError(
