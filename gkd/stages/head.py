@@ -16,9 +16,7 @@ from gkd.models.decoders import build_decoder
 from gkd.models.segmentor import Segmentor
 from gkd.rundir import (
     BEST_SEGMENTOR_FILE,
-    CEILING_FILE,
     ENCODER_FILE,
-    FROZEN_FILE,
     MODEL_FILES,
     SEGMENTOR_FILE,
     TEACHER_FILE,
@@ -64,50 +62,49 @@ STAGE = supervised_stage(
 )
 
 
-def _train_frozen_encoder_head(run: Run, encoder_from: str) -> None:
-    """A fresh decoder on a frozen encoder, trained exactly like GKD's stage 2 (the ``head`` schedule).
+def _train_frozen_encoder_head(run: Run, kind: JobKind) -> None:
+    """A fresh decoder on a frozen encoder, trained exactly like GKD's stage 2 (the ``head`` schedule), as the
+    phase and into the segmentor file of ``kind``.
 
-    ``encoder_from="student"``: the student's own initial encoder (its recipe weights): the authors' no-KD row,
-    a frozen ImageNet DeiT with the same head schedule as GKD. ``"teacher"``: the teacher's encoder, the
-    ceiling GKD would reach if distillation were perfect.
+    `JobKind.FROZEN`: the student's own initial encoder (its recipe weights): the authors' no-KD row, a frozen
+    ImageNet DeiT with the same head schedule as GKD. `JobKind.CEILING`: the teacher's encoder, the ceiling GKD
+    would reach if distillation were perfect.
     """
     recipe = run.recipe
-    if encoder_from == "teacher":
-        model, file = recipe.models.teacher, CEILING_FILE
+    if kind is JobKind.CEILING:
+        model = recipe.models.teacher
         encoder = teacher_backbone(run)
         torch.manual_seed(recipe.seed + 2)
         decoder, layers = build_decoder(recipe.models.decoder, encoder.embed_dim, encoder.depth, run.num_classes)
         segmentor = Segmentor(encoder, decoder, layers).to(run.device)
     else:
-        model, file = recipe.models.student, FROZEN_FILE
+        model = recipe.models.student
         segmentor = student_segmentor(run)
     objective = TaskObjective(segmentor, freeze_encoder=True)
-    name = JobKind.CEILING.value if encoder_from == "teacher" else JobKind.FROZEN.value
-    trainer = run.trainer(name, objective, run.dataset(recipe.data.source, train=True), recipe.head)
-    trainer.fit(validator(run, segmentor, objective, name, recipe.head))
+    trainer = run.trainer(kind.value, objective, run.dataset(recipe.data.source, train=True), recipe.head)
+    trainer.fit(validator(run, segmentor, objective, kind.value, recipe.head))
     if run.info.is_main:
-        save_segmentor(run.file(file), segmentor, model, recipe.models.decoder, run.num_classes)
+        save_segmentor(run.file(MODEL_FILES[kind]), segmentor, model, recipe.models.decoder, run.num_classes)
 
 
 def stage_train_frozen_head(run: Run) -> None:
     """The student's own initial encoder frozen, a decoder trained with GKD's stage-2 schedule (no-KD row)."""
-    _train_frozen_encoder_head(run, "student")
+    _train_frozen_encoder_head(run, JobKind.FROZEN)
 
 
 def stage_train_ceiling_head(run: Run) -> None:
     """The teacher's encoder frozen, a student decoder trained with GKD's stage-2 schedule (the ceiling)."""
-    _train_frozen_encoder_head(run, "teacher")
+    _train_frozen_encoder_head(run, JobKind.CEILING)
 
 
 def _teacher_input(recipe) -> tuple[str, ...]:
     return (TEACHER_FILE,) if recipe.models.teacher.train_encoder else ()
 
 
-def _frozen_encoder_stage(
-    name: str, run: Callable[[Run], None], kind: JobKind, encoder_from: str, **options: Any
-) -> Stage:
-    """An on-request stage training a decoder on the frozen encoder of ``encoder_from`` (``student`` or
-    ``teacher``) under the ``head`` schedule; its training phase and segmentor file are those of ``kind``."""
+def _frozen_encoder_stage(name: str, run: Callable[[Run], None], kind: JobKind, **options: Any) -> Stage:
+    """An on-request stage training a decoder under the ``head`` schedule on the frozen encoder ``kind`` names
+    (the teacher's for `JobKind.CEILING`, else the student's); its phase and segmentor file are ``kind``'s."""
+    encoder_from = "teacher" if kind is JobKind.CEILING else "student"
     sections = ("models.decoder", "head", f"models.{encoder_from}")
     output = MODEL_FILES[kind]
     return supervised_stage(
@@ -115,7 +112,7 @@ def _frozen_encoder_stage(
     )
 
 
-FROZEN_STAGE = _frozen_encoder_stage("train-frozen-head", stage_train_frozen_head, JobKind.FROZEN, "student")
+FROZEN_STAGE = _frozen_encoder_stage("train-frozen-head", stage_train_frozen_head, JobKind.FROZEN)
 CEILING_STAGE = _frozen_encoder_stage(
-    "train-ceiling-head", stage_train_ceiling_head, JobKind.CEILING, "teacher", inputs=_teacher_input
+    "train-ceiling-head", stage_train_ceiling_head, JobKind.CEILING, inputs=_teacher_input
 )
