@@ -223,12 +223,32 @@ def render_sweep(recipe_name: str, points: list[dict], front: list[int], failure
     return "\n".join([*lines, ""])
 
 
+def _base(recipe: Recipe) -> Recipe:
+    """The sweep's base recipe: ``recipe`` without compare methods."""
+    return recipe.model_copy(update={"compare": recipe.compare.model_copy(update={"methods": {}})})
+
+
+def _jobs_by_size(base: Recipe, students: list[str], out: Path, img_sizes: list[str] | None) -> list[tuple]:
+    """``(input size, its folder, its jobs)`` for every size (default: the recipe's; each size in a folder of its
+    own when sizes are given): one `gkd.compare` method per student (`sweep_recipe`)."""
+    specs = [parse_student(text) for text in students]
+    if len({spec.key for spec in specs}) != len(specs):
+        raise ValueError("--students lists a student twice")
+    if not img_sizes:
+        return [(tuple(base.data.img_size), out, plan(sweep_recipe(base, specs), out))]
+    by_size = []
+    for size in (parse_img_size(text) for text in img_sizes):
+        folder = out / f"{size[0]}x{size[1]}"
+        by_size.append((size, folder, plan(sweep_recipe(sized_recipe(base, size), specs), folder)))
+    return by_size
+
+
 def _claim_folder(recipe: Recipe, out: Path) -> Recipe:
-    """The sweep's base recipe (``recipe`` without compare methods), saved in ``out``; a folder holding a sweep
-    of another recipe is refused."""
+    """The sweep's base recipe (`_base`), saved in ``out``; a folder holding a sweep of another recipe is
+    refused."""
     out.mkdir(parents=True, exist_ok=True)
     saved = out / SWEEP_RECIPE_FILE
-    base = recipe.model_copy(update={"compare": recipe.compare.model_copy(update={"methods": {}})})
+    base = _base(recipe)
     if saved.is_file() and results_settings(load_recipe(saved)) != results_settings(base):  # trackers may change
         raise RecipeError(f"{out} holds a sweep of another recipe ({saved}); use a new --out directory")
     write_text(saved, dump_recipe(base))
@@ -272,18 +292,13 @@ def run_sweep(
     from gkd.tracking import trackers
 
     specs = [parse_student(text) for text in students]
-    if len({spec.key for spec in specs}) != len(specs):
-        raise ValueError("--students lists a student twice")
-    sizes = [parse_img_size(text) for text in img_sizes] if img_sizes else [tuple(recipe.data.img_size)]
+    by_size = _jobs_by_size(_base(recipe), students, out, img_sizes)  # bad students or sizes fail before any write
     base = _claim_folder(recipe, out)
     backends = trackers(recipe, out)  # connected now: a tracker that is not installed fails before any training
     points: list[dict] = []
     every_job: list = []
     failures: list[str] = []
-    for size in sizes:
-        sized = base if not img_sizes else sized_recipe(base, size)
-        folder = out if not img_sizes else out / f"{size[0]}x{size[1]}"
-        jobs = plan(sweep_recipe(sized, specs), folder)
+    for size, folder, jobs in by_size:
         failures += run_jobs(jobs, folder, workers, device, out / STATUS_FILE, "sweep")
         failures += _benchmark_jobs(jobs, device)
         points += _points(jobs, size)
@@ -295,7 +310,7 @@ def run_sweep(
     summary = {
         "recipe": recipe.name,
         "students": [asdict(spec) for spec in specs],
-        "img_sizes": [list(size) for size in sizes],
+        "img_sizes": [list(size) for size, _, _ in by_size],
         "points": points,
         "front": front,
         "failures": failures,
@@ -357,17 +372,11 @@ def _plans(
 ) -> list:
     """The plan (`gkd.Pipeline.plan`) of every student at every input size, each in the run directory the sweep
     would give it; nothing is trained or written."""
-    from gkd.compare import plan as plan_jobs
     from gkd.pipeline import Pipeline
 
-    specs = [parse_student(text) for text in students]
-    base = recipe.model_copy(update={"compare": recipe.compare.model_copy(update={"methods": {}})})
-    plans = []
-    for text in img_sizes or [None]:
-        size = parse_img_size(text) if text else None
-        sized = sized_recipe(base, size) if size else base
-        folder = out / f"{size[0]}x{size[1]}" if size else out
-        for job in plan_jobs(sweep_recipe(sized, specs), folder):
-            if job.student == JobKind.DISTILLED:
-                plans.append(Pipeline(job.recipe, job.dir, device=device).plan(tflops=tflops, ranks=ranks))
-    return plans
+    return [
+        Pipeline(job.recipe, job.dir, device=device).plan(tflops=tflops, ranks=ranks)
+        for _, _, jobs in _jobs_by_size(_base(recipe), students, out, img_sizes)
+        for job in jobs
+        if job.student == JobKind.DISTILLED
+    ]
