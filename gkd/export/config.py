@@ -27,6 +27,24 @@ class Int8FallbackConfig(BaseModel):
     max_float_nodes: int = Field(8, ge=1, description="most quantizable nodes the fallback may keep float")
 
 
+class Int8Config(BaseModel):
+    """``export.int8``: how ``model.int8.onnx`` is made: post-training quantization (``ptq``) or quantization-aware
+    distillation (``qad``, `gkd.compress.qad`): the student fake-quantized as the PTQ graph quantizes it, fine-tuned
+    on the stage-1 distillation loss from the frozen teacher plus the task loss, then quantized again with the PTQ
+    calibration ranges."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["ptq", "qad"] = Field("ptq", description="ptq: calibrate and quantize; qad: fine-tune, then")
+    steps: int = Field(200, gt=0, description="qad: optimizer steps of the fake-quantized student")
+    batch_size: int = Field(8, gt=0, description="qad: labelled source images per step")
+    lr: float = Field(1e-5, gt=0, description="qad: peak AdamW learning rate (cosine decay, no warm-up)")
+    distill_weight: float = Field(
+        1.0, ge=0, description="qad: weight of the stage-1 distillation loss (distill.loss) on the encoder tokens"
+    )
+    task_weight: float = Field(1.0, ge=0, description="qad: weight of the task cross-entropy on labelled images")
+
+
 class ExportConfig(BaseModel):
     """What `export` writes: ONNX per precision, TensorRT engines, an AOTInductor package."""
 
@@ -51,6 +69,9 @@ class ExportConfig(BaseModel):
     int8_fallback: Int8FallbackConfig = Field(
         default_factory=Int8FallbackConfig,
         description="nodes kept float by measured sensitivity when the int8 graph misses its parity tolerance",
+    )
+    int8: Int8Config = Field(
+        default_factory=Int8Config, description="how model.int8.onnx is made: ptq, or qad (fine-tuned fake-quantized)"
     )
     parity: ParityConfig = Field(
         default_factory=ParityConfig,

@@ -18,7 +18,8 @@ k^T, scores, softmax probabilities, v, output), computed as the exporter decompo
 Weights are fake-quantized per output channel (symmetric, max|w| / 127, recomputed from the current weights as
 ONNX Runtime does when it quantizes them); a folded BatchNorm scales whole output channels, which per-channel
 scales absorb. A quantized tensor that float ops read too is quantized as the output of the innermost module
-of its producer's name scope (``at_producer``), so those ops read it quantized as in the graph. Gradients pass straight through inside the clip range (the ops' STE).
+of its producer's name scope (``at_producer``), so those ops read it quantized as in the graph. Gradients
+pass straight through inside the clip range (the ops' STE).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import ast
 import math
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -99,6 +100,10 @@ class QuantPlan:
             "at_producer_module_output": len(self.at_producer),
             "unmapped": self.unmapped,
         }
+
+
+# Trains a prepared student in place, fake-quantized by a plan (`gkd.compress.qad.train_qad`); returns its record.
+QADTraining = Callable[[nn.Module, QuantPlan], dict]
 
 
 def activation_scales(int8: onnx.ModelProto) -> dict[str, float]:

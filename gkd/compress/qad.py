@@ -1,0 +1,110 @@
+"""Quantization-aware distillation (QAD): the exported student fake-quantized as its int8 graph computes
+(`gkd.export.qdq_mirror`), fine-tuned on ``task_weight * L_task + distill_weight * L_distill``: the task
+cross-entropy on labelled source images and the stage-1 distillation loss (``distill.loss``) between the
+student's encoder tokens and the frozen teacher's, as `JointObjective` computes them. BatchNorm statistics
+stay frozen (the int8 graph folds them into the convolutions); the trained weights are then quantized by ONNX
+Runtime with the PTQ calibration ranges (`gkd.export.int8_qad`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from gkd.compress.config import OptimConfig
+from gkd.compress.losses import DistillLoss, loss_needs
+from gkd.compress.objectives import JointObjective
+from gkd.export.config import Int8Config
+from gkd.export.qdq_mirror import QuantPlan, fake_quantized
+from gkd.models.backbone import Backbone
+from gkd.models.segmentor import Segmentor
+
+QAD_PHASE = "qad"
+
+
+class QADObjective(JointObjective):
+    """``task_weight * L_task + distill_weight * L_distill`` on one student pass (a feature loss); the student
+    stays in eval mode (frozen BatchNorm statistics, no dropout) while it trains."""
+
+    def __init__(
+        self,
+        student: Segmentor,
+        loss: DistillLoss,
+        teacher: Backbone,
+        config: Int8Config,
+        teacher_dtype: torch.dtype,
+    ) -> None:
+        if loss_needs(loss).inputs != "features":
+            raise ValueError(f"QAD distils encoder tokens; {type(loss).__name__} compares {loss_needs(loss).inputs}")
+        super().__init__(student, loss, teacher, config.distill_weight, teacher_dtype)
+        self.task_weight = config.task_weight
+
+    def train(self, mode: bool = True) -> QADObjective:
+        super().train(mode)
+        self.student.eval()
+        return self
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        task, distill = self._feature_terms(batch["image"], batch["label"])
+        outputs = {f"distill_{k}": v.detach() for k, v in distill.items()}
+        outputs["loss_ce"] = task["loss"].detach()
+        outputs["loss"] = self.task_weight * task["loss"] + self.weight * distill["loss"]
+        return outputs
+
+
+def qad_optim(config: Int8Config) -> OptimConfig:
+    """The fine-tune's optimisation: AdamW at ``config.lr``, cosine decay, no weight decay or warm-up."""
+    return OptimConfig(
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        weight_decay=0.0,
+        checkpoint_every=min(config.steps, 50),
+        log_every=min(config.steps, 10),
+    )
+
+
+def _losses(objective: QADObjective, batch: dict) -> dict[str, float]:
+    """The objective's terms on ``batch``, without gradients (the loss heads' masks seeded)."""
+    objective.eval()
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        outputs = objective(batch)
+    keys = ("loss", "loss_ce", "distill_loss")
+    return {key: round(float(outputs[key]), 6) for key in keys if key in outputs}
+
+
+def train_qad(
+    objective: QADObjective,
+    plan: QuantPlan,
+    fit: Callable[[nn.Module, OptimConfig], dict],
+    probe: dict,
+    config: Int8Config,
+) -> dict:
+    """Fine-tune ``objective.student`` fake-quantized by ``plan``; its weights stay the trained fp32 ones.
+
+    Args:
+        objective: the QAD objective around the (prepared, fixed-size) student.
+        plan: its fake-quant points (`gkd.export.qdq_mirror.quant_plan`).
+        fit: trains an objective with an optimisation config (a resumable `Trainer`), returns its last metrics.
+        probe: a fixed labelled batch the losses are measured on before and after.
+        config: the recipe's ``export.int8``.
+
+    Returns:
+        The losses on ``probe`` at the start and the end and the trainer's last logged metrics.
+    """
+    device = next(objective.student.parameters()).device
+    probe = {key: value.to(device) for key, value in probe.items()}
+    with fake_quantized(objective.student, plan):
+        start = _losses(objective, probe)
+        last = fit(objective, qad_optim(config))
+        end = _losses(objective, probe)
+    objective.student.eval()
+    return {
+        "steps": config.steps,
+        "losses_start": start,
+        "losses_end": end,
+        "last_logged": {k: round(float(v), 6) for k, v in last.items()},
+    }
