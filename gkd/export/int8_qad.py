@@ -1,15 +1,17 @@
 """``model.int8.onnx`` by quantization-aware distillation (``export.int8.method: qad``).
 
-The PTQ graph is made first (`quantize_with_fallback`, its calibration ranges kept); the student is fake-quantized
-as that graph computes (`gkd.export.qdq_mirror`) and fine-tuned (`gkd.compress.qad`); its trained fp32 weights are
-exported and quantized by ONNX Runtime with the PTQ calibration ranges and the same float nodes, so the int8 graph
-has the PTQ graph's scheme, quantized tensors and activation scales, and only its weights differ. The record keeps
-the PTQ graph's parity beside the QAD one's, and how closely the fake-quantized student matched the PTQ graph.
+The PTQ graph is made first (`quantize_with_fallback`, its calibration ranges kept in a cache); the student is
+fake-quantized as that graph computes (`gkd.export.qdq_mirror`) and fine-tuned (`gkd.compress.qad`); its trained
+fp32 weights are exported and quantized by ONNX Runtime with the PTQ calibration ranges and the same float nodes,
+so the int8 graph has the PTQ graph's scheme, quantized tensors and activation scales; only its weights differ.
+The record keeps the PTQ graph's parity beside the QAD one's, and how closely the fake-quantized student matched
+the PTQ graph before training (``mirror_gap``).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import tempfile
 from pathlib import Path
 
@@ -17,11 +19,11 @@ import numpy as np
 import onnx
 import torch
 
+from gkd.export.config import ExportConfig
 from gkd.export.onnx import INPUT_NAME, check_parity, export_onnx, onnx_session
 from gkd.export.parity import compare_logits
-from gkd.export.qdq_mirror import activation_scales, fake_quantized, quant_plan
+from gkd.export.qdq_mirror import QADTraining, activation_scales, fake_quantized, quant_plan
 from gkd.export.quantize import excluded_nodes, quantize_int8, quantize_with_fallback
-from gkd.export.runtimes.base import ExportJob
 
 
 def literal_qdq_logits(path: Path, images: torch.Tensor) -> np.ndarray:
@@ -44,32 +46,46 @@ def mirror_gap(model: torch.nn.Module, fp32: Path, int8: Path, images: torch.Ten
     return {"fake_quant_vs_int8": {k: mirror[k] for k in keys}, "fp32_vs_int8": {k: fp32_gap[k] for k in keys}}
 
 
-def quantize_qad(job: ExportJob, fp32_path: Path, out_path: Path, calibration: torch.Tensor, holdout: torch.Tensor):
-    """Write ``out_path`` from the QAD-trained student (``job.qad``); returns the int8 summary with ``method``,
-    the PTQ graph's summary and parity (``ptq``) and the fine-tune's record (``qad``)."""
-    config = job.config
+def quantize_qad(
+    prepared: torch.nn.Module,
+    fp32_path: Path,
+    out_path: Path,
+    images: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    config: ExportConfig,
+    img_size: tuple[int, int],
+    train: QADTraining,
+) -> dict:
+    """Write ``out_path`` from the QAD-trained student; returns the int8 summary with ``method``, the PTQ graph's
+    summary and parity (``ptq``) and the fine-tune's record (``qad``).
+
+    Args:
+        prepared: the fixed-size fp32 student ``fp32_path`` was exported from (left unchanged).
+        fp32_path: its fp32 ONNX graph.
+        out_path: the int8 graph to write.
+        images: the calibration images, the fallback's held-out images and the parity images.
+        config: the recipe's export block.
+        img_size: ``(H, W)`` of the graph's input.
+        train: fine-tunes a copy of ``prepared`` fake-quantized by a plan (`gkd.compress.qad.train_qad`).
+    """
+    calibration, holdout, parity_images = images
     with tempfile.TemporaryDirectory(prefix="gkd.qad.", dir=out_path.parent) as scratch:
         cache, ptq_path = Path(scratch) / "calibration.json", Path(scratch) / "ptq.int8.onnx"
-        ptq = quantize_with_fallback(
-            fp32_path,
-            ptq_path,
-            calibration,
-            holdout,
-            config.parity.tolerance("int8"),
-            config.int8_fallback,
-            config.calibration_method,
-            calibration_cache=cache,
-        )
-        ptq["parity"] = check_parity(job.prepared, ptq_path, job.parity_images, config.parity.tolerance("int8"))
-        student = copy.deepcopy(job.prepared).eval()
+        tolerance, method = config.parity.tolerance("int8"), config.calibration_method
+        ptq = quantize_with_fallback(fp32_path, ptq_path, calibration, holdout, tolerance, config.int8_fallback, method)
+        # the PTQ calibration ranges, kept for the QAD graph (the same images and method: the same ranges)
+        quantize_int8(fp32_path, Path(scratch) / "calibrated.onnx", calibration, method, calibration_cache=cache)
+        ptq["parity"] = check_parity(prepared, ptq_path, parity_images, tolerance)
+        student = copy.deepcopy(prepared).eval()
         fp32_graph, ptq_graph = onnx.load(str(fp32_path)), onnx.load(str(ptq_path))
         plan = quant_plan(fp32_graph, ptq_graph, student)
-        gap = mirror_gap(student, fp32_path, ptq_path, job.parity_images)
-        record = {"plan": plan.summary(), "mirror_gap": gap, **job.qad(student, plan)}
+        gap = mirror_gap(student, fp32_path, ptq_path, parity_images)
+        record = {"plan": plan.summary(), "mirror_gap": gap, **train(student, plan)}
         trained = Path(scratch) / "qad.onnx"
-        export_onnx(student.cpu().eval(), trained, job.img_size, config.opset, config.batch_range)
+        export_onnx(student.cpu().eval(), trained, img_size, config.opset, config.batch_range)
         float_nodes = [n for n in ptq["excluded_nodes"] if n not in excluded_nodes(fp32_graph)]
-        info = quantize_int8(trained, out_path, calibration, config.calibration_method, 4, float_nodes, cache)
-        if activation_scales(onnx.load(str(out_path))) != activation_scales(ptq_graph):
+        written = Path(scratch) / out_path.name
+        info = quantize_int8(trained, written, calibration, method, keep_float=float_nodes, calibration_cache=cache)
+        if activation_scales(onnx.load(str(written))) != activation_scales(ptq_graph):
             raise RuntimeError("the QAD graph's quantized tensors or scales differ from the PTQ graph's")
+        os.replace(written, out_path)  # the same file system: out_path appears whole, or not at all
     return {**info, "method": "qad", "ptq": ptq, "qad": record}

@@ -249,7 +249,6 @@ def quantize_with_fallback(
     fallback: Int8FallbackConfig,
     method: str = "minmax",
     batch_size: int = 4,
-    calibration_cache: Path | None = None,
 ) -> dict:
     """`quantize_int8`, then keep the most sensitive nodes float until ``tolerance`` holds on ``holdout_images``.
 
@@ -264,11 +263,10 @@ def quantize_with_fallback(
         tolerance: the int8 parity tolerance the graph must meet on ``holdout_images``.
         fallback: the recipe's fallback settings (on / off, cap on float nodes).
         method: ONNX Runtime's calibration method; batch_size: images per run.
-        calibration_cache: where to keep the calibration ranges (default: a scratch file, removed after).
     """
     out_path = Path(out_path)
     with tempfile.TemporaryDirectory(prefix="gkd.int8.", dir=out_path.parent) as scratch:
-        cache = calibration_cache or Path(scratch) / "calibration.json"
+        cache = Path(scratch) / "calibration.json"
 
         def quantize(keep_float: Sequence[str], path: Path) -> dict:
             return quantize_int8(fp32_path, path, calibration_images, method, batch_size, keep_float, cache)

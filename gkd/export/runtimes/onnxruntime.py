@@ -138,7 +138,10 @@ def _onnx_file(job: ExportJob, precision: str, onnxruntime_missing: str | None) 
             job.calibration_images, config.calibration_images, fallback.holdout_images if fallback.enabled else 0
         )
         if job.qad is not None:
-            info = quantize_qad(job, job.out_dir / ONNX_FILES["fp32"], path, calibration, holdout)
+            images = (calibration, holdout, job.parity_images)
+            info = quantize_qad(
+                job.prepared, job.out_dir / ONNX_FILES["fp32"], path, images, config, job.img_size, job.qad
+            )
         else:
             info = quantize_with_fallback(
                 job.out_dir / ONNX_FILES["fp32"],
