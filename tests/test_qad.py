@@ -69,7 +69,10 @@ def test_fake_quant_student_computes_the_ptq_int8_graph(graphs):
     model, holdout = graphs["model"], graphs["holdout"]
     fp32, int8 = onnx.load(str(graphs["dir"] / "model.onnx")), onnx.load(str(graphs["dir"] / "ptq.onnx"))
     plan = quant_plan(fp32, int8, model)
-    assert plan.unmapped == [] and len(plan.attention) == 4 and len(plan.weights) == 33  # 4 blocks x 4 + decoder
+    constants = {i.name for i in int8.graph.initializer}
+    int8_weights = {n.output[0] for n in int8.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants}
+    weighted = [n for n in int8.graph.node if len(n.input) > 1 and n.input[1] in int8_weights]
+    assert plan.unmapped == [] and len(plan.attention) == 4 and len(plan.weights) == len(weighted)
     weights = {name: value.clone() for name, value in model.state_dict().items()}
     gaps = _per_image_gap(model, plan, graphs["dir"] / "ptq.onnx", holdout)
     with torch.no_grad():

@@ -193,9 +193,12 @@ def _maybe(x: torch.Tensor, scale: float | None) -> torch.Tensor:
     return x if scale is None else fake_quant(x, scale)
 
 
-def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: AttentionScales) -> torch.Tensor:
-    """Scaled dot-product attention as the exporter decomposes it, fake-quantized at ``s``'s points."""
-    root = math.sqrt(1.0 / math.sqrt(q.shape[-1]))
+def quantized_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: AttentionScales, scale: float | None = None
+) -> torch.Tensor:
+    """Scaled dot-product attention as the exporter decomposes it (q and k^T each times the root of the scale,
+    default ``1 / sqrt(head dim)``), fake-quantized at ``s``'s points."""
+    root = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
     scores = _maybe(_maybe(q * root, s.q) @ _maybe(k.transpose(-2, -1) * root, s.k), s.scores)
     probs = _maybe(torch.softmax(scores, dim=-1), s.probs)
     return _maybe(probs @ _maybe(v, s.v), s.out)
@@ -211,8 +214,8 @@ class _AttentionMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         plain = kwargs.get("attn_mask") is None and not kwargs.get("dropout_p") and not kwargs.get("is_causal")
-        if func is F.scaled_dot_product_attention and self.current is not None and plain and "scale" not in kwargs:
-            return quantized_attention(*args[:3], self.current)
+        if func is F.scaled_dot_product_attention and self.current is not None and plain and len(args) == 3:
+            return quantized_attention(*args, self.current, kwargs.get("scale"))
         return func(*args, **kwargs)
 
 

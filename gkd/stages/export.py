@@ -54,7 +54,8 @@ def qad_training(run: Run) -> QADTraining:
         distill = build_loss(loss.name, loss.options, *dims, run.num_classes)
         objective = QADObjective(student.to(run.device), distill, teacher, config, run.teacher_dtype)
         dataset = run.dataset(recipe.data.source, train=True)
-        probe = {key: torch.stack([dataset[i][key] for i in range(config.batch_size)]) for key in ("image", "label")}
+        picks = range(min(config.batch_size, len(dataset)))
+        probe = {key: torch.stack([dataset[i][key] for i in picks]) for key in ("image", "label")}
         return train_qad(objective, plan, lambda o, c: run.trainer(QAD_PHASE, o, dataset, c).fit(), probe, config)
 
     return train
