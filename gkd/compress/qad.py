@@ -8,14 +8,16 @@ Runtime with the PTQ calibration ranges (`gkd.export.int8_qad`).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gkd.compress.config import OptimConfig
 from gkd.compress.losses import DistillLoss, loss_needs
-from gkd.compress.objectives import JointObjective
+from gkd.compress.objectives import JointObjective, freeze, segmentation_loss, select_layers
 from gkd.export.config import Int8Config
 from gkd.export.qdq_mirror import QuantPlan, fake_quantized
 from gkd.models.backbone import Backbone
@@ -25,8 +27,10 @@ QAD_PHASE = "qad"
 
 
 class QADObjective(JointObjective):
-    """``task_weight * L_task + distill_weight * L_distill`` on one student pass (a feature loss); the student
-    stays in eval mode (frozen BatchNorm statistics, no dropout) while it trains."""
+    """``self_distill_weight * L_self + task_weight * L_task + distill_weight * L_distill`` on one student pass
+    (a feature loss). ``L_self`` is the per-pixel KL divergence of the student's class softmax from the fp32
+    student's (a frozen copy taken here, before fake quantization), times ``temperature**2``. The student stays in
+    eval mode (frozen BatchNorm statistics, no dropout) while it trains."""
 
     def __init__(
         self,
@@ -40,17 +44,43 @@ class QADObjective(JointObjective):
             raise ValueError(f"QAD distils encoder tokens; {type(loss).__name__} compares {loss_needs(loss).inputs}")
         super().__init__(student, loss, teacher, config.distill_weight, teacher_dtype)
         self.task_weight = config.task_weight
+        self.self_distill_weight = config.self_distill_weight
+        self.temperature = config.temperature
+        self._fp32 = (freeze(copy.deepcopy(student)),)  # outside the module tree: never trained or checkpointed
 
     def train(self, mode: bool = True) -> QADObjective:
         super().train(mode)
         self.student.eval()
         return self
 
+    def self_distillation(self, logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """``L_self``: KL(fp32 student || student) of the per-pixel class softmax at ``temperature``."""
+        fp32 = self._fp32[0]
+        with torch.no_grad():
+            reference = fp32.decode(fp32.encode(images).maps(), logits.shape[-2:]).float()
+        t = self.temperature
+        log_student = F.log_softmax(logits.float() / t, dim=1)
+        log_reference = F.log_softmax(reference / t, dim=1)
+        kl = (log_reference.exp() * (log_reference - log_student)).sum(dim=1)
+        return kl.mean() * t**2
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        task, distill = self._feature_terms(batch["image"], batch["label"])
-        outputs = {f"distill_{k}": v.detach() for k, v in distill.items()}
-        outputs["loss_ce"] = task["loss"].detach()
-        outputs["loss"] = self.task_weight * task["loss"] + self.weight * distill["loss"]
+        images, labels = batch["image"], batch["label"]
+        features = self.student.encode(images, layers=self.all_layers)
+        logits, task = segmentation_loss(self.student, select_layers(features, self.student.layers).maps(), labels)
+        self_term = self.self_distillation(logits, images)
+        outputs = {"loss_ce": task["loss"].detach(), "loss_self": self_term.detach()}
+        loss = self.self_distill_weight * self_term + self.task_weight * task["loss"]
+        if self.weight:  # the stage-1 loss against the frozen teacher
+            with torch.no_grad():
+                teacher_features = self.teacher(images.to(self.teacher_dtype), layers=self.teacher_layers)
+            loss_features = select_layers(features, self.loss_layers)
+            if not self.student.normalised_taps:  # the decoder took raw tokens; losses compare normalised ones
+                loss_features = self.student.encoder.normalise(loss_features)
+            distill = self.loss(loss_features, teacher_features, self.student.encoder, images)
+            outputs.update({f"distill_{k}": v.detach() for k, v in distill.items()})
+            loss = loss + self.weight * distill["loss"]
+        outputs["loss"] = loss
         return outputs
 
 
@@ -72,7 +102,7 @@ def _losses(objective: QADObjective, batch: dict) -> dict[str, float]:
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(0)
         outputs = objective(batch)
-    keys = ("loss", "loss_ce", "distill_loss")
+    keys = ("loss", "loss_self", "loss_ce", "distill_loss")
     return {key: round(float(outputs[key]), 6) for key in keys if key in outputs}
 
 

@@ -43,6 +43,13 @@ class Int8Config(BaseModel):
         1.0, ge=0, description="qad: weight of the stage-1 distillation loss (distill.loss) on the encoder tokens"
     )
     task_weight: float = Field(1.0, ge=0, description="qad: weight of the task cross-entropy on labelled images")
+    self_distill_weight: float = Field(
+        1.0,
+        ge=0,
+        description="qad: weight of the self-distillation: KL divergence of the fake-quantized student's per-pixel "
+        "class softmax from the fp32 student's (a frozen copy taken before fake quantization)",
+    )
+    temperature: float = Field(1.0, gt=0, description="qad: softmax temperature of the self-distillation")
 
 
 class ExportConfig(BaseModel):
