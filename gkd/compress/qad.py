@@ -19,7 +19,7 @@ from gkd.compress.config import OptimConfig
 from gkd.compress.losses import DistillLoss, loss_needs
 from gkd.compress.objectives import JointObjective, freeze, segmentation_loss, select_layers
 from gkd.export.config import Int8Config
-from gkd.export.qdq_mirror import QuantPlan, fake_quantized
+from gkd.export.qdq_mirror import LearnedScales, QuantPlan, fake_quantized
 from gkd.models.backbone import Backbone
 from gkd.models.segmentor import Segmentor
 
@@ -123,18 +123,25 @@ def train_qad(
         config: the recipe's ``export.int8``.
 
     Returns:
-        The losses on ``probe`` at the start and the end and the trainer's last logged metrics.
+        The losses on ``probe`` at the start and the end, the trainer's last logged metrics and, with
+        ``config.learn_scales``, the learned scale of every quantized activation (``activation_scales``).
     """
     device = next(objective.student.parameters()).device
     probe = {key: value.to(device) for key, value in probe.items()}
-    with fake_quantized(objective.student, plan):
+    learned = None
+    if config.learn_scales:  # a submodule of the objective: trained and checkpointed with it
+        objective.scales = learned = LearnedScales(plan.scales, config.scale_rate).to(device)
+    with fake_quantized(objective.student, plan, learned):
         start = _losses(objective, probe)
         last = fit(objective, qad_optim(config))
         end = _losses(objective, probe)
     objective.student.eval()
-    return {
+    record = {
         "steps": config.steps,
         "losses_start": start,
         "losses_end": end,
         "last_logged": {k: round(float(v), 6) for k, v in last.items()},
     }
+    if learned is not None:
+        record["activation_scales"] = learned.values()
+    return record

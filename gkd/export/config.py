@@ -50,6 +50,14 @@ class Int8Config(BaseModel):
         "class softmax from the fp32 student's (a frozen copy taken before fake quantization)",
     )
     temperature: float = Field(1.0, gt=0, description="qad: softmax temperature of the self-distillation")
+    learn_scales: bool = Field(
+        False,
+        description="qad: learn the activation scales too (LSQ-style, from the PTQ scales); the int8 graph is "
+        "quantized with them (the same QDQ points and scheme)",
+    )
+    scale_rate: float = Field(
+        1000.0, gt=0, description="qad: step size of the learned log-scales relative to the weights' (lr)"
+    )
 
 
 class ExportConfig(BaseModel):

@@ -3,7 +3,8 @@
 The PTQ graph is made first (`quantize_with_fallback`, its calibration ranges kept in a cache); the student is
 fake-quantized as that graph computes (`gkd.export.qdq_mirror`) and fine-tuned (`gkd.compress.qad`); its trained
 fp32 weights are exported and quantized by ONNX Runtime with the PTQ calibration ranges and the same float nodes,
-so the int8 graph has the PTQ graph's scheme, quantized tensors and activation scales; only its weights differ.
+so the int8 graph has the PTQ graph's scheme and quantized tensors; only its weights differ, and its activation
+scales where they were learned (``export.int8.learn_scales``: the calibration ranges replaced by the learned ones).
 The record keeps the PTQ graph's parity beside the QAD one's, and how closely the fake-quantized student matched
 the PTQ graph before training (``mirror_gap``).
 """
@@ -11,6 +12,8 @@ the PTQ graph before training (``mirror_gap``).
 from __future__ import annotations
 
 import copy
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -44,6 +47,36 @@ def mirror_gap(model: torch.nn.Module, fp32: Path, int8: Path, images: torch.Ten
     mirror, fp32_gap = compare_logits(graph, mirrored), compare_logits(graph, reference)
     keys = ("mean_abs_diff", "max_abs_diff", "argmax_agreement")
     return {"fake_quant_vs_int8": {k: mirror[k] for k in keys}, "fp32_vs_int8": {k: fp32_gap[k] for k in keys}}
+
+
+def _with_scales(cache: Path, scales: dict[str, float], out: Path) -> Path:
+    """A copy of ONNX Runtime's calibration cache whose ranges give ``scales`` (symmetric int8 activations: the
+    scale is ``max|range| / 127``)."""
+    data = json.loads(cache.read_text())
+    for tensor, scale in scales.items():
+        entry = data["data"][tensor]
+        entry["lowest"]["data"], entry["highest"]["data"] = [-scale * 127], [scale * 127]
+    out.write_text(json.dumps(data))
+    return out
+
+
+def _scale_ratios(learned: dict[str, float], initial: dict[str, float]) -> dict:
+    """How far the learned scales moved from the PTQ ones (learned / PTQ)."""
+    ratios = np.array([learned[tensor] / initial[tensor] for tensor in initial])
+    return {key: round(float(f(ratios)), 4) for key, f in (("min", np.min), ("median", np.median), ("max", np.max))}
+
+
+def _check_scales(written: dict[str, float], expected: dict[str, float]) -> None:
+    """The QAD graph quantizes the PTQ graph's tensors, at ``expected``'s scales."""
+    tensors = written.keys() | expected.keys()
+    pairs = {t: (written.get(t), expected.get(t)) for t in sorted(tensors)}
+    wrong = {t: pair for t, pair in pairs.items() if not _close(*pair)}
+    if wrong:
+        raise RuntimeError(f"the QAD graph's quantized tensors or scales (written, planned) differ: {wrong}")
+
+
+def _close(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-5)
 
 
 def quantize_qad(
@@ -84,8 +117,11 @@ def quantize_qad(
         export_onnx(student.cpu().eval(), trained, img_size, config.opset, config.batch_range)
         float_nodes = [n for n in ptq["excluded_nodes"] if n not in excluded_nodes(fp32_graph)]
         written = Path(scratch) / out_path.name
+        learned = record.pop("activation_scales", None)
+        if learned is not None:
+            cache = _with_scales(cache, learned, Path(scratch) / "learned.json")
+            record["learned_scales"] = _scale_ratios(learned, plan.scales)
         info = quantize_int8(trained, written, calibration, method, keep_float=float_nodes, calibration_cache=cache)
-        if activation_scales(onnx.load(str(written))) != activation_scales(ptq_graph):
-            raise RuntimeError("the QAD graph's quantized tensors or scales differ from the PTQ graph's")
+        _check_scales(activation_scales(onnx.load(str(written))), learned or plan.scales)
         os.replace(written, out_path)  # the same file system: out_path appears whole, or not at all
     return {**info, "method": "qad", "ptq": ptq, "qad": record}

@@ -68,26 +68,27 @@ class WeightFakeQuant(nn.Module):
 
 
 @dataclass
-class AttentionScales:
-    """Scales of the attention product's points (None: not quantized in the graph)."""
+class AttentionPoints:
+    """The graph tensors of the attention product's points (None: not quantized in the graph)."""
 
-    q: float | None = None
-    k: float | None = None
-    scores: float | None = None
-    probs: float | None = None
-    v: float | None = None
-    out: float | None = None
+    q: str | None = None
+    k: str | None = None
+    scores: str | None = None
+    probs: str | None = None
+    v: str | None = None
+    out: str | None = None
 
 
 @dataclass
 class QuantPlan:
-    """Where the student is fake-quantized, by module name."""
+    """Where the student is fake-quantized, by module name, and which graph tensor each point is."""
 
+    scales: dict[str, float] = field(default_factory=dict)  # graph tensor -> its activation scale
     weights: dict[str, int] = field(default_factory=dict)  # module -> per-channel axis
-    inputs: dict[str, float] = field(default_factory=dict)  # module -> scale of its input
-    outputs: dict[str, float] = field(default_factory=dict)  # module -> scale of its output
-    pre_bias: dict[str, float] = field(default_factory=dict)  # Linear -> scale of x W^T (before its bias)
-    attention: dict[str, AttentionScales] = field(default_factory=dict)  # module calling SDPA -> scales
+    inputs: dict[str, str] = field(default_factory=dict)  # module -> tensor of its input
+    outputs: dict[str, str] = field(default_factory=dict)  # module -> tensor of its output
+    pre_bias: dict[str, str] = field(default_factory=dict)  # Linear -> tensor of x W^T (before its bias)
+    attention: dict[str, AttentionPoints] = field(default_factory=dict)  # module calling SDPA -> tensors
     at_producer: list[str] = field(default_factory=list)  # quantized tensors float ops read too
     unmapped: list[str] = field(default_factory=list)  # quantized tensors with no point in the student
 
@@ -139,7 +140,7 @@ def quant_plan(fp32: onnx.ModelProto, int8: onnx.ModelProto, model: nn.Module) -
         for name in node.input:
             consumers[name].append(node)
     producers = {name: node for node in fp32.graph.node for name in node.output}
-    plan, covered = QuantPlan(), set()
+    plan, covered = QuantPlan(scales=scales), set()
     for node in fp32.graph.node:
         if node.name not in weighted:
             continue
@@ -151,90 +152,134 @@ def quant_plan(fp32: onnx.ModelProto, int8: onnx.ModelProto, model: nn.Module) -
                 continue
             plan.weights[module] = 1 if isinstance(modules[module], nn.ConvTranspose2d) else 0
             if node.input[0] in scales:
-                plan.inputs[module] = scales[node.input[0]]
+                plan.inputs[module] = node.input[0]
                 covered.add(node.input[0])
                 if any(c.name not in weighted for c in consumers[node.input[0]]):
-                    _at_producer(node.input[0], plan, scales, producers, modules)
+                    _at_producer(node.input[0], plan, producers, modules)
             if node.output[0] in scales:
                 if node.op_type == "MatMul":
-                    plan.pre_bias[module] = scales[node.output[0]]
+                    plan.pre_bias[module] = node.output[0]
                 else:
-                    plan.outputs[_innermost(node, modules)] = scales[node.output[0]]
+                    plan.outputs[_innermost(node, modules)] = node.output[0]
                 covered.add(node.output[0])
         elif node.op_type == "MatMul":
-            covered |= _attention_point(node, plan, scales, consumers, _innermost(node, modules))
+            covered |= _attention_point(node, plan, consumers, _innermost(node, modules))
     plan.unmapped = sorted(set(scales) - covered)
     return plan
 
 
-def _at_producer(tensor: str, plan: QuantPlan, scales: dict, producers: dict, modules: dict) -> None:
+def _at_producer(tensor: str, plan: QuantPlan, producers: dict, modules: dict) -> None:
     """A quantized tensor that float ops read too: fake-quantized as the output of the module that produced it
     (the innermost module of its producer's name scope), so every reader sees it quantized as in the graph."""
     module = _innermost(producers[tensor], modules) if tensor in producers else ""
     if module:
-        plan.outputs.setdefault(module, scales[tensor])
+        plan.outputs.setdefault(module, tensor)
         plan.at_producer.append(tensor)
 
 
-def _attention_point(node: onnx.NodeProto, plan: QuantPlan, scales: dict, consumers: dict, module: str) -> set[str]:
+def _attention_point(node: onnx.NodeProto, plan: QuantPlan, consumers: dict, module: str) -> set[str]:
     """Record an attention MatMul (both operands activations) of ``module``; returns the tensors it covers."""
-    entry = plan.attention.setdefault(module, AttentionScales())
+    entry, quantized = plan.attention.setdefault(module, AttentionPoints()), plan.scales.keys()
     softmax = [c for c in consumers[node.output[0]] if c.op_type == "Softmax"]
+    points = {"q": node.input[0], "k": node.input[1], "scores": node.output[0]}
     if softmax:  # scores = (q s) @ (k^T s)
-        probs = softmax[0].output[0]
-        entry.q, entry.k = scales.get(node.input[0]), scales.get(node.input[1])
-        entry.scores, entry.probs = scales.get(node.output[0]), scales.get(probs)
-        return {node.input[0], node.input[1], node.output[0], probs}
-    entry.v, entry.out = scales.get(node.input[1]), scales.get(node.output[0])  # out = probs @ v
-    return {node.input[1], node.output[0]}
+        points["probs"] = softmax[0].output[0]
+    else:  # out = probs @ v
+        points = {"v": node.input[1], "out": node.output[0]}
+    for key, tensor in points.items():
+        setattr(entry, key, tensor if tensor in quantized else None)
+    return set(points.values())
 
 
-def _maybe(x: torch.Tensor, scale: float | None) -> torch.Tensor:
-    return x if scale is None else fake_quant(x, scale)
+class LearnedScales(nn.Module):
+    """Learnable activation scales (LSQ-style: rounding and clipping both in the gradient) of a plan's points,
+    starting at its scales: ``scale = initial * exp(rate * p)``, ``rate`` the scales' step size relative to the
+    weights' (one optimizer learning rate serves both)."""
+
+    def __init__(self, scales: dict[str, float], rate: float) -> None:
+        super().__init__()
+        self.index = {tensor: i for i, tensor in enumerate(scales)}
+        self.register_buffer("initial", torch.tensor(list(scales.values()), dtype=torch.float32))
+        self.log_scale = nn.Parameter(torch.zeros(len(scales)))
+        self.rate = rate
+
+    def scale(self, tensor: str) -> torch.Tensor:
+        i = self.index[tensor]
+        return self.initial[i] * torch.exp(self.rate * self.log_scale[i])
+
+    def forward(self, x: torch.Tensor, tensor: str) -> torch.Tensor:
+        scale = self.scale(tensor)
+        scaled = x.float() / scale
+        rounded = scaled + (torch.round(scaled) - scaled).detach()  # straight-through rounding
+        return (rounded.clamp(*ACTIVATION_RANGE) * scale).to(x.dtype)
+
+    def values(self) -> dict[str, float]:
+        """The current scale of every tensor."""
+        return {tensor: float(self.scale(tensor)) for tensor in self.index}
+
+
+# Fake-quantizes an activation as the graph quantizes the named tensor.
+Quantizer = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+def _quantizer(plan: QuantPlan, learned: LearnedScales | None) -> Quantizer:
+    if learned is not None:
+        return learned
+    return lambda x, tensor: fake_quant(x, plan.scales[tensor])
 
 
 def quantized_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: AttentionScales, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    s: AttentionPoints,
+    quant: Quantizer,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention as the exporter decomposes it (q and k^T each times the root of the scale,
-    default ``1 / sqrt(head dim)``), fake-quantized at ``s``'s points."""
+    default ``1 / sqrt(head dim)``), fake-quantized by ``quant`` at ``s``'s points."""
+
+    def maybe(x: torch.Tensor, tensor: str | None) -> torch.Tensor:
+        return x if tensor is None else quant(x, tensor)
+
     root = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
-    scores = _maybe(_maybe(q * root, s.q) @ _maybe(k.transpose(-2, -1) * root, s.k), s.scores)
-    probs = _maybe(torch.softmax(scores, dim=-1), s.probs)
-    return _maybe(probs @ _maybe(v, s.v), s.out)
+    scores = maybe(maybe(q * root, s.q) @ maybe(k.transpose(-2, -1) * root, s.k), s.scores)
+    probs = maybe(torch.softmax(scores, dim=-1), s.probs)
+    return maybe(probs @ maybe(v, s.v), s.out)
 
 
 class _AttentionMode(TorchFunctionMode):
     """Replaces ``F.scaled_dot_product_attention`` inside the modules of ``plan.attention``."""
 
-    def __init__(self) -> None:
+    def __init__(self, quant: Quantizer) -> None:
         super().__init__()
-        self.current: AttentionScales | None = None
+        self.quant = quant
+        self.current: AttentionPoints | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         plain = kwargs.get("attn_mask") is None and not kwargs.get("dropout_p") and not kwargs.get("is_causal")
         if func is F.scaled_dot_product_attention and self.current is not None and plain and len(args) == 3:
-            return quantized_attention(*args, self.current, kwargs.get("scale"))
+            return quantized_attention(*args, self.current, self.quant, kwargs.get("scale"))
         return func(*args, **kwargs)
 
 
 @contextmanager
-def fake_quantized(model: nn.Module, plan: QuantPlan) -> Iterator[nn.Module]:
-    """``model`` fake-quantized by ``plan`` inside the block; afterwards its weights are plain fp32 again (the
-    trained values) and every hook is gone."""
-    modules = dict(model.named_modules())
-    mode, handles = _AttentionMode(), []
+def fake_quantized(model: nn.Module, plan: QuantPlan, learned: LearnedScales | None = None) -> Iterator[nn.Module]:
+    """``model`` fake-quantized by ``plan`` inside the block (activations at ``learned``'s scales where given, else
+    at the plan's); afterwards its weights are plain fp32 again (the trained values) and every hook is gone."""
+    modules, quant = dict(model.named_modules()), _quantizer(plan, learned)
+    mode, handles = _AttentionMode(quant), []
     for name, axis in plan.weights.items():
         parametrize.register_parametrization(modules[name], "weight", WeightFakeQuant(axis))
-    for name, scale in plan.inputs.items():
-        handles.append(modules[name].register_forward_pre_hook(lambda _m, args, s=scale: (fake_quant(args[0], s),)))
-    for name, scale in plan.outputs.items():
-        handles.append(modules[name].register_forward_hook(lambda _m, _a, out, s=scale: fake_quant(out, s)))
-    for name, scale in plan.pre_bias.items():
-        handles.append(modules[name].register_forward_hook(_pre_bias_hook(scale)))
-    for name, scales in plan.attention.items():
-        handles.append(modules[name].register_forward_pre_hook(lambda _m, _a, s=scales: setattr(mode, "current", s)))
+    for name, tensor in plan.inputs.items():
+        handles.append(modules[name].register_forward_pre_hook(lambda _m, args, t=tensor: (quant(args[0], t),)))
+    for name, tensor in plan.outputs.items():
+        handles.append(modules[name].register_forward_hook(lambda _m, _a, out, t=tensor: quant(out, t)))
+    for name, tensor in plan.pre_bias.items():
+        handles.append(modules[name].register_forward_hook(_pre_bias_hook(lambda x, t=tensor: quant(x, t))))
+    for name, points in plan.attention.items():
+        handles.append(modules[name].register_forward_pre_hook(lambda _m, _a, p=points: setattr(mode, "current", p)))
         handles.append(modules[name].register_forward_hook(lambda _m, _a, _o: setattr(mode, "current", None)))
     try:
         with mode:
@@ -246,12 +291,12 @@ def fake_quantized(model: nn.Module, plan: QuantPlan) -> Iterator[nn.Module]:
             parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=False)
 
 
-def _pre_bias_hook(scale: float):
+def _pre_bias_hook(quant: Callable[[torch.Tensor], torch.Tensor]):
     """Fake-quantize a Linear's ``x W^T`` (its output less the bias), then add the bias back."""
 
     def hook(module: nn.Module, _args, out: torch.Tensor) -> torch.Tensor:
         if module.bias is None:
-            return fake_quant(out, scale)
-        return fake_quant(out - module.bias, scale) + module.bias
+            return quant(out)
+        return quant(out - module.bias) + module.bias
 
     return hook
