@@ -118,32 +118,38 @@ def _qad_training(prepared: torch.nn.Module, config: Int8Config, train: torch.Te
 
 @pytest.mark.xfail(
     strict=True,
-    reason="measured: with the PTQ scales fixed, QAD does not lower int8-vs-fp32 disagreement on tiny models "
-    "(PTQ 0.0267, QAD 0.0249: 0.93x; 0.94x-1.04x over lr 3e-5..3e-4 and 40/80 steps): PTQ's error is rounding "
-    "noise, and AdamW steps flip roundings about as often as they fix them",
+    reason="measured: QAD lowers the int8 disagreement with fp32 on held-out images by 10-19 %, not 20 % (PTQ "
+    "0.0219, QAD 0.0191 on 64 held-out images: 0.87x); PTQ's error on tiny models is mostly unsystematic rounding",
 )
 def test_qad_lowers_the_int8_error_against_fp32(graphs):
-    """(b) QAD's int8 graph disagrees with fp32 on held-out images less than PTQ's (< 0.8 x), both computed as
-    their Q/DQ are written; the QAD graph keeps PTQ's quantized tensors and scales."""
+    """(b) QAD (self-distillation from the fp32 student, learned activation scales) gives an int8 graph that
+    disagrees with fp32's argmax on held-out images less than PTQ's (< 0.8 x), both computed as their Q/DQ are
+    written; the QAD graph quantizes PTQ's tensors, at its learned scales. Measured (100 steps at lr 3e-6, 256
+    fine-tune images, 64 held-out ones): PTQ 2.19 %, QAD 1.91 % (0.87x); 0.84x after 300 steps, 0.86x-0.87x with
+    32-image batches; weights only (PTQ scales fixed) 0.81x-0.96x on 16 held-out images over lr 1e-6..3e-5,
+    temperature 0.5-4, MSE on logits 0.91x-0.94x, the task cross-entropy on fp32's labels 1.14x-8.4x."""
     out, prepared = graphs["dir"], graphs["model"]
     config = ExportConfig(
         precisions=["fp32", "int8"],
         calibration_images=8,
         int8_fallback={"enabled": False},
-        int8={"method": "qad", "steps": 100, "batch_size": 8, "lr": 3e-6, "task_weight": 0.0, "distill_weight": 0.0},
+        int8={"method": "qad", "steps": 100, "batch_size": 8, "lr": 3e-6, "learn_scales": True},
     )
     images = (graphs["calibration"], graphs["calibration"][:0], graphs["holdout"][:4])
-    train_fn = _qad_training(prepared, config.int8, _images(64, 2))
+    train_fn = _qad_training(prepared, config.int8, _images(256, 2))
     info = quantize_qad(prepared, out / "model.onnx", out / "qad.onnx", images, config, SIZE, train_fn)
     assert info["method"] == "qad" and info["qad"]["steps"] == 100
-    holdout = _images(16, 3)
+    losses_start, losses_end = info["qad"]["losses_start"], info["qad"]["losses_end"]
+    assert losses_end["loss_self"] < 0.7 * losses_start["loss_self"], (losses_start, losses_end)
+    holdout = _images(64, 3)
     with torch.no_grad():
         reference = prepared(holdout).numpy().argmax(1)
     disagreement = {
         name: float((literal_qdq_logits(out / f"{name}.onnx", holdout).argmax(1) != reference).mean())
         for name in ("ptq", "qad")
     }
-    assert activation_scales(onnx.load(str(out / "qad.onnx"))) == activation_scales(onnx.load(str(out / "ptq.onnx")))
+    qad_scales = activation_scales(onnx.load(str(out / "qad.onnx")))
+    assert qad_scales.keys() == activation_scales(onnx.load(str(out / "ptq.onnx"))).keys()
     assert disagreement["qad"] < 0.8 * disagreement["ptq"], disagreement
 
 
@@ -157,6 +163,7 @@ def test_recipe_key_and_a_tiny_run_write_the_qad_int8_graph(tmp_path):
         with pytest.raises(ValidationError):
             ExportConfig(int8=bad)
     overrides = ["export.int8.method=qad", "export.int8.steps=3", "export.int8.batch_size=4"]
+    overrides += ["export.int8.distill_weight=1", "export.int8.task_weight=1", "export.int8.learn_scales=true"]
     pipeline = gkd.Pipeline(TINY_RECIPE, out=tmp_path / "run", device="cpu", threads=1, overrides=overrides)
     stages = ["train-teacher", "distill", "train-head", "export"]
     assert pipeline.run(stages=stages).failed == []
@@ -166,6 +173,7 @@ def test_recipe_key_and_a_tiny_run_write_the_qad_int8_graph(tmp_path):
     assert set(int8["qad"]["losses_start"]) == {"loss", "loss_self", "loss_ce", "distill_loss"}
     assert int8["qad"]["losses_end"]["loss"] != int8["qad"]["losses_start"]["loss"]  # it trained
     assert int8["ptq"]["parity"]["passed"] and int8["qad"]["plan"]["unmapped"] == []
+    assert set(int8["qad"]["learned_scales"]) == {"min", "median", "max"}
     image = np.random.default_rng(0).random((1, 3, *summary["img_size"]), dtype=np.float32)
     logits = onnx_session(tmp_path / "run" / "model.int8.onnx").run(None, {INPUT_NAME: image})[0]
     assert list(logits.shape) == [1, *summary["output"]["shape"][1:]] and np.isfinite(logits).all()

@@ -30,8 +30,9 @@ class Int8FallbackConfig(BaseModel):
 class Int8Config(BaseModel):
     """``export.int8``: how ``model.int8.onnx`` is made: post-training quantization (``ptq``) or quantization-aware
     distillation (``qad``, `gkd.compress.qad`): the student fake-quantized as the PTQ graph quantizes it, fine-tuned
-    on the stage-1 distillation loss from the frozen teacher plus the task loss, then quantized again with the PTQ
-    calibration ranges."""
+    on the self-distillation from its own fp32 copy (NVIDIA Model Optimizer's QAD term), optionally plus the stage-1
+    distillation loss from the frozen teacher and the task loss, then quantized again with the PTQ calibration
+    ranges (or the learned ones)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -40,9 +41,11 @@ class Int8Config(BaseModel):
     batch_size: int = Field(8, gt=0, description="qad: labelled source images per step")
     lr: float = Field(1e-5, gt=0, description="qad: peak AdamW learning rate (cosine decay, no warm-up)")
     distill_weight: float = Field(
-        1.0, ge=0, description="qad: weight of the stage-1 distillation loss (distill.loss) on the encoder tokens"
+        0.0, ge=0, description="qad: weight of the stage-1 distillation loss (distill.loss) on the encoder tokens"
     )
-    task_weight: float = Field(1.0, ge=0, description="qad: weight of the task cross-entropy on labelled images")
+    task_weight: float = Field(
+        0.0, ge=0, description="qad: weight of the task cross-entropy on labelled images (raised the int8 error)"
+    )
     self_distill_weight: float = Field(
         1.0,
         ge=0,

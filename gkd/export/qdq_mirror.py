@@ -19,7 +19,8 @@ Weights are fake-quantized per output channel (symmetric, max|w| / 127, recomput
 ONNX Runtime does when it quantizes them); a folded BatchNorm scales whole output channels, which per-channel
 scales absorb. A quantized tensor that float ops read too is quantized as the output of the innermost module
 of its producer's name scope (``at_producer``), so those ops read it quantized as in the graph. Gradients
-pass straight through inside the clip range (the ops' STE).
+pass straight through inside the clip range (the ops' STE). With `LearnedScales` the activation scales train too
+(LSQ-style); `gkd.export.int8_qad` then quantizes the graph with them.
 """
 
 from __future__ import annotations
