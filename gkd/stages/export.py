@@ -1,6 +1,6 @@
 """Stage ``export``: the trained student as ONNX (fp32 / fp16 / int8 QDQ), TensorRT engines and AOTInductor; with
 ``export.int8.method: qad`` the int8 graph comes from a quantization-aware distillation of the student
-(`gkd.compress.qad`) with the frozen teacher on labelled source images."""
+(`gkd.compress.qad`) from its own fp32 copy (and the frozen teacher, where weighted) on labelled source images."""
 
 from __future__ import annotations
 
