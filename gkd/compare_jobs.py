@@ -36,7 +36,7 @@ def _teacher_settings(recipe: Recipe) -> dict:
         "teacher": models.teacher.model_dump(mode="json"),
         "teacher_decoder": (models.teacher_decoder or models.decoder).model_dump(mode="json"),
         "teacher_training": recipe.teacher_training and recipe.teacher_training.model_dump(mode="json"),
-        "source": data.source.model_dump(mode="json"),
+        "source": (data.teacher_source or data.source).model_dump(mode="json"),
         "teacher_transform": (data.teacher_transform or data.train_transform).model_dump(mode="json"),
         "img_size": data.img_size,
     }

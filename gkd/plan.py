@@ -132,6 +132,7 @@ def _data_plan(recipe: Recipe, num_samples: dict[str, int], missing: list[str]) 
         "source": data.source,
         **{f"extra source {i}": extra for i, extra in enumerate(data.extra_sources)},
         "source_val": data.source_val,
+        **({"teacher source": data.teacher_source} if data.teacher_source else {}),
         **({"proxy": data.proxy} if data.proxy else {}),
         **{f"target {k}": v for k, v in data.targets.items()},
     }

@@ -78,6 +78,11 @@ class DataConfig(_Strict):
         "e.g. GTAV + SYNTHIA + UrbanSyn); each must share source's class table",
     )
     source_val: DatasetConfig = Field(description="labeled source domain, held-out split")
+    teacher_source: DatasetConfig | None = Field(
+        None,
+        description="labeled images a teacher without VFM weights (`train_encoder`) is trained on, standing in for "
+        "the VFM's own pre-training data (never the target splits); default: source",
+    )
     proxy: DatasetConfig | None = Field(None, description="unlabeled proxy images (task-agnostic distillation)")
     targets: dict[str, DatasetConfig] = Field(description="unseen target domains, by name (evaluation only)")
     train_transform: TrainTransformConfig = Field(default_factory=TrainTransformConfig)
@@ -98,6 +103,10 @@ class DataConfig(_Strict):
         for index, extra in enumerate(self.extra_sources):
             if dataset_info(extra)[1] != classes:
                 raise ValueError(f"data.extra_sources.{index}: {extra.name} has other classes than {self.source.name}")
+        if self.teacher_source is not None and dataset_info(self.teacher_source)[1] != classes:
+            raise ValueError(
+                f"data.teacher_source: {self.teacher_source.name} has other classes than {self.source.name}"
+            )
         return self
 
     @model_validator(mode="after")

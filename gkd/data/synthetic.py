@@ -3,9 +3,12 @@
 No dataset can be downloaded at run time, so the default run draws its own: a horizon, sky, buildings
 with windows, road with lane marks, trees, cars and people, each a class, with random colours, sizes
 and sensor noise. Target domains apply visual shifts to the *same kind* of scenes: ``dusk`` (dark,
-warm, noisy), ``fog`` (depth-dependent haze). ``proxy`` images are unlabeled scenes with random colour
-styles (channel swaps, hue/gamma changes), standing in for an ImageNet-like proxy set. Every sample
-is a pure function of (seed, split, index), so runs are reproducible and nothing is stored on disk.
+warm, noisy), ``fog`` (depth-dependent haze). ``world`` scenes each get their own lighting and weather, drawn
+from a broad family (exposure, gamma, colour cast, depth haze, sensor noise): the world a vision foundation model
+has seen, where dusk and fog are two looks among many. The default trains its stand-in VFM on labelled ``world``
+scenes and distils on unlabelled ones (the proxy set), never on samples of the target splits. ``proxy`` images
+are scenes with random colour styles (channel swaps, hue/gamma changes). Every sample is a pure function of
+(seed, split, index), so runs are reproducible and nothing is stored on disk.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ class SyntheticOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    domain: Literal["day", "dusk", "fog", "proxy"] = "day"
+    domain: Literal["day", "dusk", "fog", "world", "proxy"] = "day"
     num_samples: int = Field(128, gt=0)
     size: tuple[int, int] = Field((96, 128), description="(H, W) of the generated images")
     seed: int = 0
@@ -107,6 +110,21 @@ def render_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.
     return image.clip(0, 1), label
 
 
+def _world_look(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One draw of the world's lighting and weather: exposure, gamma, colour cast, depth haze, sensor noise.
+
+    The ranges span day to night and clear to dense haze; dusk and fog fall inside them as particular looks.
+    """
+    image = image ** np.exp(rng.uniform(-0.4, 0.7)) * np.exp(rng.uniform(-1.6, 0.3))
+    image = image * rng.uniform([0.7, 0.6, 0.45], [1.15, 1.1, 1.15])
+    if rng.uniform() < 0.4:
+        height = image.shape[0]
+        depth = 1.0 - np.abs(np.linspace(-1, 1, height, dtype=np.float32) * rng.uniform(0.5, 0.9))
+        transmission = np.exp(-rng.uniform(0.3, 2.2) * depth)[:, None, None]
+        image = image * transmission + rng.uniform(0.4, 0.9) * (1 - transmission)
+    return image + rng.normal(0, rng.uniform(0.0, 0.05), image.shape)
+
+
 def apply_domain(image: np.ndarray, domain: str, rng: np.random.Generator) -> np.ndarray:
     """The visual shift of a target domain (``day`` is the source look)."""
     if domain == "dusk":
@@ -117,6 +135,8 @@ def apply_domain(image: np.ndarray, domain: str, rng: np.random.Generator) -> np
         depth = 1.0 - np.abs(np.linspace(-1, 1, height, dtype=np.float32) * 0.8)
         transmission = np.exp(-rng.uniform(1.2, 2.0) * depth)[:, None, None]
         image = image * transmission + rng.uniform(0.7, 0.85) * (1 - transmission)
+    elif domain == "world":
+        image = _world_look(image, rng)
     elif domain == "proxy":
         image = image[..., rng.permutation(3)] ** rng.uniform(0.6, 1.6)
         image = image * rng.uniform(0.6, 1.2, 3)

@@ -98,6 +98,11 @@ def data_roles(recipe: Recipe) -> list[tuple[str, DatasetConfig, str, str]]:
     roles = {
         "source (labeled, trained on)": data.source,
         "source held-out (evaluated)": data.source_val,
+        **(
+            {"teacher source (labeled, the stand-in VFM's training data)": data.teacher_source}
+            if data.teacher_source
+            else {}
+        ),
         **({"proxy (unlabeled, distillation only)": data.proxy} if data.proxy else {}),
         **{f"target `{name}` (evaluation only, never trained on)": config for name, config in data.targets.items()},
     }

@@ -27,6 +27,7 @@ from gkd.rundir import (
 from gkd.utils.io import read_json, write_json, write_text
 
 if TYPE_CHECKING:
+    from gkd.data.config import DatasetConfig
     from gkd.recipe import Recipe
 
 MODEL_LABELS = {
@@ -63,15 +64,10 @@ def build_report(run_dir: Path, recipe: Recipe, class_names: list[str]) -> dict:
             "drop_source_to_targets": domains["source"]["miou"] - mean_target if "source" in domains else None,
             "per_class_iou": {domain: metrics["iou"] for domain, metrics in domains.items()},
         }
-    teacher = recipe.models.teacher
     return {
         "recipe": recipe.name,
-        "teacher_note": (
-            f"The teacher ({teacher.name}, {teacher.kwargs}) was trained in this run on the labeled source "
-            "domain: it stands in for a vision foundation model, which this recipe has no weights for."
-            if teacher.train_encoder
-            else f"Teacher: {teacher.name} from {teacher.weights}, frozen."
-        ),
+        "teacher_note": _teacher_note(recipe),
+        "setup_note": _setup_note(recipe),
         "domains": {
             "source": recipe.data.source_val.model_dump(mode="json"),
             **{k: v.model_dump(mode="json") for k, v in recipe.data.targets.items()},
@@ -82,6 +78,41 @@ def build_report(run_dir: Path, recipe: Recipe, class_names: list[str]) -> dict:
         "benchmark": _read(run_dir / BENCHMARK_FILE),
         "recipe_resolved": recipe.model_dump(mode="json"),
     }
+
+
+def _split_name(config: DatasetConfig) -> str:
+    """``name split`` of a dataset, or the generated domain of a synthetic one."""
+    if config.name == "synthetic":
+        return f"generated {config.options.get('domain', 'day')} scenes"
+    return f"{config.name} {config.split}"
+
+
+def _teacher_note(recipe: Recipe) -> str:
+    teacher = recipe.models.teacher
+    if not teacher.train_encoder:
+        return f"Teacher: {teacher.name} from {teacher.weights}, frozen."
+    trained_on = recipe.data.teacher_source or recipe.data.source
+    what = "the labeled source domain" if recipe.data.teacher_source is None else _split_name(trained_on)
+    return (
+        f"The teacher ({teacher.name}, {teacher.kwargs}) was trained in this run on {what}: it stands in for a "
+        "vision foundation model, which this recipe has no weights for."
+    )
+
+
+def _setup_note(recipe: Recipe) -> str:
+    """One paragraph: what each split is for, so a reader sees which data each model has seen."""
+    data = recipe.data
+    targets = ", ".join(f"{name} ({_split_name(config)})" for name, config in data.targets.items())
+    sentences = [f"Labels: the student learns from the source, {_split_name(data.source)}, only."]
+    if recipe.models.teacher.train_encoder and data.teacher_source is not None:
+        sentences.append(
+            f"The teacher saw labelled {_split_name(data.teacher_source)}, a stand-in for the broad data "
+            "a foundation model is pre-trained on."
+        )
+    if data.proxy is not None and recipe.distill.task_agnostic is not None:
+        sentences.append(f"Task-agnostic distillation reads unlabelled {_split_name(data.proxy)} (the proxy set).")
+    sentences.append(f"The target domains {targets} are held out of every training stage.")
+    return " ".join(sentences)
 
 
 def plot_domain_miou(report: dict, path: Path) -> None:
@@ -110,6 +141,8 @@ def render_markdown(report: dict) -> str:
         f"# gkd-compress report: {report['recipe']}",
         "",
         report["teacher_note"],
+        "",
+        report["setup_note"],
         "",
         "## mIoU per domain (%)",
         "",

@@ -301,6 +301,12 @@ def source_data(recipe: Recipe, labeled: bool = True) -> list[DataUse]:
     return [DataUse("source", recipe.data.source, labeled), *extras]
 
 
+def teacher_data(recipe: Recipe) -> list[DataUse]:
+    """What a teacher without VFM weights is trained on: ``data.teacher_source``, else the source splits."""
+    teacher_source = recipe.data.teacher_source
+    return [DataUse("teacher source", teacher_source, True)] if teacher_source else source_data(recipe)
+
+
 def evaluation_data(recipe: Recipe) -> list[DataUse]:
     """The held-out source split and every target domain, labelled."""
     return [DataUse("source_val", recipe.data.source_val, True)] + [
@@ -308,9 +314,11 @@ def evaluation_data(recipe: Recipe) -> list[DataUse]:
     ]
 
 
-def validated_data(recipe: Recipe, config: OptimConfig | None) -> list[DataUse]:
-    """Labelled source for a supervised stage, plus every evaluation domain when it validates."""
-    return source_data(recipe) + (evaluation_data(recipe) if config is not None and config.validate_every else [])
+def validated_data(
+    recipe: Recipe, config: OptimConfig | None, trained_on: Callable[[Recipe], list[DataUse]] = source_data
+) -> list[DataUse]:
+    """What a supervised stage trains on (labelled source), plus every evaluation domain when it validates."""
+    return trained_on(recipe) + (evaluation_data(recipe) if config is not None and config.validate_every else [])
 
 
 def supervised_stage(
@@ -321,12 +329,14 @@ def supervised_stage(
     config: Callable[[Recipe], OptimConfig | None],
     sections: tuple[str, ...],
     weights: tuple[str, ...],
+    trained_on: Callable[[Recipe], list[DataUse]] = source_data,
     **options: Any,
 ) -> Stage:
     """A stage that trains on labelled source, on every rank, under ``config(recipe)`` (its training phase
     ``training``) and writes ``output``: needed when the recipe has that config; it reads the source (and the
     evaluation domains when it validates), its results depend on the training data and ``sections``, and it may
-    write the phase's validation log. ``options``: more `Stage` fields (``side_outputs`` come before the log)."""
+    write the phase's validation log. ``trained_on``: the labelled splits it trains on (default: the source).
+    ``options``: more `Stage` fields (``side_outputs`` come before the log)."""
     options.setdefault("needed", lambda recipe: config(recipe) is not None)
     side_outputs = (*options.pop("side_outputs", ()), validation_log(training))
     return Stage(
@@ -334,8 +344,8 @@ def supervised_stage(
         run,
         files(output),
         distributed=True,
-        data=lambda recipe: validated_data(recipe, config(recipe)),
-        trainings=lambda recipe: [TrainingUse(training, config(recipe), "source")],
+        data=lambda recipe: validated_data(recipe, config(recipe), trained_on),
+        trainings=lambda recipe: [TrainingUse(training, config(recipe), trained_on(recipe)[0].role)],
         sections=(*TRAIN_DATA, *sections),
         weights=weights,
         side_outputs=side_outputs,
