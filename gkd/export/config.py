@@ -27,6 +27,42 @@ class Int8FallbackConfig(BaseModel):
     max_float_nodes: int = Field(8, ge=1, description="most quantizable nodes the fallback may keep float")
 
 
+class Int8Config(BaseModel):
+    """``export.int8``: how ``model.int8.onnx`` is made: post-training quantization (``ptq``) or quantization-aware
+    distillation (``qad``, `gkd.compress.qad`): the student fake-quantized as the PTQ graph quantizes it, fine-tuned
+    on the self-distillation from its own fp32 copy (NVIDIA Model Optimizer's QAD term), optionally plus the stage-1
+    distillation loss from the frozen teacher and the task loss, then quantized again with the PTQ calibration
+    ranges (or the learned ones)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["ptq", "qad"] = Field("ptq", description="ptq: calibrate and quantize; qad: fine-tune, then")
+    steps: int = Field(200, gt=0, description="qad: optimizer steps of the fake-quantized student")
+    batch_size: int = Field(8, gt=0, description="qad: labelled source images per step")
+    lr: float = Field(1e-5, gt=0, description="qad: peak AdamW learning rate (cosine decay, no warm-up)")
+    distill_weight: float = Field(
+        0.0, ge=0, description="qad: weight of the stage-1 distillation loss (distill.loss) on the encoder tokens"
+    )
+    task_weight: float = Field(
+        0.0, ge=0, description="qad: weight of the task cross-entropy on labelled images (raised the int8 error)"
+    )
+    self_distill_weight: float = Field(
+        1.0,
+        ge=0,
+        description="qad: weight of the self-distillation: KL divergence of the fake-quantized student's per-pixel "
+        "class softmax from the fp32 student's (a frozen copy taken before fake quantization)",
+    )
+    temperature: float = Field(1.0, gt=0, description="qad: softmax temperature of the self-distillation")
+    learn_scales: bool = Field(
+        False,
+        description="qad: learn the activation scales too (LSQ-style, from the PTQ scales); the int8 graph is "
+        "quantized with them (the same QDQ points and scheme)",
+    )
+    scale_rate: float = Field(
+        1000.0, gt=0, description="qad: step size of the learned log-scales relative to the weights' (lr)"
+    )
+
+
 class ExportConfig(BaseModel):
     """What `export` writes: ONNX per precision, TensorRT engines, an AOTInductor package."""
 
@@ -51,6 +87,9 @@ class ExportConfig(BaseModel):
     int8_fallback: Int8FallbackConfig = Field(
         default_factory=Int8FallbackConfig,
         description="nodes kept float by measured sensitivity when the int8 graph misses its parity tolerance",
+    )
+    int8: Int8Config = Field(
+        default_factory=Int8Config, description="how model.int8.onnx is made: ptq, or qad (fine-tuned fake-quantized)"
     )
     parity: ParityConfig = Field(
         default_factory=ParityConfig,

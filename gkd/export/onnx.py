@@ -233,9 +233,10 @@ def onnxruntime_unavailable() -> str | None:
 
 
 def onnx_session(
-    path: str | Path, providers: Sequence[str | tuple[str, dict]] = ("CPUExecutionProvider",)
+    path: str | Path, providers: Sequence[str | tuple[str, dict]] = ("CPUExecutionProvider",), optimize: bool = True
 ) -> onnxruntime.InferenceSession:
-    """An ONNX Runtime session; intra-op threads follow torch's so the runtimes compare on equal terms."""
+    """An ONNX Runtime session; intra-op threads follow torch's so the runtimes compare on equal terms.
+    ``optimize=False``: no graph optimizations (an int8 graph's Q/DQ then run as written, not fused)."""
     try:
         import onnxruntime as ort
     except ImportError as error:
@@ -246,6 +247,8 @@ def onnx_session(
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
 
 

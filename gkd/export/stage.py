@@ -16,6 +16,7 @@ import torch
 from gkd.export.config import ExportConfig
 from gkd.export.latency import environment_info
 from gkd.export.onnx import INPUT_NAME, OUTPUT_NAME, baked_size, prepare_for_export
+from gkd.export.qdq_mirror import QADTraining
 from gkd.export.runtimes import RUNTIMES, ExportJob
 from gkd.models.segmentor import Segmentor
 from gkd.utils.io import atomic_path
@@ -56,6 +57,7 @@ def export_artifacts(
     calibration_images: torch.Tensor,
     parity_images: torch.Tensor,
     device: torch.device,
+    qad: QADTraining | None = None,
 ) -> dict:
     """Write every artifact ``config`` asks for to ``out_dir`` and check each against PyTorch fp32.
 
@@ -76,6 +78,7 @@ def export_artifacts(
             ``config.int8_fallback.holdout_images`` more are the sensitivity fallback's held-out set.
         parity_images: images every artifact is compared with PyTorch fp32 on (saved for the benchmark).
         device: where engines and AOTInductor packages are built.
+        qad: trains the fake-quantized student (``export.int8.method: qad``); None: int8 by PTQ.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -94,7 +97,7 @@ def export_artifacts(
         "environment": environment_info(),
     }
     _save_parity_images(out_dir / PARITY_FILE, parity_images)
-    job = ExportJob(prepared, out_dir, config, device, img_size, calibration_images, parity_images, summary)
+    job = ExportJob(prepared, out_dir, config, device, img_size, calibration_images, parity_images, summary, qad)
     for entry in RUNTIMES:  # registry order: the ONNX files before the engines built from them
         if entry.exporter is not None:
             entry.exporter(job)

@@ -1,4 +1,6 @@
-"""Stage ``export``: the trained student as ONNX (fp32 / fp16 / int8 QDQ), TensorRT engines and AOTInductor."""
+"""Stage ``export``: the trained student as ONNX (fp32 / fp16 / int8 QDQ), TensorRT engines and AOTInductor; with
+``export.int8.method: qad`` the int8 graph comes from a quantization-aware distillation of the student
+(`gkd.compress.qad`) from its own fp32 copy (and the frozen teacher, where weighted) on labelled source images."""
 
 from __future__ import annotations
 
@@ -6,14 +8,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gkd.compress.losses import build_loss
+from gkd.compress.qad import QAD_PHASE, QADObjective, qad_optim, train_qad
 from gkd.data.config import DatasetConfig
 from gkd.engine import Stage
 from gkd.export.contract import deployment_contract
+from gkd.export.qdq_mirror import QADTraining, QuantPlan
 from gkd.export.stage import export_artifacts
 from gkd.models.checkpoint import load_segmentor
-from gkd.preflight import DataUse
+from gkd.preflight import DataUse, TrainingUse
+from gkd.recipe import Recipe
 from gkd.rundir import EXPORT_FILE, SEGMENTOR_FILE
-from gkd.stages.context import Run, files
+from gkd.stages.context import Run, files, teacher_backbone
+from gkd.stages.distill import distill_inputs
 from gkd.utils.io import require_free_space, write_json
 
 
@@ -30,6 +37,30 @@ def _images(run: Run, config: DatasetConfig, count: int, seed: int) -> torch.Ten
     )
 
 
+def _qad(recipe: Recipe) -> bool:
+    return "int8" in recipe.export.precisions and recipe.export.int8.method == "qad"
+
+
+def qad_training(run: Run) -> QADTraining:
+    """`train_qad` in this run: the recipe's stage-1 loss and frozen teacher, labelled source images, a resumable
+    trainer (phase ``qad``); the losses are probed on the first batch of source images."""
+    recipe, config = run.recipe, run.recipe.export.int8
+
+    def train(student: torch.nn.Module, plan: QuantPlan) -> dict:
+        torch.manual_seed(recipe.seed + 7)
+        teacher = teacher_backbone(run)
+        loss = recipe.distill.loss
+        dims = (student.encoder.embed_dim, teacher.embed_dim)
+        distill = build_loss(loss.name, loss.options, *dims, run.num_classes)
+        objective = QADObjective(student.to(run.device), distill, teacher, config, run.teacher_dtype)
+        dataset = run.dataset(recipe.data.source, train=True)
+        picks = range(min(config.batch_size, len(dataset)))
+        probe = {key: torch.stack([dataset[i][key] for i in picks]) for key in ("image", "label")}
+        return train_qad(objective, plan, lambda o, c: run.trainer(QAD_PHASE, o, dataset, c).fit(), probe, config)
+
+    return train
+
+
 def stage_export(run: Run) -> None:
     """ONNX (fp32 / fp16 / int8 QDQ), TensorRT engines where possible, AOTInductor; parity checked."""
     recipe = run.recipe
@@ -38,7 +69,10 @@ def stage_export(run: Run) -> None:
     segmentor = load_segmentor(run.file(SEGMENTOR_FILE))[0].to(run.device).eval()
     calibration = _images(run, recipe.data.source, recipe.export.source_images, recipe.seed)
     parity = _images(run, recipe.data.source_val, 4, recipe.seed + 1)
-    summary = export_artifacts(segmentor, recipe.data.img_size, run.dir, recipe.export, calibration, parity, run.device)
+    qad = qad_training(run) if _qad(recipe) else None
+    summary = export_artifacts(
+        segmentor, recipe.data.img_size, run.dir, recipe.export, calibration, parity, run.device, qad
+    )
     summary["contract"] = deployment_contract(summary, recipe.evaluate.mode, recipe.evaluate.stride)
     write_json(run.file(EXPORT_FILE), summary)
 
@@ -47,8 +81,10 @@ STAGE = Stage(
     "export",
     stage_export,
     files(EXPORT_FILE),
-    inputs=files(SEGMENTOR_FILE),
+    inputs=lambda r: (SEGMENTOR_FILE, *(distill_inputs(r) if _qad(r) else ())),
     data=lambda r: [DataUse("source", r.data.source, True), DataUse("source_val", r.data.source_val, True)],
+    trainings=lambda r: [TrainingUse(QAD_PHASE, qad_optim(r.export.int8), "source")] if _qad(r) else [],
+    weights=("teacher",),
     sections=(
         "seed",
         "data.img_size",
@@ -58,5 +94,10 @@ STAGE = Stage(
         "evaluate.mode",  # the contract states the inference the reported mIoU used
         "evaluate.stride",
         "export",
+        # QAD: the teacher, the stage-1 loss and the training transform (each also changes the student upstream)
+        "models",
+        "distill.loss",
+        "data.train_transform",
+        "training",
     ),
 )

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from gkd.export.config import ExportConfig
+from gkd.export.qdq_mirror import QADTraining
 from gkd.models.segmentor import Segmentor
 
 log = logging.getLogger("gkd")
@@ -87,6 +88,7 @@ class ExportJob:
     calibration_images: torch.Tensor
     parity_images: torch.Tensor
     summary: dict
+    qad: QADTraining | None = None  # export.int8.method qad: fine-tunes the fake-quantized student
 
     def attempt(self, key: str, make: Callable[[], dict]) -> None:
         """``make()`` recorded as ``summary["artifacts"][key]``; an exception is recorded under ``failed``

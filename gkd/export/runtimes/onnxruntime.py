@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from gkd.export.config import OnnxPrecision
+from gkd.export.int8_qad import quantize_qad
 from gkd.export.onnx import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -136,15 +137,22 @@ def _onnx_file(job: ExportJob, precision: str, onnxruntime_missing: str | None) 
         calibration, holdout = split_calibration(
             job.calibration_images, config.calibration_images, fallback.holdout_images if fallback.enabled else 0
         )
-        info = quantize_with_fallback(
-            job.out_dir / ONNX_FILES["fp32"],
-            path,
-            calibration,
-            holdout,
-            config.parity.tolerance("int8"),
-            fallback,
-            config.calibration_method,
-        )
+        if job.qad is not None:
+            images = (calibration, holdout, job.parity_images)
+            info = quantize_qad(
+                job.prepared, job.out_dir / ONNX_FILES["fp32"], path, images, config, job.img_size, job.qad
+            )
+        else:
+            info = quantize_with_fallback(
+                job.out_dir / ONNX_FILES["fp32"],
+                path,
+                calibration,
+                holdout,
+                config.parity.tolerance("int8"),
+                fallback,
+                config.calibration_method,
+            )
+            info["method"] = "ptq"
     else:
         model = job.prepared if precision == "fp32" else half_precision(job.prepared)
         info = export_onnx(model, path, job.img_size, config.opset, config.batch_range)
