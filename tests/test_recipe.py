@@ -78,6 +78,7 @@ def test_dry_run_prints_the_plan_and_names_missing_files(tmp_path, capsys, defau
 
     recipe = _with(default_data, "models.teacher.weights", str(tmp_path / "dinov2_vitl14.pth"))
     recipe = _with(recipe, "models.teacher.train_encoder", False)
+    recipe = _with(recipe, "data.teacher_source", None)  # a teacher with VFM weights is not trained here
     recipe = _with(
         recipe, "data.source", {"name": "cityscapes", "root": str(tmp_path / "cityscapes"), "split": "train"}
     )

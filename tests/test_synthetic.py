@@ -52,12 +52,11 @@ def test_teacher_source_must_share_the_source_classes():
 def test_the_teacher_stage_trains_on_teacher_source_when_given():
     from gkd.stages.teacher import STAGE
 
-    recipe = load_recipe(None)
-    assert [use.role for use in STAGE.data(recipe)][0] == "source"
-    world = {"name": "synthetic", "split": "train", "options": {"domain": "world"}}
-    with_world = parse_recipe(
-        {**recipe.model_dump(mode="json"), "data": {**recipe.model_dump(mode="json")["data"], "teacher_source": world}}
-    )
-    uses = STAGE.data(with_world)
-    assert uses[0].role == "teacher source" and uses[0].config == with_world.data.teacher_source
-    assert STAGE.trainings(with_world)[0].data_role == "teacher source"
+    default = load_recipe(None)  # its teacher is trained on world scenes
+    uses = STAGE.data(default)
+    assert uses[0].role == "teacher source" and uses[0].config == default.data.teacher_source
+    assert STAGE.trainings(default)[0].data_role == "teacher source"
+    dumped = default.model_dump(mode="json")
+    without = parse_recipe({**dumped, "data": {**dumped["data"], "teacher_source": None}})
+    assert STAGE.data(without)[0].role == "source"
+    assert STAGE.trainings(without)[0].data_role == "source"
