@@ -105,7 +105,9 @@ class DataConfig(_Strict):
                 raise ValueError(f"data.extra_sources.{index}: {extra.name} has other classes than {self.source.name}")
         if self.teacher_source is not None and dataset_info(self.teacher_source)[1] != classes:
             raise ValueError(
-                f"data.teacher_source: {self.teacher_source.name} has other classes than {self.source.name}"
+                f"data.teacher_source: {self.teacher_source.name} has other classes than data.source "
+                f"({self.source.name}); set data.teacher_source: null to train the teacher on the source, or name a "
+                "labelled dataset with the source's classes"
             )
         return self
 

@@ -279,6 +279,7 @@ def test_images_only_is_an_unlabelled_proxy_set(tmp_path):
         "source_val": {"name": "folder", "root": str(labelled), "split": "val"},
         "proxy": {"name": "folder", "root": str(proxy)},
         "targets": {"val": {"name": "folder", "root": str(labelled), "split": "val"}},
+        "teacher_source": None,
     }
     recipe = load_recipe(
         TINY_RECIPE,

@@ -55,6 +55,7 @@ def own_recipe(tmp_path_factory) -> Path:
         source_val={"name": "folder", "root": own, "split": "val"},
         proxy={"name": "folder", "root": own, "split": "train"},  # its images only, unlabelled
         targets={"other_camera": {"name": "folder", "root": str(folder / "other_camera"), "split": "val"}},
+        teacher_source=None,  # the teacher learns these classes from the source (the generated world has others)
     )
     recipe["export"]["precisions"] = ["fp32"]
     path = folder / "own.yaml"
