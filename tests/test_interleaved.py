@@ -109,7 +109,7 @@ def test_int8_speed_script_smoke(tmp_path):
     out = tmp_path / "out"
     argv = [
         "--img-size", "32", "--depth", "4", "--channels", "16", "--batch-sizes", "1", "2", "--rounds", "3",
-        "--warmup", "1", "--calibration-images", "2", "--threads", "1", "--out", str(out),
+        "--warmup", "1", "--calibration-images", "2", "--threads", "1", "--out", str(out), "--profile", "2",
         "--variants", "static/QDQ/per_channel/matmul_conv", "dynamic/QOperator/per_tensor/matmul",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -130,3 +130,20 @@ def test_int8_speed_script_smoke(tmp_path):
         assert list(timing["runtimes"]) == names and timing["runtimes"]["fp32"]["ratio"]["median"] == 1.0
     table = (out / "int8_speed.md").read_text()
     assert "| static/QDQ/per_channel/matmul_conv | 2 |" in table
+    profile = results["profile"]  # ONNX Runtime's profiler: 2 calls per graph at batch 1
+    assert list(profile) == names
+    for name, entry in profile.items():
+        assert entry["calls"] == 2 and entry["wall_ms_per_call"] > entry["node_ms_per_call"] > 0
+        assert sum(c["share"] for c in entry["classes"].values()) == pytest.approx(1.0)
+        assert sum(op["share"] for op in entry["op_types"].values()) == pytest.approx(1.0)
+        assert all(op["nodes"] > 0 for op in entry["op_types"].values())
+        assert f"| {name} | {entry['wall_ms_per_call']:.2f} | {entry['node_ms_per_call']:.2f} |" in table
+    assert profile["fp32"]["classes"]["int8 compute"]["ms_per_call"] == 0
+    assert profile["fp32"]["classes"]["float compute"]["ms_per_call"] > 0
+    assert "MatMul" in profile["fp32"]["op_types"] and "QLinearMatMul" not in profile["fp32"]["op_types"]
+    qdq = profile["static/QDQ/per_channel/matmul_conv"]
+    assert qdq["classes"]["int8 compute"]["ms_per_call"] > 0
+    assert qdq["classes"]["quantize/dequantize"]["ms_per_call"] > 0
+    assert {"QLinearMatMul", "QLinearConv", "QuantizeLinear"} <= set(qdq["op_types"])
+    assert "DynamicQuantizeMatMul" in profile["dynamic/QOperator/per_tensor/matmul"]["op_types"]
+    assert "| graph | wall ms | kernel ms | int8 compute | float compute | quantize/dequantize | other float |" in table
