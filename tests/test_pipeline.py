@@ -48,12 +48,16 @@ def test_report_has_domains_parity_and_latency(finished_run):
         assert set(mious) == {"source", "dusk", "fog"}
         assert mious == {domain: metrics["miou"] for domain, metrics in evaluated[model]["domains"].items()}
     assert "stands in for a vision foundation model" in report["teacher_note"]
+    # which data each model saw: the student's source, the teacher's world scenes, the held-out targets
+    for split in ("generated day scenes", "The teacher was trained on labelled generated world scenes", "dusk", "fog"):
+        assert split in report["setup_note"]
     parity = report["export"]["artifacts"]["onnx/fp32"]["parity"]
     assert parity["max_abs_diff"] < 1e-3 and parity["argmax_agreement"] > 0.99
     runtimes = report["benchmark"]["runtimes"]
     assert {"torch/fp32", "onnxruntime/fp32"} <= set(runtimes)
     markdown = (finished_run / "report.md").read_text()
     assert "dusk" in markdown and "p50" in markdown
+    assert report["teacher_note"] in markdown and report["setup_note"] in markdown
     # the report draws the latency / mIoU plot from benchmark.json (the benchmark stage draws nothing)
     assert "pareto_plot" not in json.loads((finished_run / "benchmark.json").read_text())
     assert (finished_run / "pareto.png").read_bytes()[:4] == b"\x89PNG" and "![latency vs mIoU](pareto.png)" in markdown
@@ -85,6 +89,7 @@ def test_model_card_carries_the_measured_numbers(finished_run):
         assert section in body
     p50 = report["benchmark"]["runtimes"]["onnxruntime/fp32"]["latency"]["1"]["p50_ms"]
     assert f"| onnxruntime/fp32 | 1 | {p50:.2f} |" in body
+    assert f"**Teacher**: {report['teacher_note']}" in body and report["setup_note"] in body
     assert f"| {student['fog']:.1f} |" in body or f" {student['fog']:.1f} |" in body
 
 

@@ -149,6 +149,69 @@ def test_qad_lowers_the_int8_error_against_fp32(graphs):
     assert disagreement["qad"] < 0.95 * disagreement["ptq"], disagreement
 
 
+def test_qad_without_distill_weight_needs_no_teacher(graphs, monkeypatch):
+    """With ``export.int8.distill_weight`` 0 (the default) the export stage's QAD builds neither the teacher nor
+    the stage-1 loss, and does not declare the teacher stage's file as an input; the objective then trains
+    without them (no ``distill_loss``). Weighted, it needs both."""
+    from gkd.recipe import load_recipe
+    from gkd.rundir import TEACHER_FILE
+    from gkd.stages import export as export_stage
+
+    recipe = load_recipe(TINY_RECIPE, ["export.int8.method=qad", "export.int8.steps=2", "export.int8.batch_size=4"])
+    assert recipe.export.int8.distill_weight == 0 and recipe.models.teacher.train_encoder
+    assert TEACHER_FILE not in export_stage.STAGE.inputs(recipe)
+    weighted = load_recipe(TINY_RECIPE, ["export.int8.method=qad", "export.int8.distill_weight=1"])
+    assert TEACHER_FILE in export_stage.STAGE.inputs(weighted)
+    with pytest.raises(ValueError, match="needs the stage-1 loss and the teacher"):
+        QADObjective(graphs["model"], None, None, weighted.export.int8, torch.float32)
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("QAD with distill_weight 0 built the teacher or the stage-1 loss")
+
+    monkeypatch.setattr(export_stage, "teacher_backbone", no_teacher)
+    monkeypatch.setattr(export_stage, "build_loss", no_teacher)
+    model = copy.deepcopy(graphs["model"])
+    fp32, int8 = onnx.load(str(graphs["dir"] / "model.onnx")), onnx.load(str(graphs["dir"] / "ptq.onnx"))
+    plan = quant_plan(fp32, int8, model)
+    images = graphs["calibration"]
+    with torch.no_grad():
+        labels = model(images).argmax(1)
+    samples = [{"image": image, "label": label} for image, label in zip(images, labels, strict=True)]
+
+    class Trainer:
+        def __init__(self, objective: torch.nn.Module, config) -> None:
+            self.objective, self.config = objective, config
+
+        def fit(self) -> dict:
+            params = [p for p in self.objective.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=self.config.lr)
+            self.objective.train()
+            for step in range(self.config.steps):
+                batch = samples[step * 4 : step * 4 + 4]
+                outputs = self.objective({key: torch.stack([s[key] for s in batch]) for key in ("image", "label")})
+                optimizer.zero_grad()
+                outputs["loss"].backward()
+                optimizer.step()
+            return {"loss": float(outputs["loss"])}
+
+    class Run:  # what `qad_training` reads of a run
+        device, num_classes, teacher_dtype = torch.device("cpu"), 11, torch.float32
+
+        def __init__(self) -> None:
+            self.recipe = recipe
+
+        def dataset(self, config, train: bool) -> list[dict]:
+            return samples
+
+        def trainer(self, name: str, objective: torch.nn.Module, dataset, config) -> Trainer:
+            assert objective.teacher is None and objective.loss is None
+            return Trainer(objective, config)
+
+    record = export_stage.qad_training(Run())(model, plan)
+    assert set(record["losses_start"]) == {"loss", "loss_self", "loss_ce"}  # no distill_loss: no teacher term
+    assert record["steps"] == 2 and np.isfinite(record["last_logged"]["loss"])
+
+
 def test_recipe_key_and_a_tiny_run_write_the_qad_int8_graph(tmp_path):
     """(c) ``export.int8`` validates (default ptq, unknown methods and keys refused); a tiny run with
     ``method: qad`` writes a model.int8.onnx that ONNX Runtime runs, recorded as QAD with its losses, the PTQ

@@ -5,10 +5,14 @@ Choices for ViT segmentors (each also what TensorRT's explicit-quantization path
 - Symmetric signed int8 for weights and activations (zero point 0): TensorRT only takes symmetric int8 Q/DQ.
 - Weights per output channel (Conv axis 0, ConvTranspose axis 1, MatMul axis 1): ViT projection weights
   differ in range by orders of magnitude between channels; per-tensor scales would flush the small ones.
-- Quantized ops: MatMul with a constant weight (every qkv / proj / MLP linear) and (transposed) convolutions;
-  that is where the FLOPs are. The attention MatMuls (q.kT, attn.v) stay float (``MatMulConstBOnly``):
-  softmax probabilities in [0, 1] keep only 7 bits in symmetric int8. LayerNorm, Softmax, GELU, residual
-  Adds and Resizes are not quantized.
+- Quantized ops: MatMul and (transposed) convolutions; that is where the FLOPs are. In the QDQ format that is
+  every MatMul: those with a constant weight (every qkv / proj / MLP linear) and the attention products too
+  (q.kT and attn.v, both operands activations, each given Q/DQ; the softmax probabilities in [0, 1] keep 7
+  bits in symmetric int8). ONNX Runtime reads ``MatMulConstBOnly`` only in its QOperator quantizer
+  (``QOpMatMul.should_quantize``, the base of QLinearMatMul / MatMulInteger); its QDQ MatMul (``QDQMatMul``)
+  quantizes every input. With ``quant_format="QOperator"`` the attention MatMuls stay float; the summary's
+  ``attention_matmuls`` says which (`attention_matmuls`). LayerNorm, Softmax, GELU, residual Adds and Resizes
+  compute in float.
 - Excluded nodes: the first convolution (the patch embedding, fed with normalised pixels) and the last one
   (the classifier that produces the logits): the usual first/last-layer rule, a small share of the FLOPs.
 - Biases stay float (``QuantizeBias=False``): TensorRT adds them in its fp32 epilogue, it has no int32 bias DQ.
@@ -16,8 +20,8 @@ Choices for ViT segmentors (each also what TensorRT's explicit-quantization path
   run once per artifact and kept in ONNX Runtime's calibration cache, so re-quantizing with other exclusions
   (the sensitivity fallback) reuses the same activation ranges.
 - Sensitivity fallback (`quantize_with_fallback`): when the int8 graph misses its parity tolerance on held-out
-  source images, each quantized node is quantized alone to measure what it costs, and the most harmful ones
-  stay float, one at a time, until the tolerance holds or the cap on float nodes is reached.
+  source images, each candidate node (`quantizable_nodes`) is quantized alone to measure what it costs, and the
+  most harmful ones stay float, one at a time, until the tolerance holds or the cap on float nodes is reached.
 - No ``quant_pre_process``: the exporter's optimizer already folded BatchNorm and constants into the graph.
 """
 
@@ -45,7 +49,7 @@ CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy"
 _QDQ_OPTIONS = {
     "ActivationSymmetric": True,
     "WeightSymmetric": True,
-    "MatMulConstBOnly": True,
+    "MatMulConstBOnly": True,  # honoured by the QOperator format only (`attention_matmuls`)
     "QuantizeBias": False,
 }
 # Calibration batches per collect pass: ONNX Runtime's calibrators keep every activation of a pass in memory
@@ -61,7 +65,8 @@ def excluded_nodes(model: onnx.ModelProto) -> list[str]:
 
 
 def quantizable_nodes(model: onnx.ModelProto) -> list[str]:
-    """Nodes the quantizer gives Q/DQ: convolutions and MatMuls with a constant weight, less `excluded_nodes`."""
+    """The sensitivity fallback's candidates: convolutions and MatMuls with a constant weight, less
+    `excluded_nodes` (the attention MatMuls, which the QDQ format quantizes too, are not candidates)."""
     weights = {initializer.name for initializer in model.graph.initializer}
     always_float = set(excluded_nodes(model))
     return [
@@ -200,8 +205,19 @@ def _int8_scheme(
         "activations": "int8 symmetric, per tensor",
         "weights": f"int8 symmetric, per {'output channel' if per_channel else 'tensor'}",
         "quantized_ops": "all" if op_types is None else list(op_types),
-        "attention_matmuls": "int8" if op_types is None else "float (MatMulConstBOnly)",
+        "attention_matmuls": attention_matmuls(quant_format, op_types),
     }
+
+
+def attention_matmuls(quant_format: str, op_types: Sequence[str] | None) -> str:
+    """What ONNX Runtime's quantizer does to the MatMuls whose two operands are activations (the attention
+    products q.kT and attn.v): ``MatMulConstBOnly`` keeps them float in the QOperator format only; the QDQ
+    format quantizes every MatMul it is given (`quantize_int8` sets the option unless ``op_types`` is None)."""
+    if op_types is not None and "MatMul" not in op_types:
+        return "float (MatMul not quantized)"
+    if op_types is not None and quant_format == "QOperator":
+        return "float (MatMulConstBOnly)"
+    return "int8" if op_types is None else "int8 (QDQ: MatMulConstBOnly applies to QOperator only)"
 
 
 def _logits(path: Path, images: np.ndarray, batch_size: int) -> np.ndarray:

@@ -158,7 +158,7 @@ def render_model_card(report: dict, recipe: Recipe) -> str:
         "",
         *_details_lines(report, recipe),
         "",
-        *_data_lines(datasets),
+        *_data_lines(datasets, report),
         "",
         *_evaluation_lines(report),
         "",
@@ -213,10 +213,13 @@ def _details_lines(report: dict, recipe: Recipe) -> list[str]:
     ]
 
 
-def _data_lines(datasets: list) -> list[str]:
-    """``## Training data and domains``: one row per data role (`data_roles`)."""
+def _data_lines(datasets: list, report: dict) -> list[str]:
+    """``## Training data and domains``: which data each model saw (the report's setup note), then one row per
+    data role (`data_roles`)."""
     return [
         "## Training data and domains",
+        "",
+        report["setup_note"],
         "",
         *table_header("role", "dataset", "root", "split", "options"),
         *(

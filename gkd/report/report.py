@@ -88,29 +88,40 @@ def _split_name(config: DatasetConfig) -> str:
 
 
 def _teacher_note(recipe: Recipe) -> str:
+    """What the teacher is: trained in this run as a stand-in for a VFM, or loaded from its weights and frozen
+    (which data it saw is `_setup_note`'s)."""
     teacher = recipe.models.teacher
-    if not teacher.train_encoder:
-        return f"Teacher: {teacher.name} from {teacher.weights}, frozen."
-    trained_on = recipe.data.teacher_source or recipe.data.source
-    what = "the labeled source domain" if recipe.data.teacher_source is None else _split_name(trained_on)
-    return (
-        f"The teacher ({teacher.name}, {teacher.kwargs}) was trained in this run on {what}: it stands in for a "
-        "vision foundation model, which this recipe has no weights for."
+    what = f"The teacher ({teacher.name}" + (f", {teacher.kwargs}" if teacher.kwargs else "") + ")"
+    if teacher.train_encoder:
+        return (
+            f"{what} was trained in this run: it stands in for a vision foundation model, which this recipe has "
+            "no weights for."
+        )
+    origin = (
+        f"loaded from {teacher.weights}" if teacher.weights else "randomly initialised (the recipe names no weights)"
     )
+    return f"{what} is {origin} and frozen."
 
 
 def _setup_note(recipe: Recipe) -> str:
-    """One paragraph: what each split is for, so a reader sees which data each model has seen."""
+    """One paragraph: which data each model saw (what the teacher is, is `_teacher_note`'s)."""
     data = recipe.data
-    targets = ", ".join(f"{name} ({_split_name(config)})" for name, config in data.targets.items())
-    sentences = [f"Labels: the student learns from the source, {_split_name(data.source)}, only."]
-    if recipe.models.teacher.train_encoder and data.teacher_source is not None:
-        sentences.append(
-            f"The teacher saw labelled {_split_name(data.teacher_source)}, a stand-in for the broad data "
-            "a foundation model is pre-trained on."
-        )
+    sources = " and ".join(_split_name(config) for config in (data.source, *data.extra_sources))
+    sentences = [f"Labels: the student learns from the source, {sources}, only."]
+    if recipe.teacher_training is not None:  # the train-teacher stage runs (`gkd.stages.teacher`)
+        trained = "The teacher" if recipe.models.teacher.train_encoder else "The teacher's head"
+        if data.teacher_source is None:
+            sentences.append(f"{trained} was trained on the same labelled source.")
+        else:
+            stand_in = (
+                ", a stand-in for the broad data a foundation model is pre-trained on"
+                if recipe.models.teacher.train_encoder
+                else ""
+            )
+            sentences.append(f"{trained} was trained on labelled {_split_name(data.teacher_source)}{stand_in}.")
     if data.proxy is not None and recipe.distill.task_agnostic is not None:
         sentences.append(f"Task-agnostic distillation reads unlabelled {_split_name(data.proxy)} (the proxy set).")
+    targets = ", ".join(f"{name} ({_split_name(config)})" for name, config in data.targets.items())
     sentences.append(f"The target domains {targets} are held out of every training stage.")
     return " ".join(sentences)
 

@@ -41,17 +41,25 @@ def _qad(recipe: Recipe) -> bool:
     return "int8" in recipe.export.precisions and recipe.export.int8.method == "qad"
 
 
+def _qad_teacher(recipe: Recipe) -> bool:
+    """Whether QAD distils from the teacher: its stage-1 term is weighted (``export.int8.distill_weight`` > 0)."""
+    return _qad(recipe) and recipe.export.int8.distill_weight > 0
+
+
 def qad_training(run: Run) -> QADTraining:
-    """`train_qad` in this run: the recipe's stage-1 loss and frozen teacher, labelled source images, a resumable
-    trainer (phase ``qad``); the losses are probed on the first batch of source images."""
+    """`train_qad` in this run: labelled source images, a resumable trainer (phase ``qad``) and, where
+    ``export.int8.distill_weight`` > 0, the recipe's stage-1 loss and frozen teacher (otherwise neither is built);
+    the losses are probed on the first batch of source images."""
     recipe, config = run.recipe, run.recipe.export.int8
 
     def train(student: torch.nn.Module, plan: QuantPlan) -> dict:
         torch.manual_seed(recipe.seed + 7)
-        teacher = teacher_backbone(run)
-        loss = recipe.distill.loss
-        dims = (student.encoder.embed_dim, teacher.embed_dim)
-        distill = build_loss(loss.name, loss.options, *dims, run.num_classes)
+        teacher = distill = None
+        if _qad_teacher(recipe):
+            teacher = teacher_backbone(run)
+            loss = recipe.distill.loss
+            dims = (student.encoder.embed_dim, teacher.embed_dim)
+            distill = build_loss(loss.name, loss.options, *dims, run.num_classes)
         objective = QADObjective(student.to(run.device), distill, teacher, config, run.teacher_dtype)
         dataset = run.dataset(recipe.data.source, train=True)
         picks = range(min(config.batch_size, len(dataset)))
@@ -81,9 +89,11 @@ STAGE = Stage(
     "export",
     stage_export,
     files(EXPORT_FILE),
-    inputs=lambda r: (SEGMENTOR_FILE, *(distill_inputs(r) if _qad(r) else ())),
+    inputs=lambda r: (SEGMENTOR_FILE, *(distill_inputs(r) if _qad_teacher(r) else ())),
     data=lambda r: [DataUse("source", r.data.source, True), DataUse("source_val", r.data.source_val, True)],
     trainings=lambda r: [TrainingUse(QAD_PHASE, qad_optim(r.export.int8), "source")] if _qad(r) else [],
+    # QAD's teacher (read only where export.int8.distill_weight > 0; `Stage.weights` is fixed, not per recipe, and
+    # a changed teacher changes the student upstream anyway)
     weights=("teacher",),
     sections=(
         "seed",
