@@ -119,7 +119,7 @@ def test_int8_speed_script_smoke(tmp_path):
     results = json.loads((out / "int8_speed.json").read_text())
     names = ["fp32", "dynamic/QOperator/per_tensor/matmul", "static/QDQ/per_channel/matmul_conv"]
     assert list(results["graphs"]) == names and results["threads"] == 1
-    assert results["graphs"]["static/QDQ/per_channel/matmul_conv"]["float_nodes"] == 2  # first and last conv
+    assert results["graphs"]["static/QDQ/per_channel/matmul_conv"]["float_nodes"] == 2 + 2 * 4  # 2 convs, 8 attention products
     assert (
         results["graphs"]["fp32"]["float_nodes"]
         > results["graphs"]["dynamic/QOperator/per_tensor/matmul"]["float_nodes"]
@@ -129,7 +129,7 @@ def test_int8_speed_script_smoke(tmp_path):
         assert timing["reference"] == "fp32" and timing["rounds"] == 3 and timing["batch_size"] == int(batch)
         assert list(timing["runtimes"]) == names and timing["runtimes"]["fp32"]["ratio"]["median"] == 1.0
     table = (out / "int8_speed.md").read_text()
-    assert "| static/QDQ/per_channel/matmul_conv | 2 |" in table
+    assert "| static/QDQ/per_channel/matmul_conv | 10 |" in table
     profile = results["profile"]  # ONNX Runtime's profiler: 2 calls per graph at batch 1
     assert list(profile) == names
     for name, entry in profile.items():

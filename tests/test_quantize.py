@@ -170,12 +170,13 @@ def test_export_stage_records_the_fallback_and_a_too_small_source(tmp_path, monk
     assert not (tmp_path / "small" / "model.int8.onnx").exists()
 
 
-def test_default_qdq_graph_quantizes_the_attention_matmuls(tmp_path):
-    """ONNX Runtime's QDQ quantizer ignores ``MatMulConstBOnly`` (only its QOperator path reads it): in the default
-    int8 graph of a ViT the attention products (q.kT and attn.v: MatMuls whose two operands are activations, two
-    per block) take both operands from DequantizeLinear, like every weighted MatMul; in QOperator they stay
-    float MatMuls. The summary's ``attention_matmuls`` says so (the module docstring must agree)."""
+def test_default_int8_graph_keeps_the_attention_matmuls_float(tmp_path):
+    """The attention products (q.kT and attn.v: MatMuls whose two operands are activations, two per block) stay
+    float in the default int8 graph in both formats (ONNX Runtime's QDQ quantizer ignores ``MatMulConstBOnly``,
+    so `quantize_int8` excludes them by name), every MatMul with a weight takes DequantizeLinear inputs; with
+    ``op_types=None`` they are quantized too. The summary's ``attention_matmuls`` says which."""
     from gkd.export.onnx import export_onnx, prepare_for_export
+    from gkd.export.quantize import activation_matmuls
     from tests.helpers.tiny_models import tiny_segmentor
 
     torch.set_num_threads(1)
@@ -184,22 +185,28 @@ def test_default_qdq_graph_quantizes_the_attention_matmuls(tmp_path):
     export_onnx(prepare_for_export(tiny_segmentor(depth=4), size).eval(), fp32, size, 18, (1, 2, 4))
     graph = onnx.load(str(fp32)).graph
     weights = {initializer.name for initializer in graph.initializer}
-    matmuls = [node for node in graph.node if node.op_type == "MatMul"]
-    attention = {node.name for node in matmuls if not ({node.input[0], node.input[1]} & weights)}
+    matmuls = {node.name for node in graph.node if node.op_type == "MatMul"}
+    attention = {node.name for node in graph.node if node.op_type == "MatMul" and not set(node.input[:2]) & weights}
     assert len(attention) == 2 * 4 and len(matmuls) > len(attention)  # q.kT and attn.v of each of the 4 blocks
+    assert set(activation_matmuls(onnx.load(str(fp32)))) == attention
     images = torch.rand(4, 3, *size, generator=torch.Generator().manual_seed(0))
 
+    def quantized_matmuls(path):
+        int8 = onnx.load(str(path)).graph
+        producer = {output: node.op_type for node in int8.node for output in node.output}
+        return {
+            node.name
+            for node in int8.node
+            if node.op_type == "MatMul" and {producer.get(name) for name in node.input[:2]} == {"DequantizeLinear"}
+        }
+
     info = quantize_int8(fp32, tmp_path / "qdq.onnx", images)  # the pipeline's default
-    assert info["format"] == "QDQ" and info["attention_matmuls"].startswith("int8")
-    int8 = onnx.load(str(tmp_path / "qdq.onnx")).graph
-    producer = {output: node.op_type for node in int8.node for output in node.output}
-    dequantized = {
-        node.name for node in int8.node if {producer.get(name) for name in node.input[:2]} == {"DequantizeLinear"}
-    }
-    quantized = {node.name for node in int8.node if node.op_type == "MatMul"} & dequantized
-    assert attention <= quantized and len(quantized) == len(matmuls)  # every MatMul, attention included
+    assert info["format"] == "QDQ" and info["attention_matmuls"] == "float"
+    assert quantized_matmuls(tmp_path / "qdq.onnx") == matmuls - attention
 
     info = quantize_int8(fp32, tmp_path / "qop.onnx", images, quant_format="QOperator")
-    assert info["attention_matmuls"] == "float (MatMulConstBOnly)"
     still_float = {node.name for node in onnx.load(str(tmp_path / "qop.onnx")).graph.node if node.op_type == "MatMul"}
-    assert still_float == attention  # the weighted ones became QLinearMatMul
+    assert info["attention_matmuls"] == "float" and still_float == attention  # the weighted ones: QLinearMatMul
+
+    info = quantize_int8(fp32, tmp_path / "all.onnx", images, op_types=None)
+    assert info["attention_matmuls"] == "int8" and quantized_matmuls(tmp_path / "all.onnx") == matmuls

@@ -13,8 +13,8 @@ Runtime with the PTQ calibration ranges: the exported graph is ONNX Runtime's QD
 Each activation QuantizeLinear of the int8 graph is a fake-quant point (per tensor, its fixed scale, zero point
 0, saturating to [-128, 127] as QuantizeLinear does): the input of every quantized node; its output (a Linear's
 before the bias Add, as the graph computes it; a Conv's after the BatchNorm the exporter folded into it, i.e. the
-output of the module its name scope ends in); the attention product's operands and results (scaled q, scaled
-k^T, scores, softmax probabilities, v, output), computed as the exporter decomposes scaled_dot_product_attention.
+output of the module its name scope ends in). The attention products stay float in the int8 graph
+(`gkd.export.quantize.activation_matmuls`), so they have no points.
 Weights are fake-quantized per output channel (symmetric, max|w| / 127, recomputed from the current weights as
 ONNX Runtime does when it quantizes them); a folded BatchNorm scales whole output channels, which per-channel
 scales absorb. A quantized tensor that float ops read too is quantized as the output of the innermost module
@@ -26,7 +26,6 @@ pass straight through inside the clip range (the ops' STE). With `LearnedScales`
 from __future__ import annotations
 
 import ast
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,11 +33,9 @@ from dataclasses import dataclass, field
 
 import onnx
 import torch
-import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.overrides import TorchFunctionMode
 
 QUANTIZED_MODULES = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 ACTIVATION_RANGE = (-128, 127)  # QuantizeLinear's int8 saturation
@@ -69,18 +66,6 @@ class WeightFakeQuant(nn.Module):
 
 
 @dataclass
-class AttentionPoints:
-    """The graph tensors of the attention product's points (None: not quantized in the graph)."""
-
-    q: str | None = None
-    k: str | None = None
-    scores: str | None = None
-    probs: str | None = None
-    v: str | None = None
-    out: str | None = None
-
-
-@dataclass
 class QuantPlan:
     """Where the student is fake-quantized, by module name, and which graph tensor each point is."""
 
@@ -89,7 +74,6 @@ class QuantPlan:
     inputs: dict[str, str] = field(default_factory=dict)  # module -> tensor of its input
     outputs: dict[str, str] = field(default_factory=dict)  # module -> tensor of its output
     pre_bias: dict[str, str] = field(default_factory=dict)  # Linear -> tensor of x W^T (before its bias)
-    attention: dict[str, AttentionPoints] = field(default_factory=dict)  # module calling SDPA -> tensors
     at_producer: list[str] = field(default_factory=list)  # quantized tensors float ops read too
     unmapped: list[str] = field(default_factory=list)  # quantized tensors with no point in the student
 
@@ -98,7 +82,6 @@ class QuantPlan:
         return {
             "weights": len(self.weights),
             "activation_points": len(self.inputs) + len(self.outputs) + len(self.pre_bias),
-            "attention_modules": len(self.attention),
             "at_producer_module_output": len(self.at_producer),
             "unmapped": self.unmapped,
         }
@@ -163,8 +146,6 @@ def quant_plan(fp32: onnx.ModelProto, int8: onnx.ModelProto, model: nn.Module) -
                 else:
                     plan.outputs[_innermost(node, modules)] = node.output[0]
                 covered.add(node.output[0])
-        elif node.op_type == "MatMul":
-            covered |= _attention_point(node, plan, consumers, _innermost(node, modules))
     plan.unmapped = sorted(set(scales) - covered)
     return plan
 
@@ -176,20 +157,6 @@ def _at_producer(tensor: str, plan: QuantPlan, producers: dict, modules: dict) -
     if module:
         plan.outputs.setdefault(module, tensor)
         plan.at_producer.append(tensor)
-
-
-def _attention_point(node: onnx.NodeProto, plan: QuantPlan, consumers: dict, module: str) -> set[str]:
-    """Record an attention MatMul (both operands activations) of ``module``; returns the tensors it covers."""
-    entry, quantized = plan.attention.setdefault(module, AttentionPoints()), plan.scales.keys()
-    softmax = [c for c in consumers[node.output[0]] if c.op_type == "Softmax"]
-    points = {"q": node.input[0], "k": node.input[1], "scores": node.output[0]}
-    if softmax:  # scores = (q s) @ (k^T s)
-        points["probs"] = softmax[0].output[0]
-    else:  # out = probs @ v
-        points = {"v": node.input[1], "out": node.output[0]}
-    for key, tensor in points.items():
-        setattr(entry, key, tensor if tensor in quantized else None)
-    return set(points.values())
 
 
 class LearnedScales(nn.Module):
@@ -229,48 +196,12 @@ def _quantizer(plan: QuantPlan, learned: LearnedScales | None) -> Quantizer:
     return lambda x, tensor: fake_quant(x, plan.scales[tensor])
 
 
-def quantized_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    s: AttentionPoints,
-    quant: Quantizer,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Scaled dot-product attention as the exporter decomposes it (q and k^T each times the root of the scale,
-    default ``1 / sqrt(head dim)``), fake-quantized by ``quant`` at ``s``'s points."""
-
-    def maybe(x: torch.Tensor, tensor: str | None) -> torch.Tensor:
-        return x if tensor is None else quant(x, tensor)
-
-    root = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
-    scores = maybe(maybe(q * root, s.q) @ maybe(k.transpose(-2, -1) * root, s.k), s.scores)
-    probs = maybe(torch.softmax(scores, dim=-1), s.probs)
-    return maybe(probs @ maybe(v, s.v), s.out)
-
-
-class _AttentionMode(TorchFunctionMode):
-    """Replaces ``F.scaled_dot_product_attention`` inside the modules of ``plan.attention``."""
-
-    def __init__(self, quant: Quantizer) -> None:
-        super().__init__()
-        self.quant = quant
-        self.current: AttentionPoints | None = None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        plain = kwargs.get("attn_mask") is None and not kwargs.get("dropout_p") and not kwargs.get("is_causal")
-        if func is F.scaled_dot_product_attention and self.current is not None and plain and len(args) == 3:
-            return quantized_attention(*args, self.current, self.quant, kwargs.get("scale"))
-        return func(*args, **kwargs)
-
-
 @contextmanager
 def fake_quantized(model: nn.Module, plan: QuantPlan, learned: LearnedScales | None = None) -> Iterator[nn.Module]:
     """``model`` fake-quantized by ``plan`` inside the block (activations at ``learned``'s scales where given, else
     at the plan's); afterwards its weights are plain fp32 again (the trained values) and every hook is gone."""
     modules, quant = dict(model.named_modules()), _quantizer(plan, learned)
-    mode, handles = _AttentionMode(quant), []
+    handles = []
     for name, axis in plan.weights.items():
         parametrize.register_parametrization(modules[name], "weight", WeightFakeQuant(axis))
     for name, tensor in plan.inputs.items():
@@ -279,12 +210,8 @@ def fake_quantized(model: nn.Module, plan: QuantPlan, learned: LearnedScales | N
         handles.append(modules[name].register_forward_hook(lambda _m, _a, out, t=tensor: quant(out, t)))
     for name, tensor in plan.pre_bias.items():
         handles.append(modules[name].register_forward_hook(_pre_bias_hook(lambda x, t=tensor: quant(x, t))))
-    for name, points in plan.attention.items():
-        handles.append(modules[name].register_forward_pre_hook(lambda _m, _a, p=points: setattr(mode, "current", p)))
-        handles.append(modules[name].register_forward_hook(lambda _m, _a, _o: setattr(mode, "current", None)))
     try:
-        with mode:
-            yield model
+        yield model
     finally:
         for handle in handles:
             handle.remove()
