@@ -4,7 +4,8 @@ Builds a ViT-S/16 + UPerNet (width 256, random weights: speed does not depend on
 and quantizes it with ONNX Runtime's quantizer in every variant: static activations (calibrated on random
 images, `gkd.export.quantize.quantize_int8`) in QDQ or QOperator format, dynamic activations
 (``quantize_dynamic``: QOperator only); weights per channel or per tensor; quantized op types MatMul with a
-constant weight only (``matmul``), those and the convolutions (``matmul_conv``, the pipeline's default), or every
+constant weight only (``matmul``), those and the convolutions (``matmul_conv``, the pipeline's default: the
+attention products stay float), those and the attention products (``matmul_conv_attention``, QDQ only), or every
 op the quantizer handles, attention MatMuls included (``all``). The first and last convolutions stay float in
 every variant (`gkd.export.quantize.excluded_nodes`). All graphs are then loaded together and timed round-robin
 (`gkd.export.interleaved.time_interleaved`) against ONNX Runtime fp32, per batch size. A variant that does not
@@ -50,7 +51,12 @@ from gkd.utils.cpu import choose_threads
 from gkd.utils.io import write_json
 
 REFERENCE = "fp32"
-OP_SETS: dict[str, tuple[str, ...] | None] = {"matmul": ("MatMul",), "matmul_conv": QUANTIZED_OPS, "all": None}
+OP_SETS: dict[str, tuple[str, ...] | None] = {
+    "matmul": ("MatMul",),
+    "matmul_conv": QUANTIZED_OPS,
+    "matmul_conv_attention": QUANTIZED_OPS,  # and the attention products (QDQ only: QOperator keeps them float)
+    "all": None,
+}
 COMPUTE_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
 
 
@@ -91,13 +97,14 @@ def variants(patterns: list[str]) -> dict[str, dict]:
     for ops in OP_SETS:
         for per_channel in (True, False):
             weights = "per_channel" if per_channel else "per_tensor"
-            for quant_format in ("QDQ", "QOperator"):
+            for quant_format in ("QDQ",) if ops == "matmul_conv_attention" else ("QDQ", "QOperator"):
                 grid[f"static/{quant_format}/{weights}/{ops}"] = {
                     "activations": "static", "format": quant_format, "per_channel": per_channel, "ops": ops
                 }  # fmt: skip
-            grid[f"dynamic/QOperator/{weights}/{ops}"] = {
-                "activations": "dynamic", "format": "QOperator", "per_channel": per_channel, "ops": ops
-            }  # fmt: skip
+            if ops != "matmul_conv_attention":
+                grid[f"dynamic/QOperator/{weights}/{ops}"] = {
+                    "activations": "dynamic", "format": "QOperator", "per_channel": per_channel, "ops": ops
+                }  # fmt: skip
     return {name: how for name, how in grid.items() if any(fnmatch.fnmatch(name, p) for p in patterns)}
 
 
@@ -129,6 +136,7 @@ def quantize(fp32: Path, path: Path, how: dict, calibration: torch.Tensor, cache
         return quantize_int8(
             fp32, path, calibration, calibration_cache=cache, quant_format=how["format"],
             per_channel=how["per_channel"], op_types=OP_SETS[how["ops"]],
+            float_attention=how["ops"] != "matmul_conv_attention",
         )  # fmt: skip
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

@@ -110,16 +110,20 @@ def test_int8_speed_script_smoke(tmp_path):
     argv = [
         "--img-size", "32", "--depth", "4", "--channels", "16", "--batch-sizes", "1", "2", "--rounds", "3",
         "--warmup", "1", "--calibration-images", "2", "--threads", "1", "--out", str(out), "--profile", "2",
-        "--variants", "static/QDQ/per_channel/matmul_conv", "dynamic/QOperator/per_tensor/matmul",
+        "--variants", "static/QDQ/per_channel/matmul_conv*", "dynamic/QOperator/per_tensor/matmul",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "int8_speed.py"), *argv], check=True, env=env, timeout=120
     )
     results = json.loads((out / "int8_speed.json").read_text())
-    names = ["fp32", "dynamic/QOperator/per_tensor/matmul", "static/QDQ/per_channel/matmul_conv"]
-    assert list(results["graphs"]) == names and results["threads"] == 1
-    assert results["graphs"]["static/QDQ/per_channel/matmul_conv"]["float_nodes"] == 2 + 2 * 4  # 2 convs, 8 attention products
+    attention = "static/QDQ/per_channel/matmul_conv_attention"
+    names = ["fp32", "static/QDQ/per_channel/matmul_conv", attention, "dynamic/QOperator/per_tensor/matmul"]
+    assert sorted(results["graphs"]) == sorted(names) and results["threads"] == 1
+    names = list(results["graphs"])
+    graphs = results["graphs"]  # float: the first and last conv, and (by default) the 8 attention products
+    assert graphs["static/QDQ/per_channel/matmul_conv"]["float_nodes"] == 2 + 2 * 4
+    assert graphs[attention]["float_nodes"] == 2 and graphs[attention]["quantize"]["attention_matmuls"] == "int8"
     assert (
         results["graphs"]["fp32"]["float_nodes"]
         > results["graphs"]["dynamic/QOperator/per_tensor/matmul"]["float_nodes"]

@@ -140,6 +140,7 @@ def quantize_int8(
     quant_format: str = "QDQ",
     per_channel: bool = True,
     op_types: Sequence[str] | None = QUANTIZED_OPS,
+    float_attention: bool = True,
 ) -> dict:
     """Write the int8 model of ``fp32_path`` (QDQ by default) to ``out_path`` (atomically) and describe it.
 
@@ -156,6 +157,8 @@ def quantize_int8(
         per_channel: weight scales per output channel, else per tensor.
         op_types: the op types to quantize, MatMuls with a constant weight only (`activation_matmuls` stay
             float); ``None``: every op ONNX Runtime's quantizer handles, the attention MatMuls included.
+        float_attention: keep `activation_matmuls` float (with ``op_types`` given); ``False`` quantizes them too
+            in the QDQ format (the previous default, slower on CPU: `benchmarks/int8_speed.py`).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -164,7 +167,8 @@ def quantize_int8(
     out_path = Path(out_path)
     model = onnx.load(str(fp32_path))
     exclude = list(dict.fromkeys([*excluded_nodes(model), *keep_float]))
-    attention = activation_matmuls(model) if op_types is not None else []
+    float_attention = float_attention and op_types is not None
+    attention = activation_matmuls(model) if float_attention else []
     reader = _reader(calibration_images, batch_size)
     passes = {"CalibStridedMinMax": _batches_per_pass(len(reader))}
     options = {**_QDQ_OPTIONS, "MatMulConstBOnly": op_types is not None, **passes}
@@ -186,7 +190,7 @@ def quantize_int8(
         )
         onnx.checker.check_model(str(temp))
         ops = Counter(node.op_type for node in onnx.load(str(temp)).graph.node)
-    scheme = _int8_scheme(len(calibration_images), method, quant_format, per_channel, op_types)
+    scheme = _int8_scheme(len(calibration_images), method, quant_format, per_channel, op_types, float_attention)
     return _int8_summary(out_path, time.perf_counter() - start, scheme, exclude, ops)
 
 
@@ -204,7 +208,12 @@ def _int8_summary(out_path: Path, seconds: float, scheme: dict, exclude: list[st
 
 
 def _int8_scheme(
-    calibration_images: int, method: str, quant_format: str, per_channel: bool, op_types: Sequence[str] | None
+    calibration_images: int,
+    method: str,
+    quant_format: str,
+    per_channel: bool,
+    op_types: Sequence[str] | None,
+    float_attention: bool,
 ) -> dict:
     """How `quantize_int8` quantizes, for its summary."""
     return {
@@ -214,15 +223,17 @@ def _int8_scheme(
         "activations": "int8 symmetric, per tensor",
         "weights": f"int8 symmetric, per {'output channel' if per_channel else 'tensor'}",
         "quantized_ops": "all" if op_types is None else list(op_types),
-        "attention_matmuls": attention_matmuls(op_types),
+        "attention_matmuls": attention_matmuls(quant_format, op_types, float_attention),
     }
 
 
-def attention_matmuls(op_types: Sequence[str] | None) -> str:
-    """What `quantize_int8` does to the MatMuls whose two operands are activations (`activation_matmuls`)."""
-    if op_types is None:
-        return "int8"
-    return "float" if "MatMul" in op_types else "float (MatMul not quantized)"
+def attention_matmuls(quant_format: str, op_types: Sequence[str] | None, float_attention: bool) -> str:
+    """What `quantize_int8` did to the MatMuls whose two operands are activations (`activation_matmuls`)."""
+    if op_types is not None and "MatMul" not in op_types:
+        return "float (MatMul not quantized)"
+    if float_attention or (op_types is not None and quant_format == "QOperator"):
+        return "float"
+    return "int8"
 
 
 def _logits(path: Path, images: np.ndarray, batch_size: int) -> np.ndarray:
