@@ -151,14 +151,12 @@ def quantize_int8(
         method: ONNX Runtime's calibration: ``minmax``, ``entropy`` or ``percentile``.
         batch_size: calibration images per run.
         keep_float: nodes left unquantized besides `excluded_nodes` (the sensitivity fallback's choice).
-        calibration_cache: ONNX Runtime's calibration cache (JSON): read when it exists, else written, so
-            later calls with the same images and method skip calibration.
+        calibration_cache: ONNX Runtime's calibration cache (JSON), read if it exists (no calibration), else written.
         quant_format: ``QDQ`` (Q/DQ pairs around float ops; what TensorRT reads) or ``QOperator`` (QLinear ops).
         per_channel: weight scales per output channel, else per tensor.
-        op_types: the op types to quantize, MatMuls with a constant weight only (`activation_matmuls` stay
-            float); ``None``: every op ONNX Runtime's quantizer handles, the attention MatMuls included.
-        float_attention: keep `activation_matmuls` float (with ``op_types`` given); ``False`` quantizes them too
-            in the QDQ format (the previous default, slower on CPU: `benchmarks/int8_speed.py`).
+        op_types: the op types to quantize; ``None``: every op ONNX Runtime's quantizer handles.
+        float_attention: keep `activation_matmuls` float (unless ``op_types`` is None); ``False``: QDQ
+            quantizes them too (slower on CPU: `benchmarks/int8_speed.py`).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -168,7 +166,6 @@ def quantize_int8(
     model = onnx.load(str(fp32_path))
     exclude = list(dict.fromkeys([*excluded_nodes(model), *keep_float]))
     float_attention = float_attention and op_types is not None
-    attention = activation_matmuls(model) if float_attention else []
     reader = _reader(calibration_images, batch_size)
     passes = {"CalibStridedMinMax": _batches_per_pass(len(reader))}
     options = {**_QDQ_OPTIONS, "MatMulConstBOnly": op_types is not None, **passes}
@@ -183,7 +180,7 @@ def quantize_int8(
             per_channel=per_channel,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=[*exclude, *attention],
+            nodes_to_exclude=[*exclude, *(activation_matmuls(model) if float_attention else [])],
             calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
             calibration_cache_path=None if calibration_cache is None else str(calibration_cache),
             extra_options=options,
