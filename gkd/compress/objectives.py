@@ -58,18 +58,20 @@ def segmentation_loss(
     return logits, {"loss": loss, "loss_ce": loss.detach()}
 
 
-class _WithFrozenTeacher(nn.Module):
-    def __init__(self, teacher: nn.Module, teacher_dtype: torch.dtype) -> None:
+class WithFrozenTeacher(nn.Module):
+    """Holds the frozen teacher outside the module tree (never trained or checkpointed); ``teacher`` None: none."""
+
+    def __init__(self, teacher: nn.Module | None, teacher_dtype: torch.dtype) -> None:
         super().__init__()
-        self._frozen = (freeze(teacher).to(teacher_dtype),)
+        self._frozen = () if teacher is None else (freeze(teacher).to(teacher_dtype),)
         self.teacher_dtype = teacher_dtype
 
     @property
-    def teacher(self) -> nn.Module:
-        return self._frozen[0]
+    def teacher(self) -> nn.Module | None:
+        return self._frozen[0] if self._frozen else None
 
 
-class DistillObjective(_WithFrozenTeacher):
+class DistillObjective(WithFrozenTeacher):
     """Stage 1 (GKD 1a/1b): ``L_distill(F_t(x), F_s(x))``; trains the student encoder and the loss's
     own heads (projectors, mask token).
 
@@ -130,7 +132,7 @@ class TaskObjective(nn.Module):
         return segmentation_loss(self.segmentor, maps, batch["label"])[1]
 
 
-class JointObjective(_WithFrozenTeacher):
+class JointObjective(WithFrozenTeacher):
     """The conventional one-stage schedule: ``L_task(H(F_s(x)), y) + w * L_distill`` on source data.
 
     Feature losses compare encoder tokens (one student pass serves decoder and loss); logit losses

@@ -17,7 +17,7 @@ from torch import nn
 
 from gkd.compress.config import OptimConfig
 from gkd.compress.losses import DistillLoss, loss_needs
-from gkd.compress.objectives import freeze, segmentation_loss, select_layers
+from gkd.compress.objectives import WithFrozenTeacher, freeze, segmentation_loss, select_layers
 from gkd.export.config import Int8Config
 from gkd.export.qdq_mirror import LearnedScales, QuantPlan, fake_quantized
 from gkd.models.backbone import Backbone
@@ -26,7 +26,7 @@ from gkd.models.segmentor import Segmentor
 QAD_PHASE = "qad"
 
 
-class QADObjective(nn.Module):
+class QADObjective(WithFrozenTeacher):
     """``self_distill_weight * L_self + task_weight * L_task + distill_weight * L_distill`` on one student pass
     (a feature loss). ``L_self`` is the per-pixel KL divergence of the student's class softmax from the fp32
     student's (a frozen copy taken here, before fake quantization), times ``temperature**2``. The student stays in
@@ -44,32 +44,26 @@ class QADObjective(nn.Module):
         config: Int8Config,
         teacher_dtype: torch.dtype,
     ) -> None:
-        super().__init__()
+        weight = config.distill_weight
+        if weight and (loss is None or teacher is None):
+            raise ValueError("QAD with export.int8.distill_weight > 0 needs the stage-1 loss and the teacher")
+        super().__init__(teacher if weight else None, teacher_dtype)
         self.student = student
-        self.weight = config.distill_weight
+        self.weight = weight
         self.task_weight = config.task_weight
         self.self_distill_weight = config.self_distill_weight
         self.temperature = config.temperature
-        self.teacher_dtype = teacher_dtype
-        self.loss, self._frozen, self.all_layers = None, (), tuple(student.layers)
-        if self.weight:  # the stage-1 term: the loss (its heads train) and the frozen teacher, outside the tree
-            if loss is None or teacher is None:
-                raise ValueError("QAD with export.int8.distill_weight > 0 needs the stage-1 loss and the teacher")
+        self.loss, self.all_layers = None, tuple(student.layers)
+        if self.weight:  # the stage-1 term: the loss (its heads train) against the frozen teacher
             if loss_needs(loss).inputs != "features":
                 raise ValueError(
                     f"QAD distils encoder tokens; {type(loss).__name__} compares {loss_needs(loss).inputs}"
                 )
             self.loss = loss
-            self._frozen = (freeze(teacher).to(teacher_dtype),)
             self.teacher_layers = teacher.resolve_layers(loss.teacher_layers)
             self.loss_layers = student.encoder.resolve_layers(loss.student_layers)
             self.all_layers = tuple(sorted(set(self.loss_layers) | set(student.layers)))
         self._fp32 = (freeze(copy.deepcopy(student)),)  # outside the module tree: never trained or checkpointed
-
-    @property
-    def teacher(self) -> nn.Module | None:
-        """The frozen teacher encoder; None without the stage-1 term."""
-        return self._frozen[0] if self._frozen else None
 
     def train(self, mode: bool = True) -> QADObjective:
         super().train(mode)
