@@ -8,12 +8,12 @@ Choices for ViT segmentors (each also what TensorRT's explicit-quantization path
 - Quantized ops: MatMul with a constant weight (every qkv / proj / MLP linear) and (transposed) convolutions;
   that is where the FLOPs are. The attention products (q.kT and attn.v, MatMuls whose two operands are
   activations: `activation_matmuls`) stay float: the softmax probabilities in [0, 1] keep 7 bits in symmetric
-  int8, and on a 2-core AVX-512 CPU the QDQ graph that quantizes them ran ViT-S/16 + UPerNet at 512 1.33x
-  faster than fp32 against 1.46x with them float (ONNX Runtime fuses them with the softmax into QLinearSoftmax,
-  3x the float softmax's time: `benchmarks/int8_speed_cpu/`). ONNX Runtime's ``MatMulConstBOnly`` does this
-  only in its QOperator quantizer (``QOpMatMul.should_quantize``); its QDQ MatMul quantizes every input, so
-  `quantize_int8` excludes them by name. ``op_types=None`` quantizes every op ONNX Runtime handles, attention
-  included. LayerNorm, Softmax, GELU, residual Adds and Resizes compute in float.
+  int8, and on a 2-core AVX-512 CPU the QDQ graph that quantizes them ran ViT-S/16 + UPerNet at 512 1.26x
+  faster than fp32 against 1.52x with them float (batch 1; ONNX Runtime fuses them with the softmax into
+  QLinearSoftmax, about 6x the float softmax's time: `benchmarks/int8_speed_cpu/`). ONNX Runtime's
+  ``MatMulConstBOnly`` does this only in its QOperator quantizer (``QOpMatMul.should_quantize``); its QDQ
+  MatMul quantizes every input, so `quantize_int8` excludes them by name. ``op_types=None`` quantizes every op
+  ONNX Runtime handles, attention included. LayerNorm, Softmax, GELU, residual Adds and Resizes compute in float.
 - Excluded nodes: the first convolution (the patch embedding, fed with normalised pixels) and the last one
   (the classifier that produces the logits): the usual first/last-layer rule, a small share of the FLOPs.
 - Biases stay float (``QuantizeBias=False``): TensorRT adds them in its fp32 epilogue, it has no int32 bias DQ.
