@@ -37,6 +37,8 @@ from onnx import numpy_helper
 from torch import nn
 from torch.nn.utils import parametrize
 
+from gkd.export.quantize import constant_names
+
 QUANTIZED_MODULES = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 ACTIVATION_RANGE = (-128, 127)  # QuantizeLinear's int8 saturation
 WEIGHT_LEVELS = 127  # symmetric int8 weights: [-127, 127]
@@ -116,7 +118,7 @@ def quant_plan(fp32: onnx.ModelProto, int8: onnx.ModelProto, model: nn.Module) -
     """The fake-quant points of ``model`` (the module ``fp32`` was exported from) that mirror ``int8``."""
     scales = activation_scales(int8)
     modules = dict(model.named_modules())
-    constants = {i.name for i in fp32.graph.initializer}
+    constants = constant_names(fp32)
     dequantized = {n.output[0] for n in int8.graph.node if n.op_type == "DequantizeLinear"}
     weighted = {n.name for n in int8.graph.node if len(n.input) > 1 and n.input[1] in dequantized}
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)

@@ -65,17 +65,22 @@ def excluded_nodes(model: onnx.ModelProto) -> list[str]:
     return list(dict.fromkeys([convolutions[0], convolutions[-1]])) if convolutions else []
 
 
+def constant_names(model: onnx.ModelProto) -> set[str]:
+    """Names of the graph's constant tensors: its initializers and the outputs of its Constant nodes."""
+    constants = {initializer.name for initializer in model.graph.initializer}
+    return constants | {node.output[0] for node in model.graph.node if node.op_type == "Constant"}
+
+
 def activation_matmuls(model: onnx.ModelProto) -> list[str]:
     """Names of the MatMuls whose two operands are activations (the attention products q.kT and attn.v)."""
-    constants = {initializer.name for initializer in model.graph.initializer}
-    constants |= {node.output[0] for node in model.graph.node if node.op_type == "Constant"}
+    constants = constant_names(model)
     return [node.name for node in model.graph.node if node.op_type == "MatMul" and not constants & set(node.input)]
 
 
 def quantizable_nodes(model: onnx.ModelProto) -> list[str]:
     """The sensitivity fallback's candidates: convolutions and MatMuls with a constant weight, less
     `excluded_nodes`."""
-    weights = {initializer.name for initializer in model.graph.initializer}
+    weights = constant_names(model)
     always_float = set(excluded_nodes(model))
     return [
         node.name
