@@ -163,7 +163,9 @@ def _add_sweep_command(commands, debug: argparse.ArgumentParser, handlers: Mappi
     sweep.add_argument("--workers", type=int, default=2, help="students trained at once")
     _add_device(sweep)
     sweep.add_argument("--max-latency-ms", type=float, help="print the best student x runtime within this latency")
-    sweep.add_argument("--dry-run", action="store_true", help="print each student's plan (checks, cost); train nothing")
+    sweep.add_argument(
+        "--dry-run", action="store_true", help="print the shared teacher's plan and each student's; train nothing"
+    )
     _add_plan_options(sweep)
     sweep.set_defaults(handler=handlers["sweep"])
 

@@ -124,13 +124,14 @@ class Pipeline:
         names = [name for stage in STAGES if stage.needed(self.recipe) for name in stage.outputs(self.recipe)]
         return {name: self.file(name) for name in names if self.file(name).is_file()}
 
-    def plan(self, tflops: float | None = None, ranks: int | None = None) -> Plan:
+    def plan(self, tflops: float | None = None, ranks: int | None = None, stages: Sequence[str] | None = None) -> Plan:
         """What `run` would do, checking every input and training nothing; ``plan().ok`` when nothing is missing.
 
         Args:
             tflops: the sustained TFLOP/s of one rank to time the training at (default: this device's matmul
                 rate, measured now, when it is visible; a lower bound).
             ranks: the ranks the run will use (default: torchrun's ``WORLD_SIZE``, else 1).
+            stages: the plan of ``run(stages=...)``: only these stages run and are costed.
         """
         import torch
 
@@ -139,7 +140,8 @@ class Pipeline:
         ranks = ranks or int(os.environ.get("WORLD_SIZE", "1"))
         kind = device_kind(self.device)
         device = torch.device(kind) if kind == "cpu" or torch.cuda.is_available() else None  # None: not timed
-        return make_plan(self.recipe, self.run_dir, self.check_data == "full", device, ranks, tflops)
+        only = tuple(stages) if stages is not None else None
+        return make_plan(self.recipe, self.run_dir, self.check_data == "full", device, ranks, tflops, only)
 
     def run(self, stages: Sequence[str] | None = None, force: Sequence[str] = ()) -> RunResult:
         """Run the recipe's stages in build order, skipping those up to date.

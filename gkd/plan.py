@@ -3,6 +3,7 @@ weights, the data, and every problem the pre-flight check found (`gkd.Pipeline.p
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import torch
 from gkd.cost import DeviceRate, PhaseCost, duration, measure_device_rate, phase_costs
 from gkd.engine import HASHES_FILE, RECORDS_DIR, FileHashes, decide
 from gkd.recipe import Recipe
+
+NOT_ASKED = "not among the stages asked for"
 
 
 @dataclass(frozen=True)
@@ -161,11 +164,13 @@ def make_plan(
     device: torch.device | None = None,
     ranks: int = 1,
     tflops: float | None = None,
+    only: Collection[str] | None = None,
 ) -> Plan:
     """The plan of ``recipe`` in ``run_dir``: the pre-flight check of everything the needed stages read (``full``
     decodes every image), each stage's decision under the engine's rule of "up to date", and the cost of each
     training phase (`gkd.cost`) at ``ranks`` ranks, timed at a stated ``tflops`` rate per rank, else at ``device``'s
-    measured matmul rate (None: not timed)."""
+    measured matmul rate (None: not timed). ``only``: the plan of a run restricted to these stages (`run_all`'s
+    ``only``); the others are listed as not asked for and cost nothing."""
     from gkd.stages import STAGES
     from gkd.stages.checks import check_run_inputs
     from gkd.stages.context import Run
@@ -174,11 +179,13 @@ def make_plan(
     run = Run(recipe, run_dir, device=None, info=DistInfo())  # type: ignore[arg-type]
     checked = check_run_inputs(run, [s for s in STAGES if s.needed(recipe)], full=full_check, use_cache=False)
     hashes = FileHashes(run_dir / RECORDS_DIR / HASHES_FILE)
+    wanted = {s.name for s in STAGES if (s.name in only if only is not None else not s.on_request) and s.needed(recipe)}
     stages = []
     for stage in STAGES:
         needed = stage.needed(recipe)
-        decision = decide(run, stage, hashes) if needed and not stage.on_request else None
+        decision = decide(run, stage, hashes) if stage.name in wanted else None
         runs, reason = (decision.run, decision.reason) if decision else (False, "")
+        reason = reason if stage.name in wanted or not needed or stage.on_request else NOT_ASKED
         stages.append(StagePlan(stage.name, needed, runs, reason, stage.outputs(recipe)))
     missing: list[str] = []
     models = _model_lines(recipe, missing)
@@ -187,7 +194,7 @@ def make_plan(
     trainings = [
         (stage.name, use.name, use.config)
         for stage in STAGES
-        if stage.needed(recipe) and not stage.on_request
+        if stage.name in wanted
         for use in stage.trainings(recipe)
     ]
     if tflops is not None:

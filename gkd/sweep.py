@@ -30,7 +30,7 @@ import yaml
 
 from gkd.compare import ComparisonError, track_jobs
 from gkd.compare_config import MethodConfig
-from gkd.compare_jobs import plan
+from gkd.compare_jobs import JOB_STAGES, plan
 from gkd.compare_pool import run_jobs
 from gkd.progress import STATUS_FILE
 from gkd.recipe import Recipe, RecipeError, dump_recipe, load_recipe, parse_recipe, results_settings
@@ -41,6 +41,7 @@ from gkd.utils.io import write_json, write_text
 log = logging.getLogger("gkd")
 
 SWEEP_RECIPE_FILE = "sweep.recipe.yaml"
+DEPLOY = ("export", "benchmark")  # the stages the sweep runs on each trained student, one at a time
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def _benchmark_jobs(jobs: list, device: str) -> list[str]:
             continue
         run = Run(job.recipe, job.dir, torch.device(device), DistInfo())
         try:
-            run_all(STAGES, run, only=("export", "benchmark"))
+            run_all(STAGES, run, only=DEPLOY)
         except Exception as error:  # one student failing to export leaves the others' results
             failures.append(f"{job.method}: export / benchmark failed: {type(error).__name__}: {error}")
             log.error("sweep: %s", failures[-1])
@@ -342,8 +343,9 @@ def sweep_students(
     """``gkd-compress sweep``: `run_sweep` with the recipe loaded (a `Recipe` or a YAML path, with dotted
     overrides), ``device`` resolved (``auto``: CUDA when a GPU is visible) and ``out`` (default
     ``runs/<recipe name>_sweep``) locked while it runs; returns what ``sweep.json`` holds, with ``out``.
-    ``dry_run``: trains and writes nothing, returns ``{"plans": [...], "out"}``, each student's `gkd.Plan` (its
-    training timed at ``tflops`` per rank over ``ranks``, see `gkd.Pipeline.plan`)."""
+    ``dry_run``: trains and writes nothing, returns ``{"plans": [...], "out"}``: the shared teacher's `gkd.Plan`,
+    then each student's, each restricted to the stages its job runs (training timed at ``tflops`` per rank over
+    ``ranks``, see `gkd.Pipeline.plan`)."""
     from gkd.pipeline import recipe_and_folder
     from gkd.rundir import LOGS_DIR, setup_logging
     from gkd.utils.lock import RunDirLock
@@ -370,13 +372,16 @@ def _plans(
     tflops: float | None,
     ranks: int | None,
 ) -> list:
-    """The plan (`gkd.Pipeline.plan`) of every student at every input size, each in the run directory the sweep
-    would give it; nothing is trained or written."""
+    """The plan (`gkd.Pipeline.plan`) of every job at every input size, in the run directory the sweep would give
+    it and restricted to the stages the job runs: the shared teacher's once, then each student's (distillation,
+    head, export, benchmark); nothing is trained or written."""
     from gkd.pipeline import Pipeline
 
+    student_stages = (*JOB_STAGES[JobKind.DISTILLED], *DEPLOY)
+    stages = {JobKind.TEACHER: JOB_STAGES[JobKind.TEACHER], JobKind.DISTILLED: student_stages}
     return [
-        Pipeline(job.recipe, job.dir, device=device).plan(tflops=tflops, ranks=ranks)
+        Pipeline(job.recipe, job.dir, device=device).plan(tflops=tflops, ranks=ranks, stages=stages[job.student])
         for _, _, jobs in _jobs_by_size(_base(recipe), students, out, img_sizes)
         for job in jobs
-        if job.student == JobKind.DISTILLED
+        if job.student in stages
     ]

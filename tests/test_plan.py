@@ -75,12 +75,21 @@ def test_random_student_under_a_pretrained_teacher_is_a_warning(tmp_path):
     assert "warnings:" in str(plan)
 
 
-def test_sweep_dry_run_plans_every_student_and_writes_nothing(tmp_path, capsys):
+def test_plan_of_chosen_stages_runs_and_costs_only_those(tmp_path):
+    plan = Pipeline(TINY_RECIPE, tmp_path / "run", device="cpu").plan(tflops=1, stages=["distill", "export"])
+    assert plan.to_run == ["distill", "export"]
+    assert {cost.stage for cost in plan.costs} == {"distill"}
+    assert "train-teacher      not among the stages asked for" in str(plan)
+
+
+def test_sweep_dry_run_plans_the_shared_teacher_once_and_each_student_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = ["sweep", str(TINY_SWEEP), "--students", "deit_tiny", "deit_small", "--dry-run", "--out", str(out)]
     assert main([*argv, "--tflops", "1", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
-    assert text.count("training cost (estimate:") == 2 and "student: deit_small" in text
+    assert text.count("training cost (estimate:") == 3 and "student: deit_small" in text
+    assert text.count("train-teacher / teacher:") == 1  # one teacher for every student, costed once
+    assert text.count("train-head / head:") == 2 and "train-no-kd /" not in text
     assert not out.exists()
     assert torch.get_num_threads() >= 1
 
