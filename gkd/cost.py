@@ -21,8 +21,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from gkd.distill_phases import JOINT, PHASES
+from gkd.distill_phases import PHASES
 from gkd.models.checkpoint import build_segmentor
+from gkd.preflight import TrainingUse
 from gkd.recipe import Recipe
 
 GIB = 2**30
@@ -129,23 +130,14 @@ class RecipeModels:
         size = (transform.input_size,) * 2 if transform is not None else tuple(self.recipe.data.img_size)
         return size, declared.patch_size_of(self.recipe) if declared else None  # type: ignore[return-value]
 
-    def parts(self, stage: str, phase: str) -> tuple[list[ModelCost], list[ModelCost]]:
-        """(trained, frozen) parts of a training phase of ``stage``."""
-        size, patch_size = self._phase_input(phase) if stage == "distill" else (tuple(self.recipe.data.img_size), None)
-        teacher_encoder, teacher = self._pair("teacher", size, patch_size)  # type: ignore[arg-type]
-        student_encoder, student = self._pair("student", size, patch_size)  # type: ignore[arg-type]
-        if stage == "train-teacher":
-            if self.recipe.models.teacher.train_encoder:
-                return [teacher], []
-            return [teacher - teacher_encoder], [teacher_encoder]
-        if stage == "distill":
-            trained = student if phase == JOINT else student_encoder
-            return [trained], [teacher_encoder]
-        if stage == "train-ceiling-head":
-            return [student - student_encoder], [teacher_encoder]
-        if stage in ("train-head", "train-frozen-head"):
-            return [student - student_encoder], [student_encoder]
-        return [student], []  # train-no-kd
+    def parts(self, use: TrainingUse) -> tuple[list[ModelCost], list[ModelCost]]:
+        """(trained, frozen) parts of a training phase, as it declares them, at its input size."""
+        size, patch_size = self._phase_input(use.name)
+        costs: dict[str, ModelCost] = {}
+        for role in ("teacher", "student"):
+            encoder, whole = self._pair(role, size, patch_size)
+            costs |= {role: whole, f"{role} encoder": encoder, f"{role} head": whole - encoder}
+        return [costs[part] for part in use.trained], [costs[part] for part in use.frozen]
 
 
 @dataclass(frozen=True)
@@ -181,15 +173,16 @@ def duration(seconds: float) -> str:
 
 
 def phase_costs(
-    recipe: Recipe, trainings: list[tuple[str, str, object]], num_classes: int, rate: DeviceRate | None, ranks: int
+    recipe: Recipe, trainings: list[tuple[str, TrainingUse]], num_classes: int, rate: DeviceRate | None, ranks: int
 ) -> list[PhaseCost]:
-    """The cost of each ``(stage, phase, OptimConfig)`` at ``ranks`` ranks (time at ``rate``; None: not timed)."""
+    """The cost of each ``(stage, training phase)`` at ``ranks`` ranks (time at ``rate``; None: not timed)."""
     bf16 = rate is not None and rate.dtype == "bfloat16"
     models = RecipeModels(recipe, num_classes, bytes_per_value=2 if bf16 else 4)
     teacher_bytes = {"fp32": 4, "bf16": 2, "fp16": 2}[recipe.training.teacher_dtype]
     costs = []
-    for stage, phase, config in trainings:
-        trained, frozen = models.parts(stage, phase)
+    for stage, use in trainings:
+        config = use.config
+        trained, frozen = models.parts(use)
         per_image = sum(3 * part.flops for part in trained) + sum(part.flops for part in frozen)
         flops = per_image * config.batch_size
         micro_batch = max(1, config.batch_size // ranks // config.accumulate)
@@ -198,7 +191,7 @@ def phase_costs(
         seconds = None if rate is None else flops / ranks * config.steps / (rate.tflops * 1e12)
         costs.append(
             PhaseCost(
-                stage, phase, config.steps, config.batch_size, flops / 1e12, seconds, (weights + activations) / GIB
+                stage, use.name, config.steps, config.batch_size, flops / 1e12, seconds, (weights + activations) / GIB
             )
         )
     return costs

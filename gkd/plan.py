@@ -191,12 +191,7 @@ def make_plan(
     models = _model_lines(recipe, missing)
     data = _data_plan(recipe, checked.num_samples, missing)
     problems = [problem for problem in checked.problems if not any(path in problem for path in missing)]
-    trainings = [
-        (stage.name, use.name, use.config)
-        for stage in STAGES
-        if stage.name in wanted
-        for use in stage.trainings(recipe)
-    ]
+    trainings = [(stage.name, use) for stage in STAGES if stage.name in wanted for use in stage.trainings(recipe)]
     if tflops is not None:
         rate: DeviceRate | None = DeviceRate("stated", "", tflops)
     else:

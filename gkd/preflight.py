@@ -21,6 +21,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -53,14 +54,21 @@ class DataUse:
     labeled: bool
 
 
+# A part of the teacher's or the student's segmentor (a training phase's cost, `gkd.cost.RecipeModels.parts`).
+Part = Literal["teacher", "teacher encoder", "teacher head", "student", "student encoder", "student head"]
+
+
 @dataclass(frozen=True)
 class TrainingUse:
     """A training phase: its name, its optimisation settings and the role of the split it trains on (with
-    ``source``, every ``extra source <i>`` of a multi-source recipe counts towards its samples)."""
+    ``source``, every ``extra source <i>`` of a multi-source recipe counts towards its samples); the parts it
+    trains and those it only runs forward."""
 
     name: str
     config: OptimConfig
     data_role: str
+    trained: tuple[Part, ...] = ("student",)
+    frozen: tuple[Part, ...] = ()
 
 
 @dataclass

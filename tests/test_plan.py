@@ -8,7 +8,9 @@ from safetensors.torch import save_file
 from gkd.cli import main
 from gkd.cost import DeviceRate, phase_costs
 from gkd.pipeline import Pipeline
+from gkd.preflight import TrainingUse
 from gkd.recipe import load_recipe
+from gkd.stages.head import STAGE as head_stage
 from tests.helpers.paths import TINY_RECIPE, TINY_SWEEP
 
 TINY_STUDENT = {"img_size": 112, "embed_dim": 32, "depth": 4, "num_heads": 2}
@@ -44,12 +46,28 @@ def test_plan_lists_every_phase_with_steps_images_time_and_memory(tmp_path):
 def test_costs_count_a_trained_part_three_times_and_split_over_ranks():
     recipe = load_recipe(TINY_RECIPE)
     rate = DeviceRate("stated", "", 1.0)
-    [no_kd_one] = phase_costs(recipe, [("train-no-kd", "no_kd", recipe.compare.no_kd)], 5, rate, ranks=1)
-    [no_kd_two] = phase_costs(recipe, [("train-no-kd", "no_kd", recipe.compare.no_kd)], 5, rate, ranks=2)
-    [head] = phase_costs(recipe, [("train-head", "head", recipe.head)], 5, rate, ranks=1)
+    no_kd = ("train-no-kd", TrainingUse("no_kd", recipe.compare.no_kd, "source"))
+    [no_kd_one] = phase_costs(recipe, [no_kd], 5, rate, ranks=1)
+    [no_kd_two] = phase_costs(recipe, [no_kd], 5, rate, ranks=2)
+    [head] = phase_costs(recipe, [("train-head", head_stage.trainings(recipe)[0])], 5, rate, ranks=1)
     assert abs(no_kd_two.seconds - no_kd_one.seconds / 2) < 1e-12  # the same global batch over two ranks
     assert head.tflop_per_step < no_kd_one.tflop_per_step  # a frozen encoder runs forward only
     assert head.peak_gib_per_rank < no_kd_one.peak_gib_per_rank  # no gradients or moments for it
+
+
+def test_qad_costs_the_frozen_teacher_only_when_it_distils():
+    from gkd.stages.export import STAGE as export_stage
+
+    recipe = load_recipe(TINY_RECIPE)
+    rate = DeviceRate("stated", "", 1.0)
+    costs = []
+    for weight in (0.0, 1.0):
+        int8 = recipe.export.int8.model_copy(update={"method": "qad", "distill_weight": weight})
+        tuned = recipe.model_copy(update={"export": recipe.export.model_copy(update={"int8": int8})})
+        [use] = export_stage.trainings(tuned)
+        assert use.trained == ("student",) and use.frozen == (("teacher encoder",) if weight else ())
+        costs += phase_costs(tuned, [("export", use)], 5, rate, ranks=1)
+    assert costs[1].tflop_per_step > costs[0].tflop_per_step  # the teacher's forward pass on top
 
 
 def test_dry_run_fails_on_a_checkpoint_of_another_architecture_naming_keys(tmp_path, capsys):

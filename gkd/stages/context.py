@@ -30,7 +30,7 @@ from gkd.models.checkpoint import build_segmentor, load_encoder, load_segmentor,
 from gkd.models.segmentor import Segmentor
 from gkd.models.weights import check_fit
 from gkd.models.zoo import create_backbone_from_config, with_patch_size
-from gkd.preflight import DataUse, TrainingUse
+from gkd.preflight import DataUse, Part, TrainingUse
 from gkd.recipe import OptimConfig, Recipe, results_settings
 from gkd.rundir import (
     BEST_SEGMENTOR_FILE,
@@ -321,6 +321,11 @@ def validated_data(
     return trained_on(recipe) + (evaluation_data(recipe) if config is not None and config.validate_every else [])
 
 
+def whole_student(recipe: Recipe) -> tuple[tuple[Part, ...], tuple[Part, ...]]:
+    """(trained, frozen) parts of a phase training the student end to end, with nothing frozen beside it."""
+    return ("student",), ()
+
+
 def supervised_stage(
     name: str,
     run: Callable[[Run], None],
@@ -330,12 +335,14 @@ def supervised_stage(
     sections: tuple[str, ...],
     weights: tuple[str, ...],
     trained_on: Callable[[Recipe], list[DataUse]] = source_data,
+    parts: Callable[[Recipe], tuple[tuple[Part, ...], tuple[Part, ...]]] = whole_student,
     **options: Any,
 ) -> Stage:
     """A stage that trains on labelled source, on every rank, under ``config(recipe)`` (its training phase
     ``training``) and writes ``output``: needed when the recipe has that config; it reads the source (and the
     evaluation domains when it validates), its results depend on the training data and ``sections``, and it may
-    write the phase's validation log. ``trained_on``: the labelled splits it trains on (default: the source).
+    write the phase's validation log. ``trained_on``: the labelled splits it trains on (default: the source);
+    ``parts``: the (trained, frozen) parts of its phase (its cost; default: the whole student).
     ``options``: more `Stage` fields (``side_outputs`` come before the log)."""
     options.setdefault("needed", lambda recipe: config(recipe) is not None)
     side_outputs = (*options.pop("side_outputs", ()), validation_log(training))
@@ -345,7 +352,7 @@ def supervised_stage(
         files(output),
         distributed=True,
         data=lambda recipe: validated_data(recipe, config(recipe), trained_on),
-        trainings=lambda recipe: [TrainingUse(training, config(recipe), trained_on(recipe)[0].role)],
+        trainings=lambda recipe: [TrainingUse(training, config(recipe), trained_on(recipe)[0].role, *parts(recipe))],
         sections=(*TRAIN_DATA, *sections),
         weights=weights,
         side_outputs=side_outputs,

@@ -182,9 +182,13 @@ def _data(recipe: Recipe) -> list[DataUse]:
 
 def _trainings(recipe: Recipe) -> list[TrainingUse]:
     if not two_stage(recipe):
-        return [TrainingUse(JOINT, recipe.distill.joint, "source")]
+        return [TrainingUse(JOINT, recipe.distill.joint, "source", ("student",), ("teacher encoder",))]
     phases = [(phase, phase.config(recipe)) for phase in PHASES]
-    return [TrainingUse(phase.name, config, phase.images) for phase, config in phases if config is not None]
+    return [
+        TrainingUse(phase.name, config, phase.images, ("student encoder",), ("teacher encoder",))
+        for phase, config in phases
+        if config is not None
+    ]
 
 
 _PHASE_SECTIONS = tuple(  # the data fields of the phases (images, transforms) that TRAIN_DATA does not name

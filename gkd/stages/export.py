@@ -16,7 +16,7 @@ from gkd.export.contract import deployment_contract
 from gkd.export.qdq_mirror import QADTraining, QuantPlan
 from gkd.export.stage import export_artifacts
 from gkd.models.checkpoint import load_segmentor
-from gkd.preflight import DataUse, TrainingUse
+from gkd.preflight import DataUse, Part, TrainingUse
 from gkd.recipe import Recipe
 from gkd.rundir import EXPORT_FILE, SEGMENTOR_FILE
 from gkd.stages.context import Run, files, teacher_backbone
@@ -44,6 +44,12 @@ def _qad(recipe: Recipe) -> bool:
 def _qad_teacher(recipe: Recipe) -> bool:
     """Whether QAD distils from the teacher: its stage-1 term is weighted (``export.int8.distill_weight`` > 0)."""
     return _qad(recipe) and recipe.export.int8.distill_weight > 0
+
+
+def _qad_use(recipe: Recipe) -> TrainingUse:
+    """QAD's phase: the whole student, beside the frozen teacher's encoder where its stage-1 term is weighted."""
+    frozen: tuple[Part, ...] = ("teacher encoder",) if _qad_teacher(recipe) else ()
+    return TrainingUse(QAD_PHASE, qad_optim(recipe.export.int8), "source", ("student",), frozen)
 
 
 def qad_training(run: Run) -> QADTraining:
@@ -91,7 +97,7 @@ STAGE = Stage(
     files(EXPORT_FILE),
     inputs=lambda r: (SEGMENTOR_FILE, *(distill_inputs(r) if _qad_teacher(r) else ())),
     data=lambda r: [DataUse("source", r.data.source, True), DataUse("source_val", r.data.source_val, True)],
-    trainings=lambda r: [TrainingUse(QAD_PHASE, qad_optim(r.export.int8), "source")] if _qad(r) else [],
+    trainings=lambda r: [_qad_use(r)] if _qad(r) else [],
     # QAD's teacher (read only where export.int8.distill_weight > 0; `Stage.weights` is fixed, not per recipe, and
     # a changed teacher changes the student upstream anyway)
     weights=("teacher",),

@@ -14,6 +14,7 @@ from gkd.engine import Stage
 from gkd.models.checkpoint import save_segmentor
 from gkd.models.decoders import build_decoder
 from gkd.models.segmentor import Segmentor
+from gkd.preflight import Part
 from gkd.rundir import (
     BEST_SEGMENTOR_FILE,
     ENCODER_FILE,
@@ -57,6 +58,7 @@ STAGE = supervised_stage(
     ("models.student", "models.decoder", "head"),
     weights=("student",),
     needed=two_stage,
+    parts=lambda r: (("student head",), ("student encoder",)),
     inputs=files(ENCODER_FILE),
     side_outputs=(BEST_SEGMENTOR_FILE,),
 )
@@ -107,9 +109,11 @@ def _frozen_encoder_stage(name: str, run: Callable[[Run], None], kind: JobKind, 
     encoder_from = "teacher" if kind is JobKind.CEILING else "student"
     sections = ("models.decoder", "head", f"models.{encoder_from}")
     output = MODEL_FILES[kind]
+    frozen: Part = "teacher encoder" if kind is JobKind.CEILING else "student encoder"
     return supervised_stage(
-        name, run, output, kind.value, lambda r: r.head, sections, (encoder_from,), on_request=True, **options
-    )
+        name, run, output, kind.value, lambda r: r.head, sections, (encoder_from,), on_request=True,
+        parts=lambda r: (("student head",), (frozen,)), **options,
+    )  # fmt: skip
 
 
 FROZEN_STAGE = _frozen_encoder_stage("train-frozen-head", stage_train_frozen_head, JobKind.FROZEN)

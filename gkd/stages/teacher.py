@@ -45,4 +45,5 @@ STAGE = supervised_stage(
     ),
     weights=("teacher",),
     trained_on=teacher_data,
+    parts=lambda r: (("teacher",), ()) if r.models.teacher.train_encoder else (("teacher head",), ("teacher encoder",)),
 )
