@@ -94,7 +94,7 @@ def plot_fidelity(rows: list[dict], title: str, path: Path) -> None:
 def plot_budget_curve(curve: dict, title: str, path: Path) -> None:
     """Δ mIoU against the baseline (seeds as dots, mean as a line) over stage-1 steps, one panel per domain."""
     points, domains = curve["points"], curve["domains"]
-    figure, axes = plt.subplots(1, len(domains), figsize=(3.6 * len(domains), 3.2), squeeze=False)
+    figure, axes = plt.subplots(1, len(domains), figsize=(max(4.8, 3.6 * len(domains)), 3.4), squeeze=False)
     steps = [point["distill_steps"] for point in points]
     for panel, domain in zip(axes[0], domains, strict=True):
         for point in points:
@@ -107,7 +107,7 @@ def plot_budget_curve(curve: dict, title: str, path: Path) -> None:
         panel.set_xlabel("stage-1 distillation steps", fontsize=8)
         panel.grid(linewidth=0.3)
     axes[0][0].set_ylabel(f"Δ mIoU vs {curve['baseline_label']} (points)")
-    figure.suptitle(f"{title}: distillation budget (dots: seeds; line: mean)", fontsize=9)
+    figure.suptitle(f"{title}: distillation budget\n(dots: seeds; line: mean)", fontsize=9)
     save_figure(figure, path)
 
 
