@@ -8,6 +8,7 @@ features with the reference.
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import timm
@@ -136,6 +137,26 @@ def test_timm_layout_files(tmp_path, arch, suffix):
     report = load_weights(model, path)
     assert (report.layout, report.dropped) == ("timm", ())
     assert_same_model(model, reference, 112)
+
+
+def test_pth_is_memory_mapped_and_the_legacy_format_still_loads(tmp_path, monkeypatch):
+    reference = tiny_model("deit_small_patch16_224", img_size=112)
+    zip_file, legacy_file = tmp_path / "zip.pth", tmp_path / "legacy.pth"
+    torch.save(reference.state_dict(), zip_file)
+    torch.save(reference.state_dict(), legacy_file, _use_new_zipfile_serialization=False)
+    calls, real_load = [], torch.load
+
+    def spy(path, **options):
+        calls.append((Path(path).name, options.get("mmap", False)))
+        return real_load(path, **options)
+
+    monkeypatch.setattr(torch, "load", spy)
+    for path in (zip_file, legacy_file):
+        model = tiny_model("deit_small_patch16_224", img_size=112, seed=1)
+        load_weights(model, path)
+        assert_same_model(model, reference, 112)
+    # the zip file mapped; the legacy one refused the mapping and was read whole
+    assert calls == [("zip.pth", True), ("legacy.pth", True), ("legacy.pth", False)]
 
 
 # -- official DINOv2 release ----------------------------------------------------------------------------

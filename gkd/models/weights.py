@@ -267,10 +267,22 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix not in WEIGHT_SUFFIXES:
         raise ValueError(f"{path}: unknown weight file type (expected one of {', '.join(WEIGHT_SUFFIXES)})")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = _torch_load_mapped(path)
     except Exception as error:  # weights_only refuses pickled objects: say so instead of a pickle trace
         raise ValueError(f"{path}: not a plain tensor checkpoint ({error}); save its state dict alone") from error
     return _unwrap(loaded, path)
+
+
+def _torch_load_mapped(path: Path) -> Any:
+    """``torch.load`` memory-mapped (copy-on-write): only the tensors used are read from disk, so the pre-flight
+    check, which loads into meta parameters, reads almost nothing of a multi-GB checkpoint and a real load holds one
+    copy of the weights, not two. Files in torch's legacy (pre-1.6, non-zip) format cannot be mapped: read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _unwrap(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
