@@ -281,6 +281,12 @@ def run_one(graph: Sequence[Stage], run: Context, stage: Stage) -> None:
     run_stage(graph, run, stage, decision.scratch, hashes)
 
 
+def asked_for(stage: Stage, recipe: Recipe, only: Collection[str] | None) -> bool:
+    """Whether `run_all` with ``only`` builds ``stage`` when it is out of date: named in ``only``, else needed by
+    ``recipe`` and not `Stage.on_request`."""
+    return stage.name in only if only is not None else stage.needed(recipe) and not stage.on_request
+
+
 def run_all(
     graph: Sequence[Stage],
     run: Context,
@@ -296,8 +302,7 @@ def run_all(
     hashes = FileHashes(run.file(RECORDS_DIR) / HASHES_FILE)
     ran = []
     for stage in order(graph, run.recipe):
-        wanted = stage.name in only if only is not None else stage.needed(run.recipe) and not stage.on_request
-        if not wanted:
+        if not asked_for(stage, run.recipe, only):
             continue
         decision = _decide_on_main(run, stage, hashes, stage.name in forced)
         if not decision.run:

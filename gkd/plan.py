@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from gkd.cost import DeviceRate, PhaseCost, duration, measure_device_rate, phase_costs
-from gkd.engine import HASHES_FILE, RECORDS_DIR, FileHashes, decide
+from gkd.engine import HASHES_FILE, RECORDS_DIR, FileHashes, asked_for, decide
 from gkd.recipe import Recipe
 
 NOT_ASKED = "not among the stages asked for"
@@ -179,7 +179,7 @@ def make_plan(
     run = Run(recipe, run_dir, device=None, info=DistInfo())  # type: ignore[arg-type]
     checked = check_run_inputs(run, [s for s in STAGES if s.needed(recipe)], full=full_check, use_cache=False)
     hashes = FileHashes(run_dir / RECORDS_DIR / HASHES_FILE)
-    wanted = {s.name for s in STAGES if (s.name in only if only is not None else not s.on_request) and s.needed(recipe)}
+    wanted = {stage.name for stage in STAGES if asked_for(stage, recipe, only) and stage.needed(recipe)}
     stages = []
     for stage in STAGES:
         needed = stage.needed(recipe)
